@@ -1,0 +1,214 @@
+"""ONNX export of WARN with attention masks and gates as named outputs.
+
+The ONNX file is the contract between training and serving: one input `image` (N, 3, H, W),
+float32 RGB in [0, 1] (normalization is inside the graph), and these outputs, N first:
+
+    probabilities, log_probabilities  (N, C)      final, globally gated
+    attention_<i>                     (N, K, h, w) spatial-softmax masks of attended layer i
+    gates_<i>                         (N, K)      layer gates of attended layer i
+    layer_probabilities               (N, L+1, C) each attended layer's hypothesis, then the backbone's
+    global_gates                      (N, L+1)    global gate weights, same order
+
+Layer i = 0 is the shallowest attended layer. Everything a server needs to label and draw
+the outputs is stored in the file's metadata_props (see `metadata`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from models.warn import WARN
+
+OPSET = 18
+INPUT_NAME = "image"
+# Largest absolute differences accepted between onnxruntime (CPU) and PyTorch eval.
+TOLERANCES = {"probabilities": 1e-4, "gates": 1e-4, "attention": 1e-5}
+
+
+class ExportError(RuntimeError):
+    """The export failed or its result does not match PyTorch."""
+
+
+def output_names(layers: int) -> list[str]:
+    return [
+        "probabilities",
+        "log_probabilities",
+        *(f"attention_{i}" for i in range(layers)),
+        *(f"gates_{i}" for i in range(layers)),
+        "layer_probabilities",
+        "global_gates",
+    ]
+
+
+def output_meanings(layers: int) -> dict[str, str]:
+    meanings = {
+        "probabilities": "(N, C) final class probabilities, globally gated",
+        "log_probabilities": "(N, C) natural log of probabilities",
+        "layer_probabilities": "(N, L+1, C) class probabilities of each attended layer (shallowest first), "
+        "then of the backbone",
+        "global_gates": "(N, L+1) global gate weight of each attended layer, then of the backbone; sums to 1",
+    }
+    for i in range(layers):
+        meanings[f"attention_{i}"] = f"(N, K, h, w) attention heads of attended layer {i}; each sums to 1 over space"
+        meanings[f"gates_{i}"] = f"(N, K) layer gates of attended layer {i}: trust in each head; sums to 1"
+    return meanings
+
+
+class Flat(nn.Module):
+    """WARN with its structured output flattened in `output_names` order, for export."""
+
+    def __init__(self, model: WARN) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.model(image)
+        return (
+            out.probabilities,
+            out.log_probabilities,
+            *out.attention,
+            *out.gates,
+            out.layer_log_probabilities.exp(),
+            out.global_gates,
+        )
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """Digest of the state dict's tensors in key order: names, dtypes, shapes and bytes."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        a = t.detach().cpu().contiguous().numpy()
+        h.update(f"{name}|{a.dtype}|{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def metadata(model: WARN, meta: dict[str, Any], name: str, version: str) -> dict[str, str]:
+    """The metadata_props written to the ONNX file; every value is a string, JSON where structured."""
+    cfg = model.config
+    layers = len(model.attended)
+    return {
+        "model_name": name,
+        "model_version": version,
+        "class_names": json.dumps(cfg.class_names),
+        "input_size": json.dumps(list(cfg.input_size)),
+        "normalization": json.dumps({"mean": list(cfg.mean), "std": list(cfg.std), "applied_in_graph": True}),
+        "input_format": "image: float32 (N, 3, H, W), RGB scaled to [0, 1]",
+        "architecture": json.dumps({
+            "name": "WARN", "backbone": "wide-resnet", "depth": cfg.depth, "width": cfg.width,
+            "attention_depth": cfg.attention_depth, "attention_width": cfg.attention_width,
+            "num_classes": cfg.num_classes,
+        }),
+        "attention_strides": json.dumps(model.strides),
+        "layer_names": json.dumps([*(f"attention_{i}" for i in range(layers)), "backbone"]),
+        "outputs": json.dumps(output_meanings(layers)),
+        "dataset": str(meta.get("dataset", "")),
+        "metrics": json.dumps(meta.get("metrics", {})),
+        "weights_sha256": weights_sha256(model),
+    }
+
+
+def _export(model: WARN, path: Path) -> None:
+    h, w = model.config.input_size
+    example = torch.rand(2, 3, h, w)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            Flat(model).eval(), (example,), str(path), input_names=[INPUT_NAME],
+            output_names=output_names(len(model.attended)), dynamic_shapes={"image": {0: batch}},
+            opset_version=OPSET, dynamo=True, external_data=False, verbose=False,
+        )
+
+
+def compare(session: Any, model: WARN, images: torch.Tensor) -> dict[str, float]:
+    """Largest absolute difference per output group between onnxruntime and PyTorch, and top-1 agreement."""
+    names = [o.name for o in session.get_outputs()]
+    got = dict(zip(names, session.run(None, {INPUT_NAME: images.numpy()})))
+    with torch.inference_mode():
+        want = dict(zip(output_names(len(model.attended)), (t.numpy() for t in Flat(model)(images))))
+    diffs: dict[str, float] = {}
+    for name, expected in want.items():
+        group = name.split("_")[0] if name.startswith(("attention_", "gates_")) else "probabilities"
+        if name == "global_gates":
+            group = "gates"
+        if got[name].shape != expected.shape:
+            raise ExportError(f"output {name}: ONNX shape {got[name].shape} != PyTorch {expected.shape}")
+        diffs[group] = max(diffs.get(group, 0.0), float(np.abs(got[name] - expected).max()))
+    diffs["top1_agreement"] = float((got["probabilities"].argmax(1) == want["probabilities"].argmax(1)).mean())
+    return diffs
+
+
+def verify(path: str | Path, model: WARN, images: torch.Tensor, batch_sizes: tuple[int, ...] = (1, 3, 16)) -> dict:
+    """Check the file with onnx.checker and against PyTorch on `images`, in batches of each size.
+
+    Raises ExportError naming the first output group past its tolerance, or any top-1 disagreement.
+    """
+    import onnxruntime as ort
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"onnx.checker rejected {path}: {e}") from e
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    model.eval()
+    report: dict[str, Any] = {"images": len(images), "tolerances": TOLERANCES, "batches": {}}
+    for bs in batch_sizes:
+        worst: dict[str, float] = {}
+        agree = []
+        for start in range(0, len(images), bs):
+            batch = images[start:start + bs]
+            d = compare(session, model, batch)
+            agree.append(d.pop("top1_agreement") * len(batch))
+            worst = {k: max(worst.get(k, 0.0), v) for k, v in d.items()}
+        worst["top1_agreement"] = sum(agree) / len(images)
+        report["batches"][bs] = worst
+        for group, tol in TOLERANCES.items():
+            if worst.get(group, 0.0) > tol:
+                raise ExportError(
+                    f"ONNX output differs from PyTorch at batch size {bs}: {group} max |diff| "
+                    f"{worst[group]:.3g} > tolerance {tol:g}"
+                )
+        if worst["top1_agreement"] < 1.0:
+            raise ExportError(f"ONNX top-1 class disagrees with PyTorch on some images at batch size {bs}")
+    return report
+
+
+def export(
+    model: WARN, meta: dict[str, Any], out: str | Path, images: torch.Tensor, *, name: str, version: str = "1",
+) -> dict[str, Any]:
+    """Export, verify, add metadata, and move into place at `out` only if all of it succeeded."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        try:
+            _export(model, tmp)
+        except Exception as e:
+            raise ExportError(f"torch.onnx.export failed: {e}") from e
+        proto = onnx.load(str(tmp))
+        props = metadata(model, meta, name, version)
+        del proto.metadata_props[:]
+        for k, v in props.items():
+            proto.metadata_props.add(key=k, value=v)
+        proto.doc_string = "WARN (Attend and Rectify) classifier with attention masks and gates as outputs"
+        onnx.save(proto, str(tmp))
+        report = verify(tmp, model, images)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"path": str(out), "metadata": props, "verification": report}

@@ -1,0 +1,1 @@
+"""WARN (Attend and Rectify) in PyTorch: model, datasets, training and evaluation."""

@@ -1,0 +1,197 @@
+"""Datasets: the built-in cluttered-digits benchmark, CIFAR-10/100 and ImageFolder.
+
+Every dataset yields (image, label, box): image is float32 RGB in [0, 1], (3, H, W); box is
+the digit's ground-truth box (x0, y0, x1, y1) in pixels, exclusive end, or (-1, -1, -1, -1)
+where the dataset has none.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+NO_BOX = (-1, -1, -1, -1)
+
+
+class DatasetError(RuntimeError):
+    """A dataset cannot be loaded as asked; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class ClutterSpec:
+    """How cluttered-digits canvases are drawn."""
+
+    canvas: int = 48  # side of the square RGB canvas
+    digit_min: int = 12  # digit side range, in pixels (at most a third of the canvas)
+    digit_max: int = 16
+    fragments: tuple[int, int] = (3, 6)  # range of clutter fragments per canvas
+    max_overlap: float = 0.15  # largest share of the digit's square a fragment may cover
+    noise: float = 0.08  # std of the background's Gaussian noise
+    test_fraction: float = 0.2  # of source scans held out
+    train_per_scan: int = 8  # canvases drawn from each source scan
+    test_per_scan: int = 3
+
+
+def _scans() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return (digits.images / 16.0).astype(np.float32), digits.target.astype(np.int64)  # (1797, 8, 8)
+
+
+def split_scans(n: int, seed: int, test_fraction: float) -> dict[str, np.ndarray]:
+    """Indices of source scans for each split; disjoint by construction."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_test = int(round(n * test_fraction))
+    return {"test": np.sort(order[:n_test]), "train": np.sort(order[n_test:])}
+
+
+def _resize(a: np.ndarray, h: int, w: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(a, mode="F").resize((w, h), Image.BILINEAR)).clip(0, 1)
+
+
+def _fragment(scan: np.ndarray, rng: np.random.Generator, side: int) -> np.ndarray:
+    """Half of a scan, stretched to a digit's size and turned on its side.
+
+    Same scale and ink density as a digit, but never a whole upright digit, so the label
+    stays unambiguous (an upright stretched top half of an 8 would read as a 0).
+    """
+    half = [scan[:4], scan[4:], scan[:, :4], scan[:, 4:]][rng.integers(4)]
+    return np.rot90(_resize(half, side, side), k=1 + 2 * int(rng.integers(2))).copy()
+
+
+def _place(rng: np.random.Generator, canvas: int, side: int) -> tuple[int, int]:
+    return int(rng.integers(0, canvas - side + 1)), int(rng.integers(0, canvas - side + 1))
+
+
+def draw_canvas(
+    scan: np.ndarray, others: np.ndarray, rng: np.random.Generator, spec: ClutterSpec
+) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """One (canvas, canvas, 3) float image with `scan` somewhere in clutter, and the digit's box."""
+    c = spec.canvas
+    side = int(rng.integers(spec.digit_min, spec.digit_max + 1))
+    ink = np.zeros((c, c), np.float32)
+    colour = np.zeros((c, c, 3), np.float32)
+    palette = rng.uniform(0.45, 1.0, size=(spec.fragments[1] + 1, 3)).astype(np.float32)
+
+    def stamp(alpha: np.ndarray, x: int, y: int, rgb: np.ndarray) -> None:
+        region = (slice(y, y + alpha.shape[0]), slice(x, x + alpha.shape[1]))
+        on_top = alpha > ink[region]
+        ink[region] = np.where(on_top, alpha, ink[region])
+        colour[region] = np.where(on_top[..., None], rgb, colour[region])
+
+    x, y = _place(rng, c, side)
+    for i in range(int(rng.integers(spec.fragments[0], spec.fragments[1] + 1))):
+        frag = _fragment(others[rng.integers(len(others))], rng, side)
+        # Fragments may touch the digit but not cover it: at most `max_overlap` of its square.
+        for _ in range(20):
+            fx, fy = _place(rng, c, side)
+            shared = max(0, side - abs(fx - x)) * max(0, side - abs(fy - y))
+            if shared <= spec.max_overlap * side * side:
+                stamp(frag, fx, fy, palette[i + 1])
+                break
+    digit = _resize(scan, side, side)
+    region = (slice(y, y + side), slice(x, x + side))
+    ink[region] = np.maximum(ink[region] * (digit < 0.05), digit)
+    colour[region] = np.where((digit >= 0.05)[..., None], palette[0], colour[region])
+    ys, xs = np.nonzero(digit >= 0.05)
+    box = (x + int(xs.min()), y + int(ys.min()), x + int(xs.max()) + 1, y + int(ys.max()) + 1)
+
+    background = rng.uniform(0.0, 0.35, size=3).astype(np.float32)
+    img = background * (1 - ink[..., None]) + colour * ink[..., None]
+    img += rng.normal(0, spec.noise, size=img.shape).astype(np.float32)
+    return img.clip(0, 1), box
+
+
+class ClutteredDigits(Dataset):
+    """Handwritten digits from scikit-learn, each placed at random on a cluttered RGB canvas.
+
+    Deterministic for a seed. Train and test use disjoint source scans, and the clutter of a
+    split is cut only from that split's scans.
+    """
+
+    classes = [str(i) for i in range(10)]
+
+    def __init__(self, split: str = "train", seed: int = 0, spec: ClutterSpec = ClutterSpec()) -> None:
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        self.spec = spec
+        scans, labels = _scans()
+        self.scan_ids = split_scans(len(scans), seed, spec.test_fraction)[split]
+        rng = np.random.default_rng([seed, 0 if split == "train" else 1])
+        pool = scans[self.scan_ids]
+        images, targets, boxes, sources = [], [], [], []
+        for _ in range(spec.train_per_scan if split == "train" else spec.test_per_scan):
+            for sid in self.scan_ids:
+                img, box = draw_canvas(scans[sid], pool, rng, spec)
+                images.append(img)
+                targets.append(labels[sid])
+                boxes.append(box)
+                sources.append(sid)
+        self.images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W)
+        self.targets = torch.tensor(targets)
+        self.boxes = torch.tensor(boxes)
+        self.sources = np.array(sources)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, torch.Tensor]:
+        return self.images[i], int(self.targets[i]), self.boxes[i]
+
+
+class _WithoutBoxes(Dataset):
+    def __init__(self, inner: Dataset, classes: list[str]) -> None:
+        self.inner = inner
+        self.classes = classes
+
+    def __len__(self) -> int:
+        return len(self.inner)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, torch.Tensor]:
+        img, label = self.inner[i]
+        return img, int(label), torch.tensor(NO_BOX)
+
+
+def build_dataset(
+    name: str, split: str, *, root: str | Path = "data", seed: int = 0, download: bool = False,
+    input_size: tuple[int, int] = (32, 32), augment: bool = False, clutter: ClutterSpec = ClutterSpec(),
+) -> Dataset:
+    """Build a dataset by name: cluttered-digits, cifar10, cifar100 or imagefolder (at `root`)."""
+    if name == "cluttered-digits":
+        return ClutteredDigits(split, seed, clutter)
+
+    from torchvision import datasets, transforms
+
+    train = split == "train"
+    if name in ("cifar10", "cifar100"):
+        aug = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()] if augment else []
+        tf = transforms.Compose([*aug, transforms.ToTensor()])
+        cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+        try:
+            ds = cls(str(root), train=train, download=download, transform=tf)
+        except RuntimeError as e:
+            raise DatasetError(
+                f"{name} is not under {root!s}: pass --download to fetch it (needs internet), "
+                f"or --data-root to point at an existing copy ({e})"
+            ) from e
+        return _WithoutBoxes(ds, list(ds.classes))
+    if name == "imagefolder":
+        folder = Path(root) / ("train" if train else "val")
+        if not folder.is_dir():
+            raise DatasetError(f"imagefolder expects {folder} (ImageFolder layout: <root>/train/<class>/*.jpg and <root>/val/...)")
+        h, w = input_size
+        aug = (
+            [transforms.RandomResizedCrop((h, w), scale=(0.5, 1.0)), transforms.RandomHorizontalFlip()]
+            if augment
+            else [transforms.Resize((h, w))]
+        )
+        ds = datasets.ImageFolder(str(folder), transform=transforms.Compose([*aug, transforms.ToTensor()]),
+                                  loader=lambda p: Image.open(p).convert("RGB"))
+        return _WithoutBoxes(ds, list(ds.classes))
+    raise DatasetError(f"unknown dataset {name!r}: choose cluttered-digits, cifar10, cifar100 or imagefolder")

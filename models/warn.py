@@ -1,0 +1,151 @@
+"""WARN: a Wide-ResNet with gated attention modules on its last `attention_depth` stages."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.attention import AttentionModule, GlobalGate, head_overlap
+from models.wrn import WideResNet
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class WARNConfig:
+    """Everything needed to rebuild the network; saved (as JSON-able data) with the checkpoint."""
+
+    depth: int = 16
+    width: int = 2
+    num_classes: int = 10
+    attention_depth: int = 3  # AD: how many of the last stages are attended (0..3)
+    attention_width: int = 4  # AW: K, attention heads per attended stage
+    dropout: float = 0.0
+    reg_weight: float = 1e-3  # weight of the head-overlap regularizer
+    input_size: tuple[int, int] = (48, 48)  # (H, W) the model is trained at
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.25, 0.25, 0.25)
+    class_names: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.attention_depth <= 3:
+            raise ValueError(f"attention_depth must be 0..3 (WRN has 3 stages), got {self.attention_depth}")
+        if self.attention_width < 1:
+            raise ValueError(f"attention_width must be >= 1, got {self.attention_width}")
+        self.input_size = tuple(self.input_size)  # type: ignore[assignment]
+        self.mean = tuple(self.mean)  # type: ignore[assignment]
+        self.std = tuple(self.std)  # type: ignore[assignment]
+        if not self.class_names:
+            self.class_names = [str(i) for i in range(self.num_classes)]
+        if len(self.class_names) != self.num_classes:
+            raise ValueError("class_names must have num_classes entries")
+
+    @property
+    def name(self) -> str:
+        return f"warn-{self.depth}-{self.width}-ad{self.attention_depth}-aw{self.attention_width}"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(input_size=list(self.input_size), mean=list(self.mean), std=list(self.std))
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> WARNConfig:
+        return cls(**d)
+
+
+class WARNOutput(NamedTuple):
+    """The structured result of a forward pass.
+
+    Layers are ordered shallowest first; in `layer_log_probabilities` and `global_gates`
+    the backbone's own output comes last (index L).
+    """
+
+    log_probabilities: torch.Tensor  # (N, C), final, globally gated
+    probabilities: torch.Tensor  # (N, C), exp of the above, sums to 1
+    attention: tuple[torch.Tensor, ...]  # L x (N, K, h_l, w_l), each head sums to 1 over space
+    gates: tuple[torch.Tensor, ...]  # L x (N, K), layer gates, sum to 1
+    layer_log_probabilities: torch.Tensor  # (N, L+1, C)
+    global_gates: torch.Tensor  # (N, L+1), sum to 1
+
+
+class WARN(nn.Module):
+    """Wide Attention Residual Network. Input: RGB in [0, 1], (N, 3, H, W); it normalizes itself."""
+
+    def __init__(self, config: WARNConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.backbone = WideResNet(config.depth, config.width, config.num_classes, config.dropout)
+        ad = config.attention_depth
+        self.attended = list(range(3 - ad, 3))  # stage indices, shallowest first
+        self.attention = nn.ModuleList(
+            AttentionModule(self.backbone.stage_channels[i], config.num_classes, config.attention_width)
+            for i in self.attended
+        )
+        self.global_gate = GlobalGate(self.backbone.stage_channels[-1], ad + 1) if ad else None
+        self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(config.std).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def strides(self) -> list[int]:
+        """Stride of each attended layer's mask relative to the input."""
+        return [self.backbone.stage_strides[i] for i in self.attended]
+
+    def forward(self, x: torch.Tensor) -> WARNOutput:
+        x = (x - self.mean) / self.std
+        feats = self.backbone.forward_features(x)
+        final = self.backbone.final_features(feats[-1])
+        net = F.log_softmax(self.backbone.forward_head(final), dim=-1)  # (N, C)
+        if self.global_gate is None:
+            ones = net.new_ones(net.shape[0], 1)
+            return WARNOutput(net, net.exp(), (), (), net.unsqueeze(1), ones)
+        masks, gates, hyps = zip(*(m(feats[i]) for m, i in zip(self.attention, self.attended)))
+        layers = torch.stack([*hyps, net], dim=1)  # (N, L+1, C)
+        g = self.global_gate(final)  # (N, L+1)
+        # The gated sum of log-probabilities is renormalized so exp() is a distribution.
+        logp = F.log_softmax((g.unsqueeze(-1) * layers).sum(1), dim=-1)
+        return WARNOutput(logp, logp.exp(), masks, gates, layers, g)
+
+    def loss(self, out: WARNOutput, target: torch.Tensor) -> torch.Tensor:
+        """Negative log-likelihood plus the weighted head-overlap regularizer."""
+        nll = F.nll_loss(out.log_probabilities, target)
+        if not out.attention or self.config.reg_weight == 0:
+            return nll
+        reg = sum(head_overlap(m) for m in out.attention)
+        return nll + self.config.reg_weight * reg
+
+
+def combined_attention(out: WARNOutput, size: tuple[int, int]) -> torch.Tensor:
+    """Gate-weighted attention map at `size`: (N, H, W).
+
+    Each layer's heads are mixed by its layer gates, upsampled (bilinear) to `size`,
+    normalized to sum 1, and the layers are mixed by their global gates (the backbone's
+    weight is left out and the rest renormalized).
+    """
+    maps = []
+    for mask, gates in zip(out.attention, out.gates):
+        m = (mask * gates[:, :, None, None]).sum(1, keepdim=True)  # (N, 1, h, w)
+        m = F.interpolate(m, size=size, mode="bilinear", align_corners=False)[:, 0]
+        maps.append(m / m.sum(dim=(1, 2), keepdim=True))
+    w = out.global_gates[:, :-1]
+    w = w / w.sum(1, keepdim=True)
+    return torch.einsum("nl,nlhw->nhw", w, torch.stack(maps, 1))
+
+
+def warn(**kwargs: Any) -> WARN:
+    return WARN(WARNConfig(**kwargs))
+
+
+def warn_16_2(**kwargs: Any) -> WARN:
+    """The default model's architecture: WRN-16-2, AD=3, AW=4."""
+    return WARN(WARNConfig(**{"depth": 16, "width": 2, **kwargs}))
+
+
+def warn_16_4(**kwargs: Any) -> WARN:
+    """WRN-16-4, AD=3, AW=4, as in the paper's CIFAR experiments."""
+    return WARN(WARNConfig(**{"depth": 16, "width": 4, "input_size": (32, 32), **kwargs}))

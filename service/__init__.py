@@ -1,0 +1,1 @@
+"""The WARN inference service: FastAPI on onnxruntime."""

@@ -1,0 +1,77 @@
+import numpy as np
+import pytest
+import torch
+
+from models.data import ClutteredDigits, ClutterSpec, DatasetError, build_dataset, split_scans
+
+SMALL = ClutterSpec(train_per_scan=1, test_per_scan=1)
+
+
+@pytest.fixture(scope="module")
+def test_split():
+    return ClutteredDigits("test", seed=3, spec=SMALL)
+
+
+def test_deterministic_for_a_seed(test_split):
+    again = ClutteredDigits("test", seed=3, spec=SMALL)
+    assert torch.equal(test_split.images, again.images)
+    assert torch.equal(test_split.boxes, again.boxes)
+    other = ClutteredDigits("test", seed=4, spec=SMALL)
+    assert not torch.equal(test_split.images[:10], other.images[:10])
+
+
+def test_images_and_boxes(test_split):
+    img, label, box = test_split[0]
+    assert img.shape == (3, 48, 48) and img.dtype == torch.float32
+    assert 0 <= img.min() and img.max() <= 1
+    assert 0 <= label <= 9
+    b = test_split.boxes
+    assert (b[:, 0] >= 0).all() and (b[:, 1] >= 0).all()
+    assert (b[:, 2] <= 48).all() and (b[:, 3] <= 48).all()
+    w, h = b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]
+    assert (w >= 3).all() and (h >= 3).all() and (w <= SMALL.digit_max).all() and (h <= SMALL.digit_max).all()
+
+
+def test_box_surrounds_the_digit():
+    from models.data import _resize, _scans, draw_canvas
+
+    scans, _ = _scans()
+    rng = np.random.default_rng(0)
+    no_clutter = ClutterSpec(fragments=(0, 0), noise=0.0)
+    img, (x0, y0, x1, y1) = draw_canvas(scans[5], scans[:1], rng, no_clutter)
+    grey = img.mean(-1)
+    inside = np.zeros_like(grey, bool)
+    inside[y0:y1, x0:x1] = True
+    # With no clutter and no noise, the background is flat: all ink lies inside the box.
+    background = np.median(grey[~inside])
+    assert np.abs(grey[~inside] - background).max() < 1e-5
+    assert np.abs(grey[inside] - background).max() > 0.2
+    assert _resize(scans[5], 12, 12).shape == (12, 12)
+
+
+def test_no_scan_is_shared_between_splits(test_split):
+    train = ClutteredDigits("train", seed=3, spec=SMALL)
+    assert not set(train.scan_ids) & set(test_split.scan_ids)
+    assert not set(train.sources) & set(test_split.sources)
+    s = split_scans(1797, 3, 0.2)
+    assert len(s["train"]) + len(s["test"]) == 1797
+
+
+def test_missing_datasets_say_what_to_do(tmp_path):
+    with pytest.raises(DatasetError, match="--download"):
+        build_dataset("cifar10", "test", root=tmp_path)
+    with pytest.raises(DatasetError, match="ImageFolder"):
+        build_dataset("imagefolder", "train", root=tmp_path)
+
+
+def test_imagefolder(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / split / cls / "a.png")
+    ds = build_dataset("imagefolder", "val", root=tmp_path, input_size=(24, 24))
+    img, label, box = ds[1]
+    assert ds.classes == ["cat", "dog"] and label == 1
+    assert img.shape == (3, 24, 24) and box.tolist() == [-1, -1, -1, -1]

@@ -1,0 +1,140 @@
+"""ONNX export: parity with PyTorch, metadata, dynamic batch, atomic writes, Triton repository."""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from export.cli import main as export_main
+from export.cli import verification_images
+from export.onnx_export import ExportError, export, output_names, verify
+from export.triton import write_repository
+from models import checkpoint
+from models.warn import WARN, WARNConfig
+
+
+@pytest.fixture(scope="module")
+def trained_model(tmp_path_factory):
+    """A small WARN, briefly trained so its answers are not all ties, saved as a checkpoint."""
+    from models.data import ClutteredDigits, ClutterSpec
+
+    torch.manual_seed(0)
+    ds = ClutteredDigits("train", 0, ClutterSpec(train_per_scan=1))
+    model = WARN(WARNConfig(depth=10, width=1, attention_depth=3, attention_width=2)).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for i in range(10):
+        x, y = ds.images[i * 32:(i + 1) * 32], ds.targets[i * 32:(i + 1) * 32]
+        loss = model.loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    meta = {"dataset": "cluttered-digits", "train": {"seed": 0}, "metrics": {"top1_accuracy": 0.5}}
+    checkpoint.save(path, model, **meta)
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported(trained_model, tmp_path_factory):
+    model, meta = checkpoint.load(trained_model)
+    out = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    images = verification_images(meta, model.config.input_size, count=32)
+    result = export(model, meta, out, images, name="warn-test", version="7")
+    return model, out, result, images
+
+
+def test_parity_with_pytorch_on_real_images(exported):
+    model, out, result, images = exported
+    batches = result["verification"]["batches"]
+    assert set(batches) == {1, 3, 16}
+    for report in batches.values():
+        assert report["probabilities"] <= 1e-4 and report["gates"] <= 1e-4 and report["attention"] <= 1e-5
+        assert report["top1_agreement"] == 1.0
+    onnx.checker.check_model(str(out), full_check=True)
+
+
+def test_verification_images_are_real_digits(exported):
+    *_, images = exported
+    assert images.shape == (32, 3, 48, 48) and images.std() > 0.05
+
+
+def test_outputs_and_metadata_round_trip(exported):
+    model, out, result, _ = exported
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["image"]
+    assert [o.name for o in session.get_outputs()] == output_names(3)
+    meta = session.get_modelmeta().custom_metadata_map
+    assert meta["model_name"] == "warn-test" and meta["model_version"] == "7"
+    assert json.loads(meta["class_names"]) == [str(i) for i in range(10)]
+    assert json.loads(meta["input_size"]) == [48, 48]
+    assert json.loads(meta["normalization"])["mean"] == list(model.config.mean)
+    arch = json.loads(meta["architecture"])
+    assert (arch["depth"], arch["width"], arch["attention_depth"], arch["attention_width"]) == (10, 1, 3, 2)
+    assert json.loads(meta["attention_strides"]) == [1, 2, 4]
+    assert json.loads(meta["layer_names"]) == ["attention_0", "attention_1", "attention_2", "backbone"]
+    assert set(json.loads(meta["outputs"])) == set(output_names(3))
+    assert json.loads(meta["metrics"]) == {"top1_accuracy": 0.5}
+    assert meta["dataset"] == "cluttered-digits"
+    assert len(meta["weights_sha256"]) == 64
+
+
+def test_dynamic_batch_in_one_session(exported):
+    model, out, *_ = exported
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    for n in (1, 16, 1):
+        probs, *rest = session.run(None, {"image": np.random.rand(n, 3, 48, 48).astype(np.float32)})
+        assert probs.shape == (n, 10)
+        np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
+        assert rest[1].shape == (n, 2, 48, 48)
+
+
+def test_a_mismatch_fails_verification(exported):
+    model, out, *_ = exported
+    other = WARN(model.config).eval()  # different weights, same graph shape
+    with pytest.raises(ExportError, match="differs from PyTorch"):
+        verify(out, other, exported[3][:4], batch_sizes=(1,))
+
+
+def test_bad_checkpoints_fail_cleanly_and_leave_nothing(tmp_path, capsys):
+    target = tmp_path / "model.onnx"
+    with pytest.raises(SystemExit, match="checkpoint not found"):
+        export_main([str(tmp_path / "missing.pt"), str(target)])
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"\x80\x02garbage")
+    with pytest.raises(SystemExit, match="cannot read checkpoint"):
+        export_main([str(corrupt), str(target)])
+    assert list(tmp_path.iterdir()) == [corrupt]
+
+
+def test_failed_verification_leaves_no_partial_file(trained_model, tmp_path, monkeypatch):
+    import export.onnx_export as ox
+
+    model, meta = checkpoint.load(trained_model)
+    monkeypatch.setattr(ox, "TOLERANCES", {"probabilities": -1.0, "gates": 1.0, "attention": 1.0})
+    with pytest.raises(ExportError):
+        export(model, meta, tmp_path / "model.onnx", torch.rand(2, 3, 48, 48), name="x")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_triton_repository_agrees_with_the_graph(exported, tmp_path):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    _, out, *_ = exported
+    folder = write_repository(out, tmp_path, "warn-test", max_batch_size=32)
+    assert (folder / "1" / "model.onnx").read_bytes() == out.read_bytes()
+    config = text_format.Parse((folder / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert config.name == "warn-test" and config.backend == "onnxruntime" and config.max_batch_size == 32
+    assert config.HasField("dynamic_batching")
+    assert [g.kind for g in config.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_GPU]
+    graph = onnx.load(str(out)).graph
+    for entries, values in ((config.input, graph.input), (config.output, graph.output)):
+        assert [e.name for e in entries] == [v.name for v in values]
+        for e, v in zip(entries, values):
+            assert e.data_type == model_config_pb2.TYPE_FP32
+            assert v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+            assert list(e.dims) == [d.dim_value for d in v.type.tensor_type.shape.dim[1:]]
