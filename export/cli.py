@@ -1,6 +1,6 @@
 """warn-export: checkpoint in, verified and self-describing model.onnx out.
 
-    warn-export default_model/model.pt default_model/model.onnx [--triton-repo DIR]
+warn-export default_model/model.pt default_model/model.onnx [--triton-repo DIR]
 """
 
 from __future__ import annotations

@@ -105,11 +105,17 @@ def metadata(model: WARN, meta: dict[str, Any], name: str, version: str) -> dict
         "input_size": json.dumps(list(cfg.input_size)),
         "normalization": json.dumps({"mean": list(cfg.mean), "std": list(cfg.std), "applied_in_graph": True}),
         "input_format": "image: float32 (N, 3, H, W), RGB scaled to [0, 1]",
-        "architecture": json.dumps({
-            "name": "WARN", "backbone": "wide-resnet", "depth": cfg.depth, "width": cfg.width,
-            "attention_depth": cfg.attention_depth, "attention_width": cfg.attention_width,
-            "num_classes": cfg.num_classes,
-        }),
+        "architecture": json.dumps(
+            {
+                "name": "WARN",
+                "backbone": "wide-resnet",
+                "depth": cfg.depth,
+                "width": cfg.width,
+                "attention_depth": cfg.attention_depth,
+                "attention_width": cfg.attention_width,
+                "num_classes": cfg.num_classes,
+            }
+        ),
         "attention_strides": json.dumps(model.strides),
         "layer_names": json.dumps([*(f"attention_{i}" for i in range(layers)), "backbone"]),
         "outputs": json.dumps(output_meanings(layers)),
@@ -126,9 +132,16 @@ def _export(model: WARN, path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            Flat(model).eval(), (example,), str(path), input_names=[INPUT_NAME],
-            output_names=output_names(len(model.attended)), dynamic_shapes={"image": {0: batch}},
-            opset_version=OPSET, dynamo=True, external_data=False, verbose=False,
+            Flat(model).eval(),
+            (example,),
+            str(path),
+            input_names=[INPUT_NAME],
+            output_names=output_names(len(model.attended)),
+            dynamic_shapes={"image": {0: batch}},
+            opset_version=OPSET,
+            dynamo=True,
+            external_data=False,
+            verbose=False,
         )
 
 
@@ -168,7 +181,7 @@ def verify(path: str | Path, model: WARN, images: torch.Tensor, batch_sizes: tup
         worst: dict[str, float] = {}
         agree = []
         for start in range(0, len(images), bs):
-            batch = images[start:start + bs]
+            batch = images[start : start + bs]
             d = compare(session, model, batch)
             agree.append(d.pop("top1_agreement") * len(batch))
             worst = {k: max(worst.get(k, 0.0), v) for k, v in d.items()}
@@ -186,7 +199,13 @@ def verify(path: str | Path, model: WARN, images: torch.Tensor, batch_sizes: tup
 
 
 def export(
-    model: WARN, meta: dict[str, Any], out: str | Path, images: torch.Tensor, *, name: str, version: str = "1",
+    model: WARN,
+    meta: dict[str, Any],
+    out: str | Path,
+    images: torch.Tensor,
+    *,
+    name: str,
+    version: str = "1",
 ) -> dict[str, Any]:
     """Export, verify, add metadata, and move into place at `out` only if all of it succeeded."""
     out = Path(out)

@@ -159,8 +159,15 @@ class _WithoutBoxes(Dataset):
 
 
 def build_dataset(
-    name: str, split: str, *, root: str | Path = "data", seed: int = 0, download: bool = False,
-    input_size: tuple[int, int] = (32, 32), augment: bool = False, clutter: ClutterSpec = ClutterSpec(),
+    name: str,
+    split: str,
+    *,
+    root: str | Path = "data",
+    seed: int = 0,
+    download: bool = False,
+    input_size: tuple[int, int] = (32, 32),
+    augment: bool = False,
+    clutter: ClutterSpec = ClutterSpec(),
 ) -> Dataset:
     """Build a dataset by name: cluttered-digits, cifar10, cifar100 or imagefolder (at `root`)."""
     if name == "cluttered-digits":
@@ -184,14 +191,19 @@ def build_dataset(
     if name == "imagefolder":
         folder = Path(root) / ("train" if train else "val")
         if not folder.is_dir():
-            raise DatasetError(f"imagefolder expects {folder} (ImageFolder layout: <root>/train/<class>/*.jpg and <root>/val/...)")
+            raise DatasetError(
+                f"imagefolder expects {folder} (ImageFolder layout: <root>/train/<class>/*.jpg and <root>/val/...)"
+            )
         h, w = input_size
         aug = (
             [transforms.RandomResizedCrop((h, w), scale=(0.5, 1.0)), transforms.RandomHorizontalFlip()]
             if augment
             else [transforms.Resize((h, w))]
         )
-        ds = datasets.ImageFolder(str(folder), transform=transforms.Compose([*aug, transforms.ToTensor()]),
-                                  loader=lambda p: Image.open(p).convert("RGB"))
+        ds = datasets.ImageFolder(
+            str(folder),
+            transform=transforms.Compose([*aug, transforms.ToTensor()]),
+            loader=lambda p: Image.open(p).convert("RGB"),
+        )
         return _WithoutBoxes(ds, list(ds.classes))
     raise DatasetError(f"unknown dataset {name!r}: choose cluttered-digits, cifar10, cifar100 or imagefolder")

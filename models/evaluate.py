@@ -18,8 +18,9 @@ POINTING_TOLERANCE = 2  # pixels a hit may fall outside the ground-truth box
 def layer_maps(out: WARNOutput, size: tuple[int, int]) -> list[torch.Tensor]:
     """Each attended layer's heads mixed by its gates, upsampled to `size`: L x (N, H, W)."""
     return [
-        F.interpolate((m * g[:, :, None, None]).sum(1, keepdim=True), size=size, mode="bilinear",
-                      align_corners=False)[:, 0]
+        F.interpolate((m * g[:, :, None, None]).sum(1, keepdim=True), size=size, mode="bilinear", align_corners=False)[
+            :, 0
+        ]
         for m, g in zip(out.attention, out.gates)
     ]
 
@@ -88,9 +89,13 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     model, meta = load(args.checkpoint)
     train = meta.get("train", {})
-    ds = build_dataset(args.dataset or train.get("dataset", "cluttered-digits"), "test", root=args.data_root,
-                       seed=args.seed if args.seed is not None else train.get("seed", 0),
-                       input_size=model.config.input_size)
+    ds = build_dataset(
+        args.dataset or train.get("dataset", "cluttered-digits"),
+        "test",
+        root=args.data_root,
+        seed=args.seed if args.seed is not None else train.get("seed", 0),
+        input_size=model.config.input_size,
+    )
     print(json.dumps(evaluate(model, ds, args.batch_size), indent=2))
 
 

@@ -1,6 +1,6 @@
 """Parameter and FLOP overhead of attention over the plain backbone.
 
-    warn-profile --depth 16 --width 4 --ad 3 --aw 4 --classes 10 --size 32
+warn-profile --depth 16 --width 4 --ad 3 --aw 4 --classes 10 --size 32
 """
 
 from __future__ import annotations
@@ -46,12 +46,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--size", type=int, default=32)
     a = p.parse_args(argv)
-    cfg = WARNConfig(depth=a.depth, width=a.width, attention_depth=a.ad, attention_width=a.aw,
-                     num_classes=a.classes, input_size=(a.size, a.size))
+    cfg = WARNConfig(
+        depth=a.depth,
+        width=a.width,
+        attention_depth=a.ad,
+        attention_width=a.aw,
+        num_classes=a.classes,
+        input_size=(a.size, a.size),
+    )
     r = overhead(cfg)
     print(json.dumps(r, indent=2))
-    print(f"{r['model']} at {a.size}x{a.size}: attention adds {r['params_overhead']:+.2%} parameters "
-          f"and {r['flops_overhead']:+.2%} FLOPs over the plain WRN-{a.depth}-{a.width}")
+    print(
+        f"{r['model']} at {a.size}x{a.size}: attention adds {r['params_overhead']:+.2%} parameters "
+        f"and {r['flops_overhead']:+.2%} FLOPs over the plain WRN-{a.depth}-{a.width}"
+    )
 
 
 if __name__ == "__main__":

@@ -68,11 +68,21 @@ def lr_at(step: int, total: int, warmup: int, base: float) -> float:
 def build_model(cfg: TrainConfig, class_names: list[str]) -> WARN:
     side = NATIVE_SIZE.get(cfg.dataset, cfg.input_size)
     mean, std = MEAN_STD.get(cfg.dataset, ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
-    return WARN(WARNConfig(
-        depth=cfg.depth, width=cfg.width, num_classes=len(class_names), attention_depth=cfg.attention_depth,
-        attention_width=cfg.attention_width, dropout=cfg.dropout, reg_weight=cfg.reg_weight,
-        input_size=(side, side), mean=mean, std=std, class_names=class_names,
-    ))
+    return WARN(
+        WARNConfig(
+            depth=cfg.depth,
+            width=cfg.width,
+            num_classes=len(class_names),
+            attention_depth=cfg.attention_depth,
+            attention_width=cfg.attention_width,
+            dropout=cfg.dropout,
+            reg_weight=cfg.reg_weight,
+            input_size=(side, side),
+            mean=mean,
+            std=std,
+            class_names=class_names,
+        )
+    )
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -81,14 +91,20 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
-    common = dict(root=cfg.data_root, seed=cfg.seed, download=cfg.download, input_size=(cfg.input_size,) * 2,
-                  clutter=ClutterSpec(train_per_scan=cfg.train_per_scan))
+    common = dict(
+        root=cfg.data_root,
+        seed=cfg.seed,
+        download=cfg.download,
+        input_size=(cfg.input_size,) * 2,
+        clutter=ClutterSpec(train_per_scan=cfg.train_per_scan),
+    )
     train_set = build_dataset(cfg.dataset, "train", augment=True, **common)
     test_set = build_dataset(cfg.dataset, "test", **common)
     classes = list(train_set.classes)  # type: ignore[attr-defined]
     model = build_model(cfg, classes)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                          weight_decay=cfg.weight_decay, nesterov=True)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True
+    )
     gen = torch.Generator().manual_seed(cfg.seed)
     loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True, generator=gen)
     total = cfg.epochs * len(loader)
@@ -125,8 +141,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             if cfg.max_steps and step >= cfg.max_steps:
                 break
         print(f"epoch {epoch + 1}: loss {loss_sum / max(seen, 1):.4f} train acc {correct / max(seen, 1):.4f}")
-        checkpoint.save(last, model, optimizer=opt.state_dict(), epoch=epoch + 1, step=step,
-                        generator=gen.get_state(), train=asdict(cfg))
+        checkpoint.save(
+            last,
+            model,
+            optimizer=opt.state_dict(),
+            epoch=epoch + 1,
+            step=step,
+            generator=gen.get_state(),
+            train=asdict(cfg),
+        )
         if cfg.max_steps and step >= cfg.max_steps:
             break
 

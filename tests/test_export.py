@@ -26,7 +26,7 @@ def trained_model(tmp_path_factory):
     model = WARN(WARNConfig(depth=10, width=1, attention_depth=3, attention_width=2)).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     for i in range(10):
-        x, y = ds.images[i * 32:(i + 1) * 32], ds.targets[i * 32:(i + 1) * 32]
+        x, y = ds.images[i * 32 : (i + 1) * 32], ds.targets[i * 32 : (i + 1) * 32]
         loss = model.loss(model(x), y)
         opt.zero_grad()
         loss.backward()

@@ -1,0 +1,91 @@
+"""Dependencies shared by the routes: the runtime, auth, and reading an image from a request."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Query, Request
+
+from service.errors import InvalidRequest, Unauthorized, UnsupportedMedia
+from service.predictor import OverlayParams, Runtime
+
+
+def get_runtime(request: Request) -> Runtime:
+    return request.app.state.runtime
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+def require_api_key(request: Request) -> None:
+    key = request.app.state.settings.API_KEY
+    if not key:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        raise Unauthorized("missing or wrong API key: send 'Authorization: Bearer <key>'")
+
+
+IMAGE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"file": {"type": "string", "format": "binary"}},
+                    "required": ["file"],
+                },
+            },
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+        },
+        "description": "An image (PNG, JPEG, GIF, BMP, TIFF, WebP, PPM, ICO) as multipart field `file`, "
+        "or as the raw body with an image content type.",
+    }
+}
+
+
+async def image_bytes(request: Request) -> bytes:
+    """The encoded image of a multipart (`file`) or raw image request."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        form = await request.form()
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise InvalidRequest("multipart body needs the image as a file field named 'file'")
+        return await upload.read()
+    if ctype.startswith("image/") or ctype == "application/octet-stream":
+        return await request.body()
+    raise UnsupportedMedia(
+        f"content type {ctype or '(none)'!r} is not accepted: send multipart/form-data with a 'file' field, "
+        "or the raw image with an image/* content type"
+    )
+
+
+ImageBytes = Annotated[bytes, Depends(image_bytes)]
+
+
+def overlay_params(
+    request: Request,
+    head: Annotated[
+        int | None, Query(ge=0, description="one attention head; default: heads mixed by their gates")
+    ] = None,
+    colormap: Annotated[str | None, Query(pattern="^(viridis|turbo|jet)$", description="default: viridis")] = None,
+    alpha: Annotated[float | None, Query(ge=0, le=1, description="heatmap opacity over the photo")] = None,
+    max_size: Annotated[int | None, Query(ge=8, le=4096, description="longest side of the PNG")] = None,
+    mode: Annotated[
+        str, Query(pattern="^(overlay|heatmap)$", description="heatmap: the map alone, no photo")
+    ] = "overlay",
+) -> OverlayParams:
+    s = request.app.state.settings
+    return OverlayParams(
+        head=head,
+        colormap=colormap or s.OVERLAY_COLORMAP,
+        alpha=s.OVERLAY_ALPHA if alpha is None else alpha,
+        max_size=max_size,
+        mode=mode,
+    )
+
+
+OverlayDep = Annotated[OverlayParams, Depends(overlay_params)]

@@ -1,0 +1,89 @@
+"""Typed errors raised where a problem is found, and the one place that turns them into HTTP answers.
+
+Every error body is JSON: {"error": "<what was wrong>", "code": "<machine-readable code>"}, which is
+also the error shape the Open Inference Protocol specifies.
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+
+class ServiceError(Exception):
+    status = 500
+    code = "internal_error"
+    headers: dict[str, str] = {}
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BodyTooLarge(ServiceError):
+    status, code = 413, "body_too_large"
+
+
+class ImageTooLarge(ServiceError):
+    status, code = 413, "image_too_large"
+
+
+class UnsupportedMedia(ServiceError):
+    status, code = 415, "unsupported_media_type"
+
+
+class InvalidImage(ServiceError):
+    status, code = 422, "invalid_image"
+
+
+class InvalidRequest(ServiceError):
+    status, code = 400, "invalid_request"
+
+
+class NotFound(ServiceError):
+    status, code = 404, "not_found"
+
+
+class Unauthorized(ServiceError):
+    status, code = 401, "unauthorized"
+    headers = {"WWW-Authenticate": "Bearer"}
+
+
+class Overloaded(ServiceError):
+    status, code = 503, "overloaded"
+    headers = {"Retry-After": "1"}
+
+
+class ModelLoadError(RuntimeError):
+    """The model cannot be loaded; start-up stops with this message."""
+
+
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None, **extra
+) -> JSONResponse:
+    return JSONResponse({"error": message, "code": code, **extra}, status_code=status, headers=headers)
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def _service(_: Request, e: ServiceError) -> JSONResponse:
+        return error_response(e.status, e.code, e.message, e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        message = f"{where}: {first.get('msg', 'invalid request')}" if where else "invalid request"
+        return error_response(422, "invalid_request", message, detail=jsonable(e.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        return error_response(e.status_code, "http_error", str(e.detail), getattr(e, "headers", None))
+
+
+def jsonable(errors: list) -> list:
+    from fastapi.encoders import jsonable_encoder
+
+    return jsonable_encoder(errors, custom_encoder={bytes: lambda b: f"<{len(b)} bytes>"})

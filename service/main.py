@@ -1,0 +1,68 @@
+"""The ASGI app: `uvicorn service.main:app`. Tests build their own with `create_app(Settings(...))`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from PIL import Image
+
+from service import __version__, errors
+from service.config import Settings
+from service.deps import require_api_key
+from service.limits import BodyLimitMiddleware
+from service.metrics import Metrics, MetricsMiddleware
+from service.predictor import Runtime
+from service.routes import health, model, predict, predictions, v2
+
+log = logging.getLogger("service")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = Metrics()
+    Image.MAX_IMAGE_PIXELS = settings.MAX_IMAGE_PIXELS  # Pillow's own bomb guard, process-wide
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            runtime = Runtime(settings, metrics)
+        except errors.ModelLoadError as e:
+            log.error("cannot start: %s", e)
+            raise  # uvicorn reports the failed start-up and exits non-zero
+        await runtime.start()
+        app.state.runtime = runtime
+        try:
+            yield
+        finally:
+            app.state.runtime = None
+            await runtime.stop()
+
+    app = FastAPI(
+        title="WARN inference service",
+        version=__version__,
+        lifespan=lifespan,
+        description="Attention-gated image classification (Attend and Rectify, ECCV 2018) on onnxruntime.",
+    )
+    app.state.settings, app.state.metrics, app.state.runtime = settings, metrics, None
+    errors.install(app)
+    guarded = [Depends(require_api_key)]
+    app.include_router(health.router)
+    for r in (predict.router, predictions.router, model.router, v2.router):
+        app.include_router(r, dependencies=guarded)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.MAX_BODY_BYTES)
+    if settings.CORS_ORIGINS:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.CORS_ORIGINS,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    return app
+
+
+app = create_app()

@@ -1,0 +1,122 @@
+"""The ONNX model on onnxruntime, and what its metadata says about it."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from service.errors import ModelLoadError
+
+log = logging.getLogger("service.model")
+
+REQUIRED_METADATA = ("model_name", "model_version", "class_names", "input_size", "attention_strides", "layer_names")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    datatype: str  # Open Inference Protocol datatype, e.g. FP32
+    shape: list[int]  # -1 for the dynamic batch dimension
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    version: str
+    class_names: list[str]
+    input_size: tuple[int, int]  # (H, W)
+    strides: list[int]  # one per attended layer
+    layer_names: list[str]  # attended layers, then "backbone"
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    providers: list[str]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def attended_layers(self) -> int:
+        return len(self.strides)
+
+
+ORT_TO_V2 = {"tensor(float)": "FP32", "tensor(float16)": "FP16", "tensor(int64)": "INT64", "tensor(int32)": "INT32"}
+
+
+def choose_providers(setting: str) -> list[str]:
+    available = ort.get_available_providers()
+    if setting.strip().lower() == "auto":
+        wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    else:
+        wanted = [p.strip() for p in setting.split(",") if p.strip()]
+    chosen = [p for p in wanted if p in available]
+    missing = [p for p in wanted if p not in available]
+    if missing and setting != "auto":
+        log.warning("providers %s are not in this onnxruntime build (it has %s)", missing, available)
+    return chosen or ["CPUExecutionProvider"]
+
+
+def _spec(arg: Any) -> TensorSpec:
+    shape = [d if isinstance(d, int) else -1 for d in arg.shape]
+    return TensorSpec(arg.name, ORT_TO_V2.get(arg.type, arg.type), shape)
+
+
+def _parse(raw: dict[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in raw.items():
+        try:
+            out[k] = json.loads(v)
+        except ValueError:
+            out[k] = v
+    return out
+
+
+class OnnxModel:
+    """One onnxruntime session; `run` is thread-safe (onnxruntime allows concurrent run calls)."""
+
+    def __init__(self, path: Path, providers: str = "auto", intra_op_threads: int = 0) -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise ModelLoadError(f"model file not found: {path} (set WARN_MODEL_PATH to a file written by warn-export)")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = intra_op_threads
+        wanted = choose_providers(providers)
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=wanted)
+        except Exception as e:  # onnxruntime raises its own exception types for unreadable files
+            raise ModelLoadError(f"cannot load model {path}: {e}") from e
+        active = self.session.get_providers()
+        if "CUDAExecutionProvider" in wanted and "CUDAExecutionProvider" not in active:
+            log.warning(
+                "CUDAExecutionProvider was requested but onnxruntime fell back to %s "
+                "(are the CUDA and cuDNN libraries installed?)",
+                active,
+            )
+        raw = self.session.get_modelmeta().custom_metadata_map
+        missing = [k for k in REQUIRED_METADATA if k not in raw]
+        if missing:
+            raise ModelLoadError(f"{path} is not a WARN export: metadata lacks {missing} (export it with warn-export)")
+        meta = _parse(raw)
+        self.info = ModelInfo(
+            name=str(meta["model_name"]),
+            version=str(meta["model_version"]),
+            class_names=list(meta["class_names"]),
+            input_size=tuple(meta["input_size"]),
+            strides=list(meta["attention_strides"]),  # type: ignore[arg-type]
+            layer_names=list(meta["layer_names"]),
+            inputs=[_spec(i) for i in self.session.get_inputs()],
+            outputs=[_spec(o) for o in self.session.get_outputs()],
+            providers=active,
+            metadata=meta,
+        )
+        self.input_name = self.info.inputs[0].name
+        self.output_names = [o.name for o in self.info.outputs]
+        log.info("loaded %s v%s from %s on %s", self.info.name, self.info.version, path, active[0])
+
+    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """(N, 3, H, W) float32 in [0, 1] -> every output by name, N first."""
+        return dict(zip(self.output_names, self.session.run(None, {self.input_name: batch})))

@@ -1,0 +1,26 @@
+"""Liveness, readiness and Prometheus metrics: open to probes and scrapers, never behind the API key."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/v2/health/live", summary="Liveness")
+async def live() -> dict[str, bool]:
+    return {"live": True}
+
+
+@router.get("/v2/health/ready", summary="Readiness: the model is loaded and serving")
+async def ready(request: Request) -> Response:
+    ok = getattr(request.app.state, "runtime", None) is not None
+    return Response(
+        '{"ready":%s}' % ("true" if ok else "false"), status_code=200 if ok else 503, media_type="application/json"
+    )
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

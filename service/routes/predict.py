@@ -1,0 +1,96 @@
+"""POST /v1/predict and POST /v1/attention: an image in, a prediction or an overlay out."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import APIRouter, Query, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from service.deps import IMAGE_BODY, ImageBytes, OverlayDep, RuntimeDep
+from service.store import StoredPrediction
+
+router = APIRouter(prefix="/v1", tags=["predict"])
+
+PREDICT_EXAMPLE = {
+    "id": "3f2c0b7e9a1d4c5e8f6a7b8c9d0e1f2a",
+    "model": {"name": "warn-cluttered-digits", "version": "1"},
+    "top_k": [{"label": "3", "index": 3, "probability": 0.981}],
+    "global_gates": {"attention_0": 0.21, "attention_1": 0.33, "attention_2": 0.31, "backbone": 0.15},
+    "layers": [
+        {
+            "name": "attention_0",
+            "index": 0,
+            "stride": 1,
+            "global_gate": 0.21,
+            "gates": [0.4, 0.2, 0.2, 0.2],
+            "top_class": {"label": "3", "index": 3, "probability": 0.93},
+        }
+    ],
+    "image": {"width": 640, "height": 400},
+    "attention_urls": {"combined": "http://localhost:8000/v1/predictions/3f2c.../attention/combined.png"},
+    "timings_ms": {"decode_ms": 1.9, "inference_ms": 6.2, "total_ms": 8.8},
+}
+
+
+def url_base(request: Request) -> str:
+    public = request.app.state.settings.PUBLIC_URL
+    return public.rstrip("/") if public else str(request.base_url).rstrip("/")
+
+
+@router.post(
+    "/predict",
+    openapi_extra=IMAGE_BODY,
+    summary="Classify an image",
+    responses={200: {"content": {"application/json": {"example": PREDICT_EXAMPLE}}}},
+)
+async def predict(
+    request: Request,
+    rt: RuntimeDep,
+    data: ImageBytes,
+    top_k: Annotated[int | None, Query(ge=1, description="how many classes to return")] = None,
+    probabilities: Annotated[bool, Query(description="include the full probability vector")] = False,
+) -> dict[str, Any]:
+    """Top-k classes, gates of every attended layer, global gates, and URLs of the attention overlays."""
+    started = time.perf_counter()
+    c = await rt.classify(data)
+    result = rt.describe(c, top_k or rt.settings.TOP_K, probabilities)
+    key = rt.remember(c, result)
+    base = f"{url_base(request)}/v1/predictions/{key}/attention"
+    layers = ["combined", *map(str, range(rt.info.attended_layers))]
+    c.timings_ms["total_ms"] = (time.perf_counter() - started) * 1e3
+    result.update(
+        attention_urls={name: f"{base}/{name}.png" for name in layers},
+        timings_ms={k: round(v, 3) for k, v in c.timings_ms.items()},
+    )
+    return {"id": key, **result}
+
+
+@router.post(
+    "/attention",
+    openapi_extra=IMAGE_BODY,
+    summary="Attention overlay of an image, in one call",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}}},
+)
+async def attention(
+    rt: RuntimeDep,
+    data: ImageBytes,
+    params: OverlayDep,
+    layer: Annotated[str, Query(description="attended layer index, or 'combined'")] = "combined",
+) -> Response:
+    c = await rt.classify(data)
+    attended = range(rt.info.attended_layers)
+    transient = StoredPrediction(
+        result={},
+        masks=[c.layer(i)[0] for i in attended],
+        gates=[c.layer(i)[1] for i in attended],
+        global_gates=c.outputs["global_gates"],
+        content=c.geometry.content,
+        image=np.asarray(c.image),
+    )
+    png = await run_in_threadpool(rt.render, transient, dataclasses.replace(params, layer=layer))
+    return Response(png, media_type="image/png")

@@ -1,0 +1,152 @@
+"""The REST API through httpx against the app."""
+
+import io
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.serving.conftest import make_client, png
+
+
+@pytest.fixture(scope="module")
+def photo() -> bytes:
+    rng = np.random.default_rng(0)
+    return png(Image.fromarray(rng.integers(0, 255, (120, 200, 3), dtype=np.uint8)))
+
+
+def test_predict_raw_body(client, photo):
+    r = client.post("/v1/predict?top_k=3&probabilities=true", content=photo, headers={"content-type": "image/png"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    info = client.get("/v1/model").json()
+    assert body["model"] == {"name": info["name"], "version": info["version"]}
+    assert len(body["top_k"]) == 3
+    probs = [t["probability"] for t in body["top_k"]]
+    assert probs == sorted(probs, reverse=True)
+    assert sum(body["probabilities"].values()) == pytest.approx(1, abs=1e-4)
+    assert body["top_k"][0]["label"] == max(body["probabilities"], key=body["probabilities"].get)
+    assert list(body["global_gates"]) == info["layer_names"]
+    assert sum(body["global_gates"].values()) == pytest.approx(1, abs=1e-4)
+    attended = [layer for layer in body["layers"] if layer["name"] != "backbone"]
+    assert len(attended) == len(info["attended_layers"])
+    for layer in attended:
+        assert sum(layer["gates"]) == pytest.approx(1, abs=1e-4)
+        assert layer["top_class"]["label"] in info["classes"]
+    assert body["image"] == {"width": 200, "height": 120}
+    assert set(body["attention_urls"]) == {"combined", *map(str, range(len(attended)))}
+    assert body["timings_ms"]["total_ms"] >= body["timings_ms"]["inference_ms"] > 0
+
+
+def test_predict_multipart_matches_raw(client, photo):
+    raw = client.post("/v1/predict", content=photo, headers={"content-type": "image/png"}).json()
+    multi = client.post("/v1/predict", files={"file": ("x.png", photo, "image/png")}).json()
+    assert multi["top_k"] == raw["top_k"]
+    assert multi["id"] != raw["id"]
+
+
+def test_stored_prediction_and_overlays(client, photo):
+    body = client.post("/v1/predict", content=photo, headers={"content-type": "image/png"}).json()
+    stored = client.get(f"/v1/predictions/{body['id']}").json()
+    assert stored["top_k"] == body["top_k"]
+    pngs = {}
+    for name, url in body["attention_urls"].items():
+        r = client.get(url)
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+        img = Image.open(io.BytesIO(r.content))
+        assert img.format == "PNG" and img.size == (200, 120)
+        pngs[name] = np.asarray(img)
+    arrays = list(pngs.values())
+    assert all(not np.array_equal(arrays[0], a) for a in arrays[1:]), "overlays of different layers must differ"
+
+
+def test_overlay_parameters(client, photo):
+    body = client.post("/v1/predict", content=photo, headers={"content-type": "image/png"}).json()
+    url = body["attention_urls"]["0"]
+    small = Image.open(io.BytesIO(client.get(url, params={"max_size": 50}).content))
+    assert small.size == (50, 30)
+    heads = [np.asarray(Image.open(io.BytesIO(client.get(url, params={"head": h}).content))) for h in (0, 1)]
+    assert not np.array_equal(*heads)
+    bare = np.asarray(Image.open(io.BytesIO(client.get(url, params={"mode": "heatmap"}).content)))
+    over = np.asarray(Image.open(io.BytesIO(client.get(url, params={"alpha": 0.3}).content)))
+    assert not np.array_equal(bare, over)
+    turbo = client.get(url, params={"colormap": "turbo", "mode": "heatmap"}).content
+    assert np.asarray(Image.open(io.BytesIO(turbo))).shape == bare.shape and turbo != bare.tobytes()
+    assert client.get(url, params={"colormap": "rainbow"}).status_code == 422
+    assert client.get(url, params={"head": 99}).status_code == 400
+    combined = body["attention_urls"]["combined"]
+    r = client.get(combined, params={"head": 0})
+    assert r.status_code == 400 and "combined" in r.json()["error"]
+    bad_layer = client.get(url.replace("/0.png", "/7.png"))
+    assert bad_layer.status_code == 400 and "layer" in bad_layer.json()["error"]
+
+
+def test_attention_in_one_call(client, photo):
+    r = client.post("/v1/attention?layer=combined&max_size=100", content=photo, headers={"content-type": "image/png"})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(r.content)).size == (100, 60)
+    r = client.post("/v1/attention?layer=1&mode=heatmap", files={"file": ("x.png", photo, "image/png")})
+    assert r.status_code == 200 and Image.open(io.BytesIO(r.content)).size == (200, 120)
+
+
+def test_unknown_and_expired_predictions(model_path, photo):
+    assert_unknown = lambda c, key: c.get(f"/v1/predictions/{key}").status_code == 404  # noqa: E731
+    with make_client(model_path, STORE_TTL_S=0.2, STORE_MAX_ITEMS=2) as c:
+        assert assert_unknown(c, "nope")
+        r = c.get("/v1/predictions/nope/attention/combined.png")
+        assert r.status_code == 404 and r.json()["code"] == "not_found"
+        ids = [
+            c.post("/v1/predict", content=photo, headers={"content-type": "image/png"}).json()["id"] for _ in range(3)
+        ]
+        assert assert_unknown(c, ids[0])  # evicted: only 2 are kept
+        assert c.get(f"/v1/predictions/{ids[2]}").status_code == 200
+        time.sleep(0.3)
+        assert assert_unknown(c, ids[2])  # expired
+
+
+def test_model_endpoint_shows_the_provider(client):
+    info = client.get("/v1/model").json()
+    assert info["providers"][0] == "CPUExecutionProvider"
+    assert info["metadata"]["weights_sha256"] and info["input_size"]["height"] > 0
+
+
+def test_metrics(client, photo):
+    client.post("/v1/predict", content=photo, headers={"content-type": "image/png"})
+    client.post("/v1/predict", content=b"", headers={"content-type": "image/png"})
+    text = client.get("/metrics").text
+    assert 'warn_http_requests_total{method="POST",route="/v1/predict",status="200"}' in text
+    assert 'route="/v1/predict",status="422"' in text
+    assert "warn_http_request_duration_seconds_bucket" in text
+    assert "warn_batch_size_count" in text and "warn_inference_duration_seconds_count" in text
+    assert "warn_queue_depth" in text
+
+
+def test_api_key(model_path, photo):
+    with make_client(model_path, API_KEY="s3cret") as c:
+        r = c.post("/v1/predict", content=photo, headers={"content-type": "image/png"})
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+        assert c.get("/v1/model", headers={"authorization": "Bearer wrong"}).status_code == 401
+        ok = c.post(
+            "/v1/predict", content=photo, headers={"content-type": "image/png", "authorization": "Bearer s3cret"}
+        )
+        assert ok.status_code == 200
+        assert c.get("/v2/health/ready").status_code == 200 and c.get("/metrics").status_code == 200
+        assert c.get("/v2").status_code == 401
+
+
+def test_cors(model_path):
+    with make_client(model_path, CORS_ORIGINS=["https://dash.example"]) as c:
+        r = c.options(
+            "/v1/predict", headers={"origin": "https://dash.example", "access-control-request-method": "POST"}
+        )
+        assert r.headers["access-control-allow-origin"] == "https://dash.example"
+        r = c.get("/v2/health/live", headers={"origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in r.headers
+
+
+def test_openapi_docs(client):
+    spec = client.get("/openapi.json").json()
+    assert "/v1/predict" in spec["paths"] and "/v2/models/{name}/infer" in spec["paths"]
+    assert "multipart/form-data" in spec["paths"]["/v1/predict"]["post"]["requestBody"]["content"]
+    assert client.get("/docs").status_code == 200

@@ -1,0 +1,147 @@
+"""Bad input gets a clear JSON error; unusual but valid images work; the service keeps answering."""
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.serving.conftest import encode, make_client, png
+
+RGB = Image.fromarray(np.random.default_rng(1).integers(0, 255, (60, 90, 3), dtype=np.uint8))
+
+
+def post(client, data: bytes, ctype: str = "image/png"):
+    return client.post("/v1/predict", content=data, headers={"content-type": ctype})
+
+
+@pytest.mark.parametrize(
+    ("data", "ctype", "status", "code"),
+    [
+        (b"", "image/png", 422, "invalid_image"),
+        (b"this is not an image", "image/png", 415, "unsupported_media_type"),
+        (png(RGB)[:200], "image/png", 422, "invalid_image"),  # truncated
+        (encode(RGB, "JPEG")[:300], "image/jpeg", 422, "invalid_image"),  # truncated JPEG
+        (b"%PDF-1.4 not an image", "application/octet-stream", 415, "unsupported_media_type"),
+        (png(RGB), "text/plain", 415, "unsupported_media_type"),
+        (png(RGB), "application/json", 415, "unsupported_media_type"),
+    ],
+)
+def test_bad_images(client, data, ctype, status, code):
+    r = post(client, data, ctype)
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert body["code"] == code and body["error"]
+
+
+def test_corrupt_pixel_data(client):
+    data = bytearray(png(RGB))
+    idat = data.index(b"IDAT")
+    data[idat + 8 : idat + 40] = b"\x00" * 32  # garbage inside the compressed stream
+    r = post(client, bytes(data))
+    assert r.status_code == 422 and "corrupt" in r.json()["error"]
+
+
+def test_multipart_without_file(client):
+    r = client.post("/v1/predict", data={"image": "x"}, files={"other": ("a.txt", b"x", "text/plain")})
+    assert r.status_code == 400 and "'file'" in r.json()["error"]
+
+
+def test_body_limit_by_content_length_and_while_streaming(model_path):
+    with make_client(model_path, MAX_BODY_BYTES=10_000) as c:
+        big = png(Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8)))
+        r = post(c, big)
+        assert r.status_code == 413 and r.json()["code"] == "body_too_large"
+
+        def chunks():  # no Content-Length: the limit must trip while reading
+            for i in range(0, len(big), 4096):
+                yield big[i : i + 4096]
+
+        r = c.post("/v1/predict", content=chunks(), headers={"content-type": "image/png"})
+        assert r.status_code == 413 and r.json()["code"] == "body_too_large"
+        small = png(RGB.resize((20, 20)))
+        assert len(small) < 10_000 and post(c, small).status_code == 200
+
+
+def test_pixel_limit_refuses_before_decoding(model_path):
+    # A 20000x20000 PNG header with a tiny body: refused from the header alone.
+    def chunk(kind, payload):
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0))
+    bomb += chunk(b"IDAT", zlib.compress(b"\x00" * 100)) + chunk(b"IEND", b"")
+    with make_client(model_path, MAX_IMAGE_PIXELS=1_000_000) as c:
+        r = post(c, bomb)
+        assert r.status_code == 413 and r.json()["code"] == "image_too_large" and "1000000" in r.json()["error"]
+        assert post(c, png(RGB)).status_code == 200
+
+
+def exif_rotated() -> bytes:
+    img = Image.new("RGB", (80, 40), (200, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    return encode(img, "JPEG", exif=exif.tobytes())
+
+
+def animated_gif() -> bytes:
+    frames = [Image.new("P", (30, 30), i) for i in (10, 200)]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "size"),
+    [
+        ("greyscale", png(RGB.convert("L")), (90, 60)),
+        ("16-bit", png(Image.fromarray((np.arange(60 * 90).reshape(60, 90) * 12).astype(np.uint16))), (90, 60)),
+        ("palette", png(RGB.convert("P")), (90, 60)),
+        ("palette+transparency", png(RGB.convert("P"), transparency=0), (90, 60)),
+        ("alpha", png(RGB.convert("RGBA")), (90, 60)),
+        ("grey+alpha", png(RGB.convert("LA")), (90, 60)),
+        ("cmyk", encode(RGB.convert("CMYK"), "JPEG"), (90, 60)),
+        ("exif-rotated", exif_rotated(), (40, 80)),
+        ("animated", animated_gif(), (30, 30)),
+        ("tiny", png(Image.new("RGB", (1, 1), (9, 9, 9))), (1, 1)),
+        ("elongated", png(Image.new("RGB", (1000, 3), (90, 9, 9))), (1000, 3)),
+        ("tall", png(Image.new("L", (2, 900), 128)), (2, 900)),
+        ("bmp", encode(RGB, "BMP"), (90, 60)),
+        ("webp", encode(RGB, "WEBP"), (90, 60)),
+        ("tiff", encode(RGB, "TIFF"), (90, 60)),
+        ("1-bit", png(RGB.convert("1")), (90, 60)),
+    ],
+)
+def test_unusual_valid_images(client, name, data, size):
+    r = post(client, data, "application/octet-stream")
+    assert r.status_code == 200, (name, r.text)
+    body = r.json()
+    assert (body["image"]["width"], body["image"]["height"]) == size
+    overlay = client.get(body["attention_urls"]["combined"])
+    assert overlay.status_code == 200
+    assert Image.open(io.BytesIO(overlay.content)).size == size
+
+
+def test_alpha_is_composited_on_the_background(model_path):
+    from service.imaging import decode
+
+    clear = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    assert decode(png(clear), 100, (0, 0, 255)).getpixel((0, 0)) == (0, 0, 255)
+    half = Image.new("LA", (4, 4), (0, 255))
+    assert decode(png(half), 100, (0, 0, 255)).getpixel((0, 0)) == (0, 0, 0)
+
+
+def test_16_bit_keeps_its_range():
+    from service.imaging import decode
+
+    wide = Image.fromarray(np.full((4, 4), 65535, np.uint16))
+    assert decode(png(wide), 100).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_bad_requests_do_not_disturb_good_ones(client):
+    good = png(RGB)
+    expected = post(client, good).json()["top_k"]
+    for bad in (b"", b"junk", png(RGB)[:100]):
+        assert post(client, bad).status_code in (415, 422)
+        assert post(client, good).json()["top_k"] == expected

@@ -1,0 +1,165 @@
+"""Micro-batching: concurrent requests share a session.run and each gets its own answer."""
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from service.batcher import MicroBatcher
+from service.errors import Overloaded
+from tests.serving.conftest import make_client, png
+
+
+def run_identity(batches: list[int], delay: float = 0.0):
+    def run(x: np.ndarray) -> dict[str, np.ndarray]:
+        batches.append(len(x))
+        time.sleep(delay)
+        return {"echo": x * 2, "sum": x.reshape(len(x), -1).sum(1)}
+
+    return run
+
+
+def test_requests_are_gathered_and_answered_separately():
+    batches: list[int] = []
+
+    async def main():
+        b = MicroBatcher(run_identity(batches, 0.01), max_batch=8, max_wait_ms=20, queue_size=64)
+        b.start()
+        xs = [np.full((1, 3), i, np.float32) for i in range(20)]
+        outs = await asyncio.gather(*(b.submit(x) for x in xs))
+        await b.stop()
+        return xs, outs
+
+    xs, outs = asyncio.run(main())
+    for x, out in zip(xs, outs):
+        np.testing.assert_array_equal(out["echo"], x * 2)
+        assert out["sum"].shape == (1,)
+    assert sum(batches) == 20 and max(batches) > 1 and max(batches) <= 8
+
+
+def test_multi_row_requests_keep_their_rows():
+    async def main():
+        b = MicroBatcher(run_identity([]), max_batch=16, max_wait_ms=10, queue_size=8)
+        b.start()
+        a, c = np.arange(6, dtype=np.float32).reshape(3, 2), np.full((2, 2), 7, np.float32)
+        ra, rc = await asyncio.gather(b.submit(a), b.submit(c))
+        await b.stop()
+        return a, c, ra, rc
+
+    a, c, ra, rc = asyncio.run(main())
+    np.testing.assert_array_equal(ra["echo"], a * 2)
+    np.testing.assert_array_equal(rc["echo"], c * 2)
+
+
+def test_full_queue_is_refused_not_grown():
+    gate = threading.Event()
+
+    def slow(x):
+        gate.wait(5)
+        return {"y": x}
+
+    async def main():
+        b = MicroBatcher(slow, max_batch=1, max_wait_ms=0, queue_size=2)
+        b.start()
+        first = asyncio.ensure_future(b.submit(np.zeros((1, 1))))
+        await asyncio.sleep(0.05)  # the first request is now running, holding the model
+        queued = [asyncio.ensure_future(b.submit(np.zeros((1, 1)))) for _ in range(2)]
+        await asyncio.sleep(0.01)
+        with pytest.raises(Overloaded):
+            await b.submit(np.zeros((1, 1)))
+        gate.set()
+        await asyncio.gather(first, *queued)
+        await b.stop()
+
+    asyncio.run(main())
+
+
+def test_a_failing_batch_fails_only_its_requests():
+    calls = []
+
+    def flaky(x):
+        calls.append(len(x))
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return {"y": x}
+
+    async def main():
+        b = MicroBatcher(flaky, max_batch=1, max_wait_ms=0, queue_size=4)
+        b.start()
+        with pytest.raises(RuntimeError, match="boom"):
+            await b.submit(np.zeros((1, 1)))
+        out = await b.submit(np.ones((1, 1)))
+        await b.stop()
+        return out
+
+    assert asyncio.run(main())["y"][0, 0] == 1
+
+
+def test_overloaded_service_answers_503_with_retry_after(model_path):
+    import service.predictor as predictor
+
+    with make_client(model_path, QUEUE_SIZE=1, MAX_BATCH_SIZE=1) as c:
+        rt = c.app.state.runtime
+        original = rt.batcher._run
+        gate = threading.Event()
+        rt.batcher._run = lambda x: (gate.wait(5), original(x))[1]
+        image = png(predictor.Image.new("RGB", (16, 16)))
+        results = []
+
+        def call():
+            results.append(c.post("/v1/predict", content=image, headers={"content-type": "image/png"}))
+
+        threads = [threading.Thread(target=call) for _ in range(4)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 5
+        while not any(r.status_code == 503 for r in results) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        gate.set()
+        for t in threads:
+            t.join(10)
+        codes = sorted(r.status_code for r in results)
+        assert 503 in codes and 200 in codes
+        busy = next(r for r in results if r.status_code == 503)
+        assert busy.headers["retry-after"] == "1" and busy.json()["code"] == "overloaded"
+
+
+def test_concurrent_http_requests_are_batched(server):
+    import httpx
+    from PIL import Image
+
+    images = [png(Image.new("RGB", (40, 40), (i * 20, 255 - i * 20, 90))) for i in range(12)]
+
+    def batch_stats(text: str) -> tuple[float, float]:
+        values = {
+            line.split(" ")[0]: float(line.split(" ")[1])
+            for line in text.splitlines()
+            if line.startswith("warn_batch_size_")
+        }
+        return values["warn_batch_size_sum"], values["warn_batch_size_count"]
+
+    async def main():
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
+            single = [
+                (
+                    await http.post("/v1/predict?probabilities=true", content=im, headers={"content-type": "image/png"})
+                ).json()
+                for im in images
+            ]
+            before = batch_stats((await http.get("/metrics")).text)
+            together = await asyncio.gather(
+                *(
+                    http.post("/v1/predict?probabilities=true", content=im, headers={"content-type": "image/png"})
+                    for im in images
+                )
+            )
+            after = batch_stats((await http.get("/metrics")).text)
+            return single, [r.json() for r in together], before, after
+
+    single, together, before, after = asyncio.run(main())
+    for s, t in zip(single, together):
+        assert s["probabilities"] == pytest.approx(t["probabilities"], abs=1e-5)
+    assert after[0] - before[0] == 12, "every image ran exactly once"
+    assert after[1] - before[1] < 12, "concurrent requests should have shared batches"

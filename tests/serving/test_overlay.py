@@ -1,0 +1,57 @@
+"""Overlay maths: maps sum to 1, cropping and scaling keep attention on the right pixels."""
+
+import io
+
+import numpy as np
+from PIL import Image
+
+from service import overlay
+from service.imaging import letterbox_box, to_input
+from service.store import MemoryStore
+
+
+def test_layer_and_combined_maps():
+    masks = np.zeros((2, 4, 4), np.float32)
+    masks[0, 0, 0] = masks[1, 3, 3] = 1
+    m = overlay.layer_map(masks, np.array([1.0, 0.0]), None, (16, 16))
+    assert abs(m.sum() - 1) < 1e-5 and np.unravel_index(m.argmax(), m.shape) < (4, 4)
+    m1 = overlay.layer_map(masks, np.array([0.5, 0.5]), 1, (16, 16))
+    assert np.unravel_index(m1.argmax(), m1.shape) >= (12, 12)
+    comb = overlay.combined_map(
+        [masks, masks[::-1]], [np.array([1.0, 0]), np.array([1.0, 0])], np.array([0.5, 0.5, 5.0]), (16, 16)
+    )
+    assert abs(comb.sum() - 1) < 1e-5  # the backbone's gate is left out
+
+
+def test_letterbox_geometry_maps_back_to_the_image():
+    img = Image.new("RGB", (640, 400), (0, 0, 0))
+    img.paste((255, 255, 255), (500, 300, 540, 340))  # a bright square near the bottom right
+    x, geo = to_input(img, (48, 48), "letterbox")
+    assert geo.content == letterbox_box(640, 400, (48, 48), "letterbox") == (0, 9, 48, 39)
+    grid = x.mean(0)  # use the input itself as the "attention map"
+    back = overlay.to_image_grid(grid, geo.content, 640, 400)
+    y, xx = np.unravel_index(back.argmax(), back.shape)
+    assert 490 <= xx <= 550 and 290 <= y <= 350
+    _, stretched = to_input(img, (48, 48), "stretch")
+    assert stretched.content == (0, 0, 48, 48)
+
+
+def test_render_png_and_colormaps():
+    m = np.linspace(0, 1, 200 * 100, dtype=np.float32).reshape(100, 200)
+    photo = Image.new("RGB", (200, 100), (255, 0, 0))
+    a = Image.open(io.BytesIO(overlay.render(m, photo, "viridis", 0.5)))
+    b = Image.open(io.BytesIO(overlay.render(m, None, "jet", 0.5)))
+    assert a.size == b.size == (200, 100) and a.format == "PNG"
+    assert overlay.output_size(640, 400, 320) == (320, 200) and overlay.output_size(10, 10, 320) == (10, 10)
+    flat = overlay.colorize(np.zeros((3, 3), np.float32), "turbo")
+    assert (flat == flat[0, 0]).all()
+
+
+def test_memory_store_bounds_count_and_age():
+    now = [0.0]
+    store = MemoryStore(max_items=2, ttl_s=10, clock=lambda: now[0])
+    for k in "abc":
+        store.put(k, k)
+    assert store.get("a") is None and store.get("b") == "b" and len(store) == 2
+    now[0] = 11
+    assert store.get("c") is None

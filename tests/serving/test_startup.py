@@ -1,0 +1,48 @@
+"""A missing or unreadable model stops start-up with a clear message and a non-zero exit."""
+
+import pytest
+
+from tests.serving.conftest import Server
+
+
+@pytest.mark.parametrize("kind", ["missing", "unreadable"])
+def test_bad_model_stops_startup(tmp_path, kind):
+    path = tmp_path / "model.onnx"
+    if kind == "unreadable":
+        path.write_bytes(b"definitely not onnx")
+    s = Server({"WARN_MODEL_PATH": str(path)})
+    try:
+        code = s.proc.wait(60)
+        output = s.proc.stdout.read()
+    finally:
+        s.stop()
+    assert code != 0
+    expected = "model file not found" if kind == "missing" else "cannot load model"
+    assert expected in output and str(path) in output
+
+
+def test_an_onnx_file_without_warn_metadata_is_refused(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from service.errors import ModelLoadError
+    from service.model import OnnxModel
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    path = tmp_path / "plain.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    with pytest.raises(ModelLoadError, match="not a WARN export"):
+        OnnxModel(path)
+
+
+def test_the_service_never_imports_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, service.main; assert 'torch' not in sys.modules, 'service imported torch'"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,207 @@
+"""The Open Inference Protocol: the stock tritonclient against a real uvicorn process, plus raw requests."""
+
+import base64
+import gzip
+import json
+import struct
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tritonclient.http as triton
+from PIL import Image
+from tritonclient.utils import InferenceServerException
+
+from service.imaging import to_input
+from tests.serving.conftest import png
+
+
+@pytest.fixture(scope="module")
+def meta(server):
+    return httpx.get(f"{server.url}/v2/models/{model_name(server)}").json()
+
+
+def model_name(server) -> str:
+    return httpx.get(f"{server.url}/v1/model").json()["name"]
+
+
+@pytest.fixture(scope="module")
+def reference(model_path):
+    return ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+
+
+def pixels(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).random((n, 3, 48, 48), dtype=np.float32)
+
+
+def test_tritonclient_health_and_metadata(server):
+    c = triton.InferenceServerClient(server.url.removeprefix("http://"))
+    name = model_name(server)
+    assert c.is_server_live() and c.is_server_ready() and c.is_model_ready(name)
+    assert not c.is_model_ready("no-such-model")
+    assert "binary_tensor_data" in c.get_server_metadata()["extensions"]
+    md = c.get_model_metadata(name)
+    assert md["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 3, 48, 48]}]
+    assert md["outputs"][0]["name"] == "probabilities"
+    with pytest.raises(InferenceServerException, match="unknown model"):
+        c.get_model_metadata("no-such-model")
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_tritonclient_infer_matches_onnxruntime(server, reference, binary):
+    c = triton.InferenceServerClient(server.url.removeprefix("http://"))
+    x = pixels(3)
+    inp = triton.InferInput("image", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x, binary_data=binary)
+    outs = [
+        triton.InferRequestedOutput(n, binary_data=binary) for n in ("probabilities", "attention_0", "global_gates")
+    ]
+    result = c.infer(model_name(server), [inp], outputs=outs, request_id="r1")
+    want = dict(zip([o.name for o in reference.get_outputs()], reference.run(None, {"image": x})))
+    for name in ("probabilities", "attention_0", "global_gates"):
+        np.testing.assert_allclose(result.as_numpy(name), want[name], atol=1e-5)
+    assert result.get_response()["id"] == "r1"
+
+
+def test_tritonclient_all_outputs_and_compression(server, reference):
+    c = triton.InferenceServerClient(server.url.removeprefix("http://"))
+    x = pixels(2, seed=5)
+    inp = triton.InferInput("image", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    result = c.infer(model_name(server), [inp], request_compression_algorithm="gzip")
+    names = [o.name for o in reference.get_outputs()]
+    want = dict(zip(names, reference.run(None, {"image": x})))
+    for name in names:
+        np.testing.assert_allclose(result.as_numpy(name), want[name], atol=1e-5)
+
+
+def test_bytes_input_holds_encoded_images(server):
+    """As OpenVINO Model Server does: clients send encoded images and need not preprocess."""
+    c = triton.InferenceServerClient(server.url.removeprefix("http://"))
+    images = [png(Image.new("RGB", (64, 40), (200, 30, 30))), png(Image.new("RGB", (20, 20), (10, 10, 250)))]
+    inp = triton.InferInput("image", [2], "BYTES")
+    inp.set_data_from_numpy(np.array(images, dtype=np.object_))
+    result = c.infer(model_name(server), [inp], outputs=[triton.InferRequestedOutput("probabilities")])
+    got = result.as_numpy("probabilities")
+    rest = [
+        httpx.post(
+            f"{server.url}/v1/predict?probabilities=true", content=im, headers={"content-type": "image/png"}
+        ).json()["probabilities"]
+        for im in images
+    ]
+    for row, probs in zip(got, rest):
+        np.testing.assert_allclose(row, list(probs.values()), atol=1e-5)
+
+
+def test_json_request_with_base64_bytes_and_plain_json(server):
+    name = model_name(server)
+    image = png(Image.new("RGB", (30, 30), (0, 120, 0)))
+    body = {
+        "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(image).decode()]}]
+    }
+    r = httpx.post(f"{server.url}/v2/models/{name}/infer", json=body)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    out = {o["name"]: o for o in r.json()["outputs"]}
+    assert out["probabilities"]["shape"] == [1, 10] and len(out["probabilities"]["data"]) == 10
+
+    x, _ = to_input(Image.open(__import__("io").BytesIO(image)).convert("RGB"), (48, 48))
+    body = {
+        "inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 3, 48, 48], "data": x.ravel().tolist()}],
+        "outputs": [{"name": "probabilities"}],
+    }
+    r = httpx.post(f"{server.url}/v2/models/{name}/versions/1/infer", json=body)
+    assert r.status_code == 200
+    np.testing.assert_allclose(r.json()["outputs"][0]["data"], out["probabilities"]["data"], atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        (b"{not json", "not valid JSON"),
+        (json.dumps({"inputs": []}).encode(), "non-empty 'inputs'"),
+        (
+            json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}]}).encode(),
+            "one input named 'image'",
+        ),
+        (
+            json.dumps(
+                {"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 3, 8, 8], "data": [0.0] * 192}]}
+            ).encode(),
+            "must be FP32 of shape",
+        ),
+        (
+            json.dumps(
+                {"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 3, 48, 48], "data": [0.0] * 5}]}
+            ).encode(),
+            "do not fill shape",
+        ),
+        (
+            json.dumps(
+                {
+                    "inputs": [
+                        {
+                            "name": "image",
+                            "datatype": "FP32",
+                            "shape": [1, 3, 48, 48],
+                            "parameters": {"binary_data_size": 999999},
+                        }
+                    ]
+                }
+            ).encode(),
+            "past the end",
+        ),
+        (
+            json.dumps(
+                {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["!!notbase64!!"]}]}
+            ).encode(),
+            "base64",
+        ),
+        (
+            json.dumps(
+                {
+                    "inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 3, 48, 48], "data": [0.0] * 6912}],
+                    "outputs": [{"name": "nope"}],
+                }
+            ).encode(),
+            "unknown output",
+        ),
+    ],
+)
+def test_bad_infer_requests_get_clear_errors(server, body, fragment):
+    r = httpx.post(
+        f"{server.url}/v2/models/{model_name(server)}/infer", content=body, headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 400, r.text
+    assert fragment in r.json()["error"]
+
+
+def test_bad_encoded_image_in_bytes_input(server):
+    payload = b"garbage!"
+    blob = struct.pack("<I", len(payload)) + payload
+    header = json.dumps(
+        {
+            "inputs": [
+                {"name": "image", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": len(blob)}}
+            ]
+        }
+    ).encode()
+    r = httpx.post(
+        f"{server.url}/v2/models/{model_name(server)}/infer",
+        content=header + blob,
+        headers={"Inference-Header-Content-Length": str(len(header))},
+    )
+    assert r.status_code == 415 and "supported format" in r.json()["error"]
+
+
+def test_unknown_model_and_version(server):
+    assert httpx.post(f"{server.url}/v2/models/other/infer", json={}).status_code == 404
+    assert httpx.get(f"{server.url}/v2/models/{model_name(server)}/versions/9").status_code == 404
+
+
+def test_gzip_bomb_is_refused(server):
+    bomb = gzip.compress(b"\x00" * (40 * 1024 * 1024))
+    r = httpx.post(
+        f"{server.url}/v2/models/{model_name(server)}/infer", content=bomb, headers={"content-encoding": "gzip"}
+    )
+    assert r.status_code == 413
