@@ -5,7 +5,12 @@ PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test lint default-model export-default profile
+.PHONY: serve test lint system-deps default-model export-default profile docker-requirements
+
+# Programs the tests run for real: a Redis server (the shared prediction store) and docker-compose
+# (validates the compose file without an engine). Installed from Debian's packages when missing.
+SYSTEM_TOOLS := redis-server docker-compose
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +29,14 @@ serve: $(VENV)/.serve
 	@echo "WARN service on http://$(HOST):$(PORT)  (docs: http://$(HOST):$(PORT)/docs)"
 	$(VENV)/bin/uvicorn service.main:app --host $(HOST) --port $(PORT)
 
-test: $(VENV)/.full
+system-deps:
+	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+test: $(VENV)/.full system-deps
 	$(PY) -m pytest -q
 
 lint: $(VENV)/.full
@@ -38,3 +50,13 @@ default-model: $(VENV)/.full
 
 profile: $(VENV)/.full
 	$(VENV)/bin/warn-profile --depth 16 --width 4 --ad 3 --aw 4 --classes 10 --size 32
+
+# Freezes the service's runtime requirements for the Docker images (CPU and GPU differ in one line).
+docker-requirements: $(PY)
+	rm -rf build/reqvenv && $(PYTHON) -m venv build/reqvenv && build/reqvenv/bin/pip install -q .
+	{ echo "# The service's runtime requirements in the CPU image: 'pip install .' resolved and frozen."; \
+	  echo "# Regenerate with: make docker-requirements. tests/test_docker.py installs this set in a fresh venv."; \
+	  build/reqvenv/bin/pip freeze --exclude warn-serve; } > docker/requirements-cpu.txt
+	{ echo "# The GPU image: the CPU set with onnxruntime-gpu in place of onnxruntime (same release)."; \
+	  echo "# onnxruntime-gpu 1.31.1 is built for CUDA 13 and cuDNN 9 (its 'cuda' and 'cudnn' extras ask for cu13 wheels)."; \
+	  sed -n '3,$$p' docker/requirements-cpu.txt | sed 's/^onnxruntime==/onnxruntime-gpu==/'; } > docker/requirements-gpu.txt

@@ -32,6 +32,8 @@ class Settings(BaseSettings):
     ALPHA_BACKGROUND: tuple[int, int, int] = Field((255, 255, 255), description="colour under transparent pixels")
 
     TOP_K: int = Field(5, ge=1, description="classes returned when top_k is not given")
+    STORE: Literal["memory", "redis"] = Field("memory", description="where predictions are kept for their URLs")
+    REDIS_URL: str = Field("redis://localhost:6379/0", description="the shared store when STORE=redis")
     STORE_MAX_ITEMS: int = Field(1000, ge=1, description="predictions kept for GET /v1/predictions/{id}")
     STORE_TTL_S: float = Field(3600, gt=0, description="seconds a stored prediction lives")
     STORE_IMAGE_MAX_SIZE: int = Field(1024, ge=16, description="longest side of the image kept for overlays")

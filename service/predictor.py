@@ -14,11 +14,11 @@ from starlette.concurrency import run_in_threadpool
 from service import overlay
 from service.batcher import MicroBatcher
 from service.config import Settings
-from service.errors import InvalidRequest
+from service.errors import InvalidRequest, ModelLoadError
 from service.imaging import Geometry, decode, thumbnail, to_input
 from service.metrics import Metrics
 from service.model import ModelInfo, OnnxModel
-from service.store import MemoryStore, PredictionStore, StoredPrediction
+from service.store import MemoryStore, PredictionStore, RedisStore, StoredPrediction
 
 
 @dataclass
@@ -44,6 +44,12 @@ class OverlayParams:
     mode: str = "overlay"  # or "heatmap": the coloured map alone
 
 
+def make_store(settings: Settings) -> PredictionStore:
+    if settings.STORE == "redis":
+        return RedisStore(settings.REDIS_URL, settings.STORE_MAX_ITEMS, settings.STORE_TTL_S)
+    return MemoryStore(settings.STORE_MAX_ITEMS, settings.STORE_TTL_S)
+
+
 class Runtime:
     """What the routes need, built once in the app's lifespan."""
 
@@ -52,7 +58,7 @@ class Runtime:
         self.metrics = metrics
         self.model = OnnxModel(settings.MODEL_PATH, settings.PROVIDERS, settings.INTRA_OP_THREADS)
         self.info: ModelInfo = self.model.info
-        self.store = store or MemoryStore(settings.STORE_MAX_ITEMS, settings.STORE_TTL_S)
+        self.store = store or make_store(settings)
         self.batcher = MicroBatcher(
             self.model.run,
             settings.MAX_BATCH_SIZE,
@@ -63,10 +69,16 @@ class Runtime:
         metrics.queue_depth.set_function(lambda: self.batcher.depth)
 
     async def start(self) -> None:
+        if isinstance(self.store, RedisStore):
+            try:
+                await self.store.ping()
+            except Exception as e:
+                raise ModelLoadError(f"cannot reach the Redis store at {self.settings.REDIS_URL}: {e}") from e
         self.batcher.start()
 
     async def stop(self) -> None:
         await self.batcher.stop()
+        await self.store.close()
 
     def prepare(self, data: bytes) -> tuple[Image.Image, np.ndarray, Geometry]:
         s = self.settings
@@ -120,21 +132,22 @@ class Runtime:
             result["probabilities"] = {names[i]: float(p) for i, p in enumerate(probs)}
         return result
 
-    def remember(self, c: Classified, result: dict[str, Any]) -> str:
-        key = uuid.uuid4().hex
+    def snapshot(self, c: Classified, result: dict[str, Any], max_side: int | None = None) -> StoredPrediction:
+        """What an overlay needs of a prediction; the image shrunk to `max_side` if given."""
         attended = range(self.info.attended_layers)
-        photo = thumbnail(c.image, self.settings.STORE_IMAGE_MAX_SIZE)
-        self.store.put(
-            key,
-            StoredPrediction(
-                result=result,
-                masks=[c.layer(i)[0] for i in attended],
-                gates=[c.layer(i)[1] for i in attended],
-                global_gates=c.outputs["global_gates"],
-                content=c.geometry.content,
-                image=np.asarray(photo),
-            ),
+        photo = thumbnail(c.image, max_side) if max_side else c.image
+        return StoredPrediction(
+            result=result,
+            masks=[c.layer(i)[0] for i in attended],
+            gates=[c.layer(i)[1] for i in attended],
+            global_gates=c.outputs["global_gates"],
+            content=c.geometry.content,
+            image=np.asarray(photo),
         )
+
+    async def remember(self, c: Classified, result: dict[str, Any]) -> str:
+        key = uuid.uuid4().hex
+        await self.store.put(key, self.snapshot(c, result, self.settings.STORE_IMAGE_MAX_SIZE))
         return key
 
     def render(self, stored: StoredPrediction, p: OverlayParams) -> bytes:

@@ -6,12 +6,10 @@ import dataclasses
 import time
 from typing import Annotated, Any
 
-import numpy as np
 from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from service.deps import IMAGE_BODY, ImageBytes, OverlayDep, RuntimeDep
-from service.store import StoredPrediction
 
 router = APIRouter(prefix="/v1", tags=["predict"])
 
@@ -58,7 +56,7 @@ async def predict(
     started = time.perf_counter()
     c = await rt.classify(data)
     result = rt.describe(c, top_k or rt.settings.TOP_K, probabilities)
-    key = rt.remember(c, result)
+    key = await rt.remember(c, result)
     base = f"{url_base(request)}/v1/predictions/{key}/attention"
     layers = ["combined", *map(str, range(rt.info.attended_layers))]
     c.timings_ms["total_ms"] = (time.perf_counter() - started) * 1e3
@@ -83,14 +81,6 @@ async def attention(
     layer: Annotated[str, Query(description="attended layer index, or 'combined'")] = "combined",
 ) -> Response:
     c = await rt.classify(data)
-    attended = range(rt.info.attended_layers)
-    transient = StoredPrediction(
-        result={},
-        masks=[c.layer(i)[0] for i in attended],
-        gates=[c.layer(i)[1] for i in attended],
-        global_gates=c.outputs["global_gates"],
-        content=c.geometry.content,
-        image=np.asarray(c.image),
-    )
+    transient = rt.snapshot(c, {})
     png = await run_in_threadpool(rt.render, transient, dataclasses.replace(params, layer=layer))
     return Response(png, media_type="image/png")

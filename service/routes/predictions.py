@@ -15,8 +15,8 @@ from service.store import StoredPrediction
 router = APIRouter(prefix="/v1/predictions", tags=["predictions"])
 
 
-def lookup(rt: RuntimeDep, prediction_id: str) -> StoredPrediction:
-    stored = rt.store.get(prediction_id)
+async def lookup(rt: RuntimeDep, prediction_id: str) -> StoredPrediction:
+    stored = await rt.store.get(prediction_id)
     if stored is None:
         raise NotFound(
             f"no prediction {prediction_id!r}: unknown, or expired (predictions are kept {rt.settings.STORE_TTL_S:g} s)"
@@ -26,7 +26,7 @@ def lookup(rt: RuntimeDep, prediction_id: str) -> StoredPrediction:
 
 @router.get("/{prediction_id}", summary="A stored prediction")
 async def get_prediction(rt: RuntimeDep, prediction_id: str) -> dict[str, Any]:
-    return {"id": prediction_id, **lookup(rt, prediction_id).result}
+    return {"id": prediction_id, **(await lookup(rt, prediction_id)).result}
 
 
 @router.get(
@@ -37,6 +37,6 @@ async def get_prediction(rt: RuntimeDep, prediction_id: str) -> dict[str, Any]:
 )
 async def get_overlay(rt: RuntimeDep, prediction_id: str, layer: str, params: OverlayDep) -> Response:
     """`layer` is an attended layer index (0 = shallowest) or `combined` (layers mixed by the global gates)."""
-    stored = lookup(rt, prediction_id)
+    stored = await lookup(rt, prediction_id)
     png = await run_in_threadpool(rt.render, stored, dataclasses.replace(params, layer=layer))
     return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})

@@ -52,11 +52,11 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], python: str = sys.executable) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "service.main:app", "--host", "127.0.0.1", "--port", str(self.port)],
+            [python, "-m", "uvicorn", "service.main:app", "--host", "127.0.0.1", "--port", str(self.port)],
             cwd=ROOT,
             env={**os.environ, **env},
             stdout=subprocess.PIPE,

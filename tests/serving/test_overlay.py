@@ -48,10 +48,15 @@ def test_render_png_and_colormaps():
 
 
 def test_memory_store_bounds_count_and_age():
-    now = [0.0]
-    store = MemoryStore(max_items=2, ttl_s=10, clock=lambda: now[0])
-    for k in "abc":
-        store.put(k, k)
-    assert store.get("a") is None and store.get("b") == "b" and len(store) == 2
-    now[0] = 11
-    assert store.get("c") is None
+    import asyncio
+
+    async def main():
+        now = [0.0]
+        store = MemoryStore(max_items=2, ttl_s=10, clock=lambda: now[0])
+        for k in "abc":
+            await store.put(k, k)
+        assert await store.get("a") is None and await store.get("b") == "b" and len(store) == 2
+        now[0] = 11
+        assert await store.get("c") is None
+
+    asyncio.run(main())

@@ -1,0 +1,124 @@
+"""What can be checked of the Docker image and compose files without a Docker engine."""
+
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tests.serving.conftest import Server
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def requirements(variant: str) -> dict[str, str]:
+    lines = (ROOT / f"docker/requirements-{variant}.txt").read_text().splitlines()
+    pins = [line.split("==") for line in lines if line and not line.startswith("#")]
+    return {name.lower().replace("_", "-"): version for name, version in pins}
+
+
+def test_hadolint_passes():
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).with_name("hadolint"))
+    result = subprocess.run([hadolint, "Dockerfile"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_shape():
+    text = (ROOT / "Dockerfile").read_text()
+    assert "nvidia/cuda:13" in text and "cudnn" in text
+    assert text.count("FROM ") == 2 and "AS build" in text and "COPY --from=build /opt/venv" in text
+    assert "USER 10001" in text and "EXPOSE 8000" in text and "/v2/health/ready" in text
+    assert 'ENTRYPOINT ["uvicorn", "service.main:app"]' in text and "torch" not in text
+    for source in ("service/", "default_model/model.onnx"):
+        assert (ROOT / source).exists()
+
+
+def test_image_requirements_match_the_project():
+    cpu, gpu = requirements("cpu"), requirements("gpu")
+    assert gpu.pop("onnxruntime-gpu") == cpu.pop("onnxruntime")
+    assert gpu == cpu
+    assert "torch" not in cpu
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    for dep in project:
+        name, version = dep.split("==")
+        name = name.split("[")[0].lower()
+        assert requirements("cpu")[name] == version, f"{name} differs between pyproject.toml and the image"
+
+
+@pytest.fixture(scope="module")
+def image_venv(tmp_path_factory):
+    """The image's exact requirement set in a fresh venv (the CPU wheel in place of the GPU one)."""
+    venv = tmp_path_factory.mktemp("image") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run(
+        [
+            str(venv / "bin/pip"),
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            "-r",
+            str(ROOT / "docker/requirements-cpu.txt"),
+        ],
+        check=True,
+    )
+    return venv
+
+
+def test_the_service_runs_on_exactly_the_image_requirements(image_venv):
+    python = str(image_venv / "bin/python")
+    env = {"PYTHONPATH": str(ROOT), "PATH": f"{image_venv / 'bin'}:{os.environ['PATH']}"}
+    subprocess.run(
+        [python, "-c", "import service.main, sys; assert 'torch' not in sys.modules"],
+        check=True,
+        cwd=ROOT,
+        env={**os.environ, **env},
+    )
+    server = Server(env, python=python)
+    try:
+        server.wait_ready()
+        from PIL import Image
+
+        from tests.serving.conftest import png
+
+        r = httpx.post(
+            f"{server.url}/v1/predict", content=png(Image.new("RGB", (32, 32))), headers={"content-type": "image/png"}
+        )
+        assert r.status_code == 200 and r.json()["top_k"]
+        overlay = httpx.get(r.json()["attention_urls"]["combined"])
+        assert overlay.status_code == 200 and overlay.headers["content-type"] == "image/png"
+    finally:
+        server.stop()
+
+
+def compose(*args: str) -> str:
+    tool = shutil.which("docker-compose")
+    assert tool, "docker-compose is missing: `make test` installs it (Debian package docker-compose)"
+    result = subprocess.run([tool, "-f", "docker-compose.yml", *args], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+@pytest.mark.parametrize("profile", ["gpu", "cpu"])
+def test_compose_file_is_valid(profile):
+    config = yaml.safe_load(compose("--profile", profile, "config"))
+    services = config["services"]
+    warn = services[f"warn-{profile}"]
+    assert {"redis", "nginx"} <= set(services)
+    assert warn["environment"]["WARN_STORE"] == "redis"
+    assert warn["deploy"]["replicas"] >= 2 and warn["restart"] == "unless-stopped"
+    assert "/v2/health/ready" in " ".join(warn["healthcheck"]["test"])
+    assert any(str(v).endswith(":/models:ro") for v in warn["volumes"])
+    )
+    devices = warn["deploy"].get("resources", {}).get("reservations", {}).get("devices", [])
+    if profile == "gpu":
+        assert devices and devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+    else:
+        assert not devices and warn["build"]["args"]["VARIANT"] == "cpu"
+    assert "warn" in warn["networks"]["default"]["aliases"]
+    nginx = (ROOT / "docker/nginx.conf").read_text()
+    assert "http://warn:8000" in nginx and "resolver 127.0.0.11" in nginx
