@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test lint system-deps default-model export-default profile docker-requirements
+.PHONY: serve test lint system-deps default-model export-default eval-default figure profile docker-requirements bench
 
 # Programs the tests run for real: a Redis server (the shared prediction store) and docker-compose
 # (validates the compose file without an engine). Installed from Debian's packages when missing.
@@ -42,11 +42,25 @@ test: $(VENV)/.full system-deps
 lint: $(VENV)/.full
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
-# Reproduces the committed default model (about 30 minutes on 2 CPU cores).
+# Reproduces the committed default model (about 30 minutes on 2 CPU cores), then exports it.
 default-model: $(VENV)/.full
 	$(VENV)/bin/warn-train --dataset cluttered-digits --depth 10 --width 2 --ad 3 --aw 4 \
 		--epochs 8 --seed 0 --out runs/default
 	cp runs/default/model.pt default_model/model.pt
+	$(VENV)/bin/warn-eval default_model/model.pt --update-checkpoint
+	$(MAKE) export-default
+
+# Re-exports default_model/model.onnx from its checkpoint (verified against PyTorch on the way).
+export-default: $(VENV)/.full
+	$(VENV)/bin/warn-export default_model/model.pt default_model/model.onnx --name warn-cluttered-digits --version 1
+
+# Accuracy and Pointing Game of the default model on the held-out test split.
+eval-default: $(VENV)/.full
+	$(VENV)/bin/warn-eval default_model/model.pt
+
+# The README's example overlay picture, made by the service from the default model.
+figure: $(VENV)/.full
+	$(PY) -m docs.figure
 
 profile: $(VENV)/.full
 	$(VENV)/bin/warn-profile --depth 16 --width 4 --ad 3 --aw 4 --classes 10 --size 32
@@ -60,3 +74,8 @@ docker-requirements: $(PY)
 	{ echo "# The GPU image: the CPU set with onnxruntime-gpu in place of onnxruntime (same release)."; \
 	  echo "# onnxruntime-gpu 1.31.1 is built for CUDA 13 and cuDNN 9 (its 'cuda' and 'cudnn' extras ask for cu13 wheels)."; \
 	  sed -n '3,$$p' docker/requirements-cpu.txt | sed 's/^onnxruntime==/onnxruntime-gpu==/'; } > docker/requirements-gpu.txt
+
+# Benchmarks (not tests): writes bench/results.md and bench/results.json. Needs wrk.
+bench: $(VENV)/.full
+	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq wrk >/dev/null; }
+	$(PY) -m bench.run $(BENCH_ARGS)

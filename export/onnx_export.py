@@ -32,8 +32,12 @@ from models.warn import WARN
 
 OPSET = 18
 INPUT_NAME = "image"
-# Largest absolute differences accepted between onnxruntime (CPU) and PyTorch eval.
-TOLERANCES = {"probabilities": 1e-4, "gates": 1e-4, "attention": 1e-5}
+# Largest absolute differences accepted between onnxruntime (CPU) and PyTorch eval (float32).
+# Attention masks get 5e-5, not 1e-5: on the default model PyTorch's own float32 result is 2.0e-5
+# from a float64 evaluation on the sharpest mask (0.99 of its mass in one cell), while
+# onnxruntime's is 2.2e-6 from it. Log-probabilities of very unlikely classes (about -40) carry
+# about 1.4e-4 of float32 error in PyTorch itself, hence 1e-3 there.
+TOLERANCES = {"probabilities": 1e-4, "log_probabilities": 1e-3, "gates": 1e-4, "attention": 5e-5}
 
 
 class ExportError(RuntimeError):
@@ -156,6 +160,8 @@ def compare(session: Any, model: WARN, images: torch.Tensor) -> dict[str, float]
         group = name.split("_")[0] if name.startswith(("attention_", "gates_")) else "probabilities"
         if name == "global_gates":
             group = "gates"
+        elif name == "log_probabilities":
+            group = name
         if got[name].shape != expected.shape:
             raise ExportError(f"output {name}: ONNX shape {got[name].shape} != PyTorch {expected.shape}")
         diffs[group] = max(diffs.get(group, 0.0), float(np.abs(got[name] - expected).max()))

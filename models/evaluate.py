@@ -77,7 +77,7 @@ def evaluate(model: WARN, dataset: Dataset, batch_size: int = 128, window: int =
 
 
 def main(argv: list[str] | None = None) -> None:
-    from models.checkpoint import load
+    from models.checkpoint import load, read, save
     from models.data import build_dataset
 
     p = argparse.ArgumentParser(description="Evaluate a WARN checkpoint: accuracy and Pointing Game.")
@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data-root", default="data")
     p.add_argument("--seed", type=int, help="dataset seed (default: the checkpoint's)")
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--update-checkpoint", action="store_true", help="record these figures in the checkpoint")
     args = p.parse_args(argv)
     model, meta = load(args.checkpoint)
     train = meta.get("train", {})
@@ -96,7 +97,13 @@ def main(argv: list[str] | None = None) -> None:
         seed=args.seed if args.seed is not None else train.get("seed", 0),
         input_size=model.config.input_size,
     )
-    print(json.dumps(evaluate(model, ds, args.batch_size), indent=2))
+    metrics = evaluate(model, ds, args.batch_size)
+    print(json.dumps(metrics, indent=2))
+    if args.update_checkpoint:
+        payload = read(args.checkpoint)
+        extra = {k: v for k, v in payload.items() if k not in ("format", "config", "state_dict")}
+        save(args.checkpoint, model, **{**extra, "metrics": {**payload.get("metrics", {}), **metrics}})
+        print(f"recorded in {args.checkpoint}")
 
 
 if __name__ == "__main__":

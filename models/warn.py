@@ -121,20 +121,25 @@ class WARN(nn.Module):
 
 
 def combined_attention(out: WARNOutput, size: tuple[int, int]) -> torch.Tensor:
-    """Gate-weighted attention map at `size`: (N, H, W).
+    """Gate-weighted attention map at `size`: (N, H, W), summing to 1.
 
-    Each layer's heads are mixed by its layer gates, upsampled (bilinear) to `size`,
-    normalized to sum 1, and the layers are mixed by their global gates (the backbone's
-    weight is left out and the rest renormalized).
+    Each layer's heads are mixed by its layer gates. Layers have different resolutions, and a
+    mask's value is attention mass per cell, so finer masks are first summed into the coarsest
+    attended grid: the layers are then compared as mass per region of the same size. They are
+    mixed there by their global gates (the backbone's weight left out, the rest renormalized)
+    and the result is upsampled (bilinear) to `size`.
     """
-    maps = []
+    grid = out.attention[-1].shape[-2:]  # the deepest attended layer is the coarsest
+    mass = []
     for mask, gates in zip(out.attention, out.gates):
-        m = (mask * gates[:, :, None, None]).sum(1, keepdim=True)  # (N, 1, h, w)
-        m = F.interpolate(m, size=size, mode="bilinear", align_corners=False)[:, 0]
-        maps.append(m / m.sum(dim=(1, 2), keepdim=True))
+        m = (mask * gates[:, :, None, None]).sum(1, keepdim=True)  # (N, 1, h, w), sums to 1
+        m = F.adaptive_avg_pool2d(m, grid) * (m.shape[-2] * m.shape[-1] / (grid[0] * grid[1]))
+        mass.append(m[:, 0])  # (N, h_L, w_L), still sums to 1
     w = out.global_gates[:, :-1]
     w = w / w.sum(1, keepdim=True)
-    return torch.einsum("nl,nlhw->nhw", w, torch.stack(maps, 1))
+    mixed = torch.einsum("nl,nlhw->nhw", w, torch.stack(mass, 1))[:, None]
+    up = F.interpolate(mixed, size=size, mode="bilinear", align_corners=False)[:, 0]
+    return up / up.sum(dim=(1, 2), keepdim=True)
 
 
 def warn(**kwargs: Any) -> WARN:

@@ -40,10 +40,25 @@ def layer_map(masks: np.ndarray, gates: np.ndarray, head: int | None, size: tupl
 def combined_map(
     masks: list[np.ndarray], gates: list[np.ndarray], global_gates: np.ndarray, size: tuple[int, int]
 ) -> np.ndarray:
-    """Layers mixed by their global gates (the backbone's weight left out, the rest renormalized)."""
+    """Layers mixed by their global gates (the backbone's weight left out, the rest renormalized).
+
+    As in `models.warn.combined_attention`: each layer's gate-mixed mask is summed into the
+    coarsest attended grid first, so layers are compared as attention mass per equal region,
+    then the mix is upsampled to the input grid.
+    """
+    gh, gw = masks[-1].shape[-2:]
     w = global_gates[: len(masks)]
     w = w / max(float(w.sum()), 1e-12)
-    return sum(wi * layer_map(m, g, None, size) for wi, m, g in zip(w, masks, gates))
+    mixed = np.zeros((gh, gw), np.float32)
+    for wi, m, g in zip(w, masks, gates):
+        layer = np.tensordot(g, m, axes=1)  # (h, w)
+        h, wd = layer.shape
+        if (h, wd) != (gh, gw):  # area-average down, then back to mass per cell
+            layer = np.asarray(Image.fromarray(layer.astype(np.float32), "F").resize((gw, gh), Image.BOX))
+            layer = layer * (h * wd / (gh * gw))
+        mixed += wi * layer
+    up = _resize(mixed, size[1], size[0])
+    return up / max(float(up.sum()), 1e-12)
 
 
 def to_image_grid(grid_map: np.ndarray, content: tuple[int, int, int, int], width: int, height: int) -> np.ndarray:

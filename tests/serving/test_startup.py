@@ -35,7 +35,7 @@ def test_an_onnx_file_without_warn_metadata_is_refused(tmp_path):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
     )
     path = tmp_path / "plain.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), str(path))
     with pytest.raises(ModelLoadError, match="not a WARN export"):
         OnnxModel(path)
 

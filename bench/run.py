@@ -1,0 +1,517 @@
+"""Benchmarks: every figure next to the one it is compared with, measured in the same run.
+
+    make bench            # writes bench/results.md and bench/results.json, prints the table
+
+Rows, on the default model and on WARN-16-4 (AD=3, AW=4, 32x32, random weights):
+  1. onnxruntime CPU vs PyTorch eager (same weights and threads), batch 1 and 32
+  2. attention overhead: WARN vs the same backbone with AD=0, in onnxruntime
+  3. machine limit: FLOPs per image x images/s as a share of a measured float32 matmul peak
+Service rows (default model, a real uvicorn on loopback, load from wrk):
+  4. /v1/predict at 1, 8 and 32 connections, micro-batching on and off, vs raw session.run
+  5. overlay rendering vs one inference, and /v1/attention throughput
+  6. the Open Inference Protocol endpoint with a binary-tensor body (as tritonclient sends)
+  7. the naive baseline: FastAPI + PyTorch eager per request, no batching
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from export.onnx_export import _export, output_names
+from models.checkpoint import load
+from models.profile import count
+from models.warn import WARN, WARNConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CKPT = ROOT / "default_model/model.pt"
+DEFAULT_ONNX = ROOT / "default_model/model.onnx"
+
+
+def rate(fn: Callable[[], object], items: int, seconds: float) -> float:
+    """Items per second of `fn` (which handles `items` per call), after a warm-up, over at least `seconds`."""
+    for _ in range(3):
+        fn()
+    calls, started = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - started) < seconds:
+        fn()
+        calls += 1
+    return calls * items / elapsed
+
+
+def ort_session(path: Path, threads: int, providers: list[str] | None = None) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
+
+
+def matmul_peak(seconds: float) -> float:
+    a = np.random.rand(2048, 2048).astype(np.float32)
+    b = np.random.rand(2048, 2048).astype(np.float32)
+    return rate(lambda: a @ b, 2 * 2048**3, seconds)  # FLOP/s
+
+
+def model_rows(name: str, model: WARN, path: Path, threads: int, seconds: float, peak: float) -> list[dict]:
+    model.eval()
+    h, w = model.config.input_size
+    session = ort_session(path, threads)
+    rows = []
+    for bs in (1, 32):
+        x = np.random.rand(bs, 3, h, w).astype(np.float32)
+        xt = torch.from_numpy(x)
+        with torch.inference_mode():
+            torch_rate = rate(lambda xt=xt: model(xt), bs, seconds)
+        ort_rate = rate(lambda x=x: session.run(None, {"image": x}), bs, seconds)
+        rows.append(
+            {
+                "row": 1,
+                "model": name,
+                "batch": bs,
+                "torch_img_s": torch_rate,
+                "ort_img_s": ort_rate,
+                "ratio": ort_rate / torch_rate,
+            }
+        )
+
+    plain = WARN(WARNConfig(**{**model.config.to_dict(), "attention_depth": 0})).eval()
+    plain.backbone.load_state_dict(model.backbone.state_dict())
+    with tempfile.TemporaryDirectory() as tmp:
+        _export(plain, Path(tmp) / "plain.onnx")
+        plain_session = ort_session(Path(tmp) / "plain.onnx", threads)
+        x = np.random.rand(32, 3, h, w).astype(np.float32)
+        warn_rate = rate(lambda: session.run(None, {"image": x}), 32, seconds)
+        plain_rate = rate(lambda: plain_session.run(None, {"image": x}), 32, seconds)
+    cw, cp = count(model, (h, w)), count(plain, (h, w))
+    rows.append(
+        {
+            "row": 2,
+            "model": name,
+            "batch": 32,
+            "warn_img_s": warn_rate,
+            "backbone_img_s": plain_rate,
+            "ratio": warn_rate / plain_rate,
+            "warn_params": cw["params"],
+            "backbone_params": cp["params"],
+            "warn_flops": cw["flops"],
+            "backbone_flops": cp["flops"],
+        }
+    )
+    rows.append(
+        {
+            "row": 3,
+            "model": name,
+            "batch": 32,
+            "flops_per_image": cw["flops"],
+            "img_s": warn_rate,
+            "achieved_flop_s": cw["flops"] * warn_rate,
+            "peak_flop_s": peak,
+            "ratio": cw["flops"] * warn_rate / peak,
+        }
+    )
+    return rows
+
+
+class Uvicorn:
+    """A server process on a free loopback port; `cpu_seconds` is its user+system time so far."""
+
+    @staticmethod
+    def free_port() -> int:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    def __init__(self, app: str, env: dict[str, str]) -> None:
+        self.port = self.free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                app,
+                "--port",
+                str(self.port),
+                "--log-level",
+                "warning",
+                "--no-access-log",
+            ],
+            cwd=ROOT,
+            env={**os.environ, **env},
+        )
+        import httpx
+
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(self.url + "/docs", timeout=1)
+                return
+            except httpx.TransportError:
+                time.sleep(0.2)
+        raise TimeoutError(app)
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(20)
+
+
+def parse_ms(text: str) -> float:
+    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text).groups()
+    return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[unit]
+
+
+def wrk(
+    url: str,
+    connections: int,
+    seconds: float,
+    body: Path,
+    ctype: str,
+    header_length: int | None = None,
+    server: Uvicorn | None = None,
+) -> dict:
+    """Load from wrk (one thread): requests/s, p50/p99 latency, and the CPU wrk and the server used."""
+    env = {**os.environ, "BODY_FILE": str(body), "CONTENT_TYPE": ctype, "HEADER_LENGTH": str(header_length or "")}
+    server_cpu = server.cpu_seconds() if server else 0.0
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(ROOT / "bench/post.lua"), url],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - started
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    pct = dict(re.findall(r"^\s+(\d+)%\s+(\S+)$", out, re.M))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {
+        "connections": connections,
+        "req_s": rps,
+        "p50_ms": parse_ms(pct["50"]),
+        "p99_ms": parse_ms(pct["99"]),
+        "non_2xx": int(errors.group(1)) if errors else 0,
+        "wrk_cpu": (usage.ru_utime + usage.ru_stime) / wall,
+        "server_cpu": (server.cpu_seconds() - server_cpu) / wall if server else None,
+    }
+
+
+KSERVE_VENV = ROOT / "build/kserve-venv"
+KSERVE_REQUIREMENTS = ["kserve==0.21.0", "onnxruntime==1.31.1"]
+
+
+def kserve_python() -> str:
+    """KServe in a venv of its own (it pins its own FastAPI and uvicorn)."""
+    python = KSERVE_VENV / "bin/python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(KSERVE_VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *KSERVE_REQUIREMENTS], check=True)
+    return str(python)
+
+
+def kserve_row(name: str, threads: int, seconds: float, body: Path, header_length: int, ours: dict) -> dict:
+    import httpx
+
+    port = Uvicorn.free_port()
+    proc = subprocess.Popen(
+        [kserve_python(), str(ROOT / "bench/kserve_server.py"), str(DEFAULT_ONNX), name, str(port), str(threads)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/v2/models/{name}/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("KServe did not start")
+            time.sleep(0.3)
+        peer = wrk(f"{url}/v2/models/{name}/infer", 8, seconds, body, "application/octet-stream", header_length)
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    return {
+        "row": 6,
+        "endpoint": "v2 infer vs KServe ModelServer",
+        "connections": 8,
+        "req_s": peer["req_s"],
+        "p50_ms": peer["p50_ms"],
+        "p99_ms": peer["p99_ms"],
+        "wrk_cpu": peer["wrk_cpu"],
+        "ours_req_s": ours["req_s"],
+        "ours_p99_ms": ours["p99_ms"],
+        "ratio": ours["req_s"] / peer["req_s"],
+        "p99_ratio": ours["p99_ms"] / peer["p99_ms"],
+    }
+
+
+def service_rows(threads: int, seconds: float, quick: bool) -> list[dict]:
+    from PIL import Image
+
+    from service import overlay
+    from service.imaging import to_input
+
+    work = Path(tempfile.mkdtemp(prefix="warn-bench-"))
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 255, (400, 640, 3), dtype=np.uint8))
+    img.save(work / "image.png")
+    info_session = ort_session(DEFAULT_ONNX, threads)
+    meta = info_session.get_modelmeta().custom_metadata_map
+    name = meta["model_name"]
+    size = tuple(json.loads(meta["input_size"]))
+    max_batch = 32
+    x32 = np.random.rand(max_batch, 3, *size).astype(np.float32)
+    raw = {bs: rate(lambda b=bs: info_session.run(None, {"image": x32[:b]}), bs, seconds) for bs in (1, max_batch)}
+
+    x, _ = to_input(img, size)
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "image",
+                    "datatype": "FP32",
+                    "shape": [1, 3, *size],
+                    "parameters": {"binary_data_size": x.nbytes},
+                }
+            ],
+            "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
+    (work / "v2.bin").write_bytes(header + x.tobytes())
+
+    rows: list[dict] = []
+    levels = (1, 8) if quick else (1, 8, 32)
+    common = {"WARN_MODEL_PATH": str(DEFAULT_ONNX), "WARN_INTRA_OP_THREADS": str(threads)}
+    for batching in (True, False):
+        env = {**common, "WARN_MAX_BATCH_SIZE": str(max_batch if batching else 1), "WARN_MAX_WAIT_MS": "2"}
+        server = Uvicorn("service.main:app", env)
+        try:
+            for c in levels:
+                r = wrk(server.url + "/v1/predict", c, seconds, work / "image.png", "image/png", server=server)
+                reference = raw[max_batch] if batching else raw[1]
+                rows.append(
+                    {"row": 4, "batching": batching, **r, "raw_img_s": reference, "ratio": r["req_s"] / reference}
+                )
+            if batching:
+                v2 = wrk(
+                    f"{server.url}/v2/models/{name}/infer",
+                    8,
+                    seconds,
+                    work / "v2.bin",
+                    "application/octet-stream",
+                    len(header),
+                    server,
+                )
+                our_v2 = v2
+                att = wrk(
+                    server.url + "/v1/attention?max_size=512",
+                    8,
+                    seconds,
+                    work / "image.png",
+                    "image/png",
+                    server=server,
+                )
+                pred8 = next(r for r in rows if r["row"] == 4 and r["connections"] == 8 and r["batching"])
+                rows.append(
+                    {
+                        "row": 5,
+                        "endpoint": "/v1/attention",
+                        **att,
+                        "predict_req_s": pred8["req_s"],
+                        "ratio": att["req_s"] / pred8["req_s"],
+                    }
+                )
+        finally:
+            server.stop()
+
+    outputs = dict(zip(output_names(3), info_session.run(None, {"image": x[None]})))
+    masks = [outputs[f"attention_{i}"][0] for i in range(3)]
+    gates = [outputs[f"gates_{i}"][0] for i in range(3)]
+    photo = img.resize((512, 512))
+
+    def render() -> bytes:
+        grid = overlay.combined_map(masks, gates, outputs["global_gates"][0], size)
+        return overlay.render(overlay.to_image_grid(grid, (0, 0, size[1], size[0]), 512, 512), photo, "viridis", 0.5)
+
+    render_s = 1 / rate(render, 1, seconds)
+    infer_s = 1 / raw[1]
+    rows.append(
+        {
+            "row": 5,
+            "endpoint": "render 512x512 overlay PNG",
+            "render_ms": render_s * 1e3,
+            "inference_ms": infer_s * 1e3,
+            "ratio": render_s / infer_s,
+        }
+    )
+
+    rows.append(kserve_row(name, threads, seconds, work / "v2.bin", len(header), our_v2))
+
+    naive = Uvicorn("bench.naive_app:app", {"WARN_CHECKPOINT": str(DEFAULT_CKPT), "TORCH_THREADS": str(threads)})
+    try:
+        for c in levels:
+            r = wrk(naive.url + "/predict", c, seconds, work / "image.png", "image/png", server=naive)
+            ours = next(o for o in rows if o["row"] == 4 and o["batching"] and o["connections"] == c)
+            rows.append(
+                {
+                    "row": 7,
+                    **r,
+                    "ours_req_s": ours["req_s"],
+                    "ours_p99_ms": ours["p99_ms"],
+                    "ratio": ours["req_s"] / r["req_s"],
+                    "p99_ratio": ours["p99_ms"] / r["p99_ms"],
+                }
+            )
+    finally:
+        naive.stop()
+    shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
+def machine() -> dict:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    gpu = None
+    if shutil.which("nvidia-smi"):
+        gpu = (
+            subprocess.run(
+                ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True
+            ).stdout.strip()
+            or None
+        )
+    return {
+        "date": dt.date.today().isoformat(),
+        "cores": os.cpu_count(),
+        "cpu": cpu,
+        "gpu": gpu,
+        "onnxruntime": ort.__version__,
+        "torch": torch.__version__,
+        "providers": ort.get_available_providers(),
+    }
+
+
+def f(v: float, digits: int = 1) -> str:
+    return f"{v:,.{digits}f}"
+
+
+def markdown(m: dict, rows: list[dict], command: str) -> str:
+    lines = [
+        f"Measured {m['date']} on {m['cores']} cores ({m['cpu']}), GPU: {m['gpu'] or 'none'}; "
+        f"onnxruntime {m['onnxruntime']}, torch {m['torch']}. Command: `{command}`.",
+        "",
+        "| # | what | compared | figures | ratio |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        n = r["row"]
+        if n == 1:
+            lines.append(
+                f"| 1 | {r['model']}, batch {r['batch']} | onnxruntime vs PyTorch eager | "
+                f"{f(r['ort_img_s'])} vs {f(r['torch_img_s'])} img/s | {r['ratio']:.2f}x |"
+            )
+        elif n == 2:
+            lines.append(
+                f"| 2 | {r['model']}, batch 32 | WARN vs backbone (AD=0), onnxruntime | "
+                f"{f(r['warn_img_s'])} vs {f(r['backbone_img_s'])} img/s; params {r['warn_params']:,} vs "
+                f"{r['backbone_params']:,}; MFLOPs {r['warn_flops'] / 1e6:,.1f} vs "
+                f"{r['backbone_flops'] / 1e6:,.1f} | {r['ratio']:.2f}x |"
+            )
+        elif n == 3:
+            lines.append(
+                f"| 3 | {r['model']}, batch 32 | achieved vs matmul peak | "
+                f"{r['achieved_flop_s'] / 1e9:,.1f} vs {r['peak_flop_s'] / 1e9:,.1f} GFLOP/s | "
+                f"{r['ratio']:.1%} |"
+            )
+        elif n == 4:
+            mode = "batching on" if r["batching"] else "batching off"
+            lines.append(
+                f"| 4 | /v1/predict, {r['connections']} conn, {mode} | service vs raw session.run "
+                f"(batch {32 if r['batching'] else 1}) | {f(r['req_s'])} vs {f(r['raw_img_s'])} img/s; "
+                f"p50 {f(r['p50_ms'])} ms, p99 {f(r['p99_ms'])} ms; wrk CPU {r['wrk_cpu']:.0%}, "
+                f"server CPU {r['server_cpu']:.0%} | {r['ratio']:.2f}x |"
+            )
+        elif n == 5 and "render_ms" in r:
+            lines.append(
+                f"| 5 | overlay | render 512x512 PNG vs one inference (batch 1) | "
+                f"{f(r['render_ms'], 2)} vs {f(r['inference_ms'], 2)} ms | {r['ratio']:.2f}x |"
+            )
+        elif n == 5:
+            lines.append(
+                f"| 5 | /v1/attention, 8 conn | vs /v1/predict, 8 conn | {f(r['req_s'])} vs "
+                f"{f(r['predict_req_s'])} req/s; p99 {f(r['p99_ms'])} ms | {r['ratio']:.2f}x |"
+            )
+        elif n == 6:
+            lines.append(
+                f"| 6 | /v2/models/{{name}}/infer, binary FP32 body, 8 conn | ours vs KServe ModelServer | "
+                f"{f(r['ours_req_s'])} vs {f(r['req_s'])} req/s; p99 {f(r['ours_p99_ms'])} vs "
+                f"{f(r['p99_ms'])} ms | {r['ratio']:.2f}x (p99 {r['p99_ratio']:.2f}x) |"
+            )
+        elif n == 7:
+            lines.append(
+                f"| 7 | /v1/predict, {r['connections']} conn | ours vs naive FastAPI + PyTorch | "
+                f"{f(r['ours_req_s'])} vs {f(r['req_s'])} req/s; p99 {f(r['ours_p99_ms'])} vs "
+                f"{f(r['p99_ms'])} ms | {r['ratio']:.2f}x (p99 {r['p99_ratio']:.2f}x) |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seconds", type=float, default=5.0, help="duration of each measurement")
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--quick", action="store_true", help="fewer load levels, for a smoke run")
+    p.add_argument("--out", default=str(ROOT / "bench/results"))
+    a = p.parse_args(argv)
+    if not shutil.which("wrk"):
+        sys.exit("bench: wrk is missing (Debian package wrk; `make bench` installs it)")
+    torch.set_num_threads(a.threads)
+    m = machine()
+    peak = matmul_peak(a.seconds)
+    default, _ = load(DEFAULT_CKPT)
+    rows = model_rows("default " + default.config.name, default, DEFAULT_ONNX, a.threads, a.seconds, peak)
+    torch.manual_seed(0)
+    big = WARN(WARNConfig(depth=16, width=4, attention_depth=3, attention_width=4, input_size=(32, 32))).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        _export(big, Path(tmp) / "big.onnx")
+        rows += model_rows("warn-16-4-ad3-aw4 (random)", big, Path(tmp) / "big.onnx", a.threads, a.seconds, peak)
+    rows += service_rows(a.threads, a.seconds, a.quick)
+    command = "make bench" + (" BENCH_ARGS=--quick" if a.quick else "")
+    table = markdown(m, rows, command)
+    Path(a.out + ".md").write_text(table)
+    Path(a.out + ".json").write_text(json.dumps({"machine": m, "rows": rows}, indent=2))
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
