@@ -195,7 +195,7 @@ def wrk(
     server_cpu = server.cpu_seconds() if server else 0.0
     started = time.perf_counter()
     proc = subprocess.Popen(
-        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(ROOT / "bench/post.lua"), url],
+        ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", "--timeout", "10s", "-s", str(ROOT / "bench/post.lua"), url],
         env=env,
         stdout=subprocess.PIPE,
         text=True,
@@ -203,8 +203,11 @@ def wrk(
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - started
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    pct = dict(re.findall(r"^\s+(\d+)%\s+(\S+)$", out, re.M))
+    found = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if not found:
+        raise RuntimeError(f"wrk against {url} printed no throughput:\n{out}")
+    rps = float(found.group(1))
+    pct = dict(re.findall(r"^\s+(\d+)%\s+(\S+)\s*$", out, re.M))
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     return {
         "connections": connections,

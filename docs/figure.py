@@ -1,6 +1,6 @@
 """The README's example: a test-split digit on a 640x400 cluttered canvas, and the default model's overlays.
 
-    .venv/bin/python -m docs.figure      # writes docs/overlay-example.png and prints the prediction
+    make figure      # writes docs/digit.png and docs/overlay-example.png, prints the prediction
 
 It goes through the service (in process) exactly as a dashboard would: POST the image, then fetch
 the overlay URLs from the answer.
@@ -21,6 +21,7 @@ from service.config import Settings
 from service.main import create_app
 
 OUT = Path(__file__).with_name("overlay-example.png")
+INPUT = Path(__file__).with_name("digit.png")  # the input alone, for the README's curl examples
 
 
 def canvas(seed: int = 7) -> tuple[bytes, int, tuple[int, int, int, int]]:
@@ -48,6 +49,7 @@ def canvas(seed: int = 7) -> tuple[bytes, int, tuple[int, int, int, int]]:
 
 def main() -> None:
     data, label, box = canvas()
+    INPUT.write_bytes(data)
     with TestClient(create_app(Settings())) as c:
         body = c.post("/v1/predict", content=data, headers={"content-type": "image/png"}).json()
         urls = body["attention_urls"]

@@ -113,7 +113,6 @@ def test_compose_file_is_valid(profile):
     assert warn["deploy"]["replicas"] >= 2 and warn["restart"] == "unless-stopped"
     assert "/v2/health/ready" in " ".join(warn["healthcheck"]["test"])
     assert any(str(v).endswith(":/models:ro") for v in warn["volumes"])
-    )
     devices = warn["deploy"].get("resources", {}).get("reservations", {}).get("devices", [])
     if profile == "gpu":
         assert devices and devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
