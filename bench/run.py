@@ -195,7 +195,18 @@ def wrk(
     server_cpu = server.cpu_seconds() if server else 0.0
     started = time.perf_counter()
     proc = subprocess.Popen(
-        ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", "--timeout", "10s", "-s", str(ROOT / "bench/post.lua"), url],
+        [
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{max(1, round(seconds))}s",
+            "--latency",
+            "--timeout",
+            "10s",
+            "-s",
+            str(ROOT / "bench/post.lua"),
+            url,
+        ],
         env=env,
         stdout=subprocess.PIPE,
         text=True,
@@ -280,9 +291,9 @@ def service_rows(threads: int, seconds: float, quick: bool) -> list[dict]:
     from service.imaging import to_input
 
     work = Path(tempfile.mkdtemp(prefix="warn-bench-"))
-    rng = np.random.default_rng(0)
-    img = Image.fromarray(rng.integers(0, 255, (400, 640, 3), dtype=np.uint8))
-    img.save(work / "image.png")
+    # The README's example input: a 640x400 noisy, cluttered canvas with one digit (make figure).
+    img = Image.open(ROOT / "docs/digit.png").convert("RGB")
+    shutil.copyfile(ROOT / "docs/digit.png", work / "image.png")
     info_session = ort_session(DEFAULT_ONNX, threads)
     meta = info_session.get_modelmeta().custom_metadata_map
     name = meta["model_name"]

@@ -68,11 +68,14 @@ def test_overlay_parameters(client, photo):
     assert small.size == (50, 30)
     heads = [np.asarray(Image.open(io.BytesIO(client.get(url, params={"head": h}).content))) for h in (0, 1)]
     assert not np.array_equal(*heads)
-    bare = np.asarray(Image.open(io.BytesIO(client.get(url, params={"mode": "heatmap"}).content)))
-    over = np.asarray(Image.open(io.BytesIO(client.get(url, params={"alpha": 0.3}).content)))
-    assert not np.array_equal(bare, over)
-    turbo = client.get(url, params={"colormap": "turbo", "mode": "heatmap"}).content
-    assert np.asarray(Image.open(io.BytesIO(turbo))).shape == bare.shape and turbo != bare.tobytes()
+
+    def rgb(params):
+        return np.asarray(Image.open(io.BytesIO(client.get(url, params=params).content)).convert("RGB"))
+
+    bare, over = rgb({"mode": "heatmap"}), rgb({"alpha": 0.3})
+    assert bare.shape == over.shape and not np.array_equal(bare, over)
+    turbo = rgb({"colormap": "turbo", "mode": "heatmap"})
+    assert turbo.shape == bare.shape and not np.array_equal(turbo, bare)
     assert client.get(url, params={"colormap": "rainbow"}).status_code == 422
     assert client.get(url, params={"head": 99}).status_code == 400
     combined = body["attention_urls"]["combined"]

@@ -43,7 +43,7 @@ def test_render_png_and_colormaps():
     b = Image.open(io.BytesIO(overlay.render(m, None, "jet", 0.5)))
     assert a.size == b.size == (200, 100) and a.format == "PNG"
     assert overlay.output_size(640, 400, 320) == (320, 200) and overlay.output_size(10, 10, 320) == (10, 10)
-    flat = overlay.colorize(np.zeros((3, 3), np.float32), "turbo")
+    flat = np.asarray(overlay.colorize(np.zeros((3, 3), np.float32), "turbo").convert("RGB"))
     assert (flat == flat[0, 0]).all()
 
 
