@@ -120,6 +120,11 @@ class WARN(nn.Module):
         return nll + self.config.reg_weight * reg
 
 
+def mix_heads(mask: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    """A layer's heads (N, K, h, w) mixed by its layer gates (N, K): (N, 1, h, w), summing to 1."""
+    return (mask * gates[:, :, None, None]).sum(1, keepdim=True)
+
+
 def combined_attention(out: WARNOutput, size: tuple[int, int]) -> torch.Tensor:
     """Gate-weighted attention map at `size`: (N, H, W), summing to 1.
 
@@ -132,7 +137,7 @@ def combined_attention(out: WARNOutput, size: tuple[int, int]) -> torch.Tensor:
     grid = out.attention[-1].shape[-2:]  # the deepest attended layer is the coarsest
     mass = []
     for mask, gates in zip(out.attention, out.gates):
-        m = (mask * gates[:, :, None, None]).sum(1, keepdim=True)  # (N, 1, h, w), sums to 1
+        m = mix_heads(mask, gates)  # (N, 1, h, w)
         m = F.adaptive_avg_pool2d(m, grid) * (m.shape[-2] * m.shape[-1] / (grid[0] * grid[1]))
         mass.append(m[:, 0])  # (N, h_L, w_L), still sums to 1
     w = out.global_gates[:, :-1]
