@@ -5,7 +5,9 @@
 Rows, on the default model and on WARN-16-4 (AD=3, AW=4, 32x32, random weights):
   1. onnxruntime CPU vs PyTorch eager (same weights and threads), batch 1 and 32
   2. attention overhead: WARN vs the same backbone with AD=0, in onnxruntime
-  3. machine limit: FLOPs per image x images/s as a share of a measured float32 matmul peak
+     and the per-pixel formulation it replaced (before/after), with FLOPs
+  3. machine limit: FLOPs per image x images/s as a share of onnxruntime's float32 MatMul peak
+  8. peak memory: WRN-16-4, 1000 classes, 112x112, batch 8, each model in a fresh process
 Service rows (default model, a real uvicorn on loopback, load from wrk):
   4. /v1/predict at 1, 8 and 32 connections, micro-batching on and off, vs raw session.run
   5. overlay rendering vs one inference, and /v1/attention throughput
@@ -33,6 +35,8 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from bench.memory import measure as memory_row
+from bench.memory import per_pixel
 from export.onnx_export import _export, output_names
 from models.checkpoint import load
 from models.profile import count
@@ -61,10 +65,29 @@ def ort_session(path: Path, threads: int, providers: list[str] | None = None) ->
     return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
 
 
-def matmul_peak(seconds: float) -> float:
-    a = np.random.rand(2048, 2048).astype(np.float32)
-    b = np.random.rand(2048, 2048).astype(np.float32)
-    return rate(lambda: a @ b, 2 * 2048**3, seconds)  # FLOP/s
+def matmul_peak(threads: int, seconds: float) -> float:
+    """The best float32 FLOP/s of square MatMuls in onnxruntime, the runtime the model runs on (numpy
+    here runs under OPENBLAS_CORETYPE, which slows it). Sizes vary: cache fit decides the best one."""
+    return max(matmul_rate(threads, seconds / 4, n) for n in (256, 384, 512, 1024))
+
+
+def matmul_rate(threads: int, seconds: float, n: int) -> float:
+    from onnx import TensorProto, helper, numpy_helper
+
+    b = numpy_helper.from_array(np.random.rand(n, n).astype(np.float32), "b")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "b"], ["c"])],
+        "matmul",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n])],
+        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])],
+        [b],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    session = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    a = np.random.rand(n, n).astype(np.float32)
+    return rate(lambda: session.run(None, {"a": a}), 2 * n**3, seconds)
 
 
 def model_rows(name: str, model: WARN, path: Path, threads: int, seconds: float, peak: float) -> list[dict]:
@@ -93,10 +116,18 @@ def model_rows(name: str, model: WARN, path: Path, threads: int, seconds: float,
     plain.backbone.load_state_dict(model.backbone.state_dict())
     with tempfile.TemporaryDirectory() as tmp:
         _export(plain, Path(tmp) / "plain.onnx")
+        with per_pixel():
+            _export(model, Path(tmp) / "per_pixel.onnx")
+            cpp = count(model, (h, w))
         plain_session = ort_session(Path(tmp) / "plain.onnx", threads)
+        pp_session = ort_session(Path(tmp) / "per_pixel.onnx", threads)
         x = np.random.rand(32, 3, h, w).astype(np.float32)
-        warn_rate = rate(lambda: session.run(None, {"image": x}), 32, seconds)
-        plain_rate = rate(lambda: plain_session.run(None, {"image": x}), 32, seconds)
+        # Interleaved rounds, so that a noisy neighbour slows all three alike.
+        rates: dict[str, list[float]] = {"warn": [], "plain": [], "per_pixel": []}
+        for _ in range(3):
+            for key, sess in (("warn", session), ("plain", plain_session), ("per_pixel", pp_session)):
+                rates[key].append(rate(lambda sess=sess: sess.run(None, {"image": x}), 32, seconds / 3))
+        warn_rate, plain_rate, pp_rate = (float(np.median(rates[k])) for k in ("warn", "plain", "per_pixel"))
     cw, cp = count(model, (h, w)), count(plain, (h, w))
     rows.append(
         {
@@ -105,11 +136,14 @@ def model_rows(name: str, model: WARN, path: Path, threads: int, seconds: float,
             "batch": 32,
             "warn_img_s": warn_rate,
             "backbone_img_s": plain_rate,
+            "per_pixel_img_s": pp_rate,
             "ratio": warn_rate / plain_rate,
+            "per_pixel_ratio": pp_rate / plain_rate,
             "warn_params": cw["params"],
             "backbone_params": cp["params"],
             "warn_flops": cw["flops"],
             "backbone_flops": cp["flops"],
+            "per_pixel_flops": cpp["flops"],
         }
     )
     rows.append(
@@ -364,13 +398,12 @@ def service_rows(threads: int, seconds: float, quick: bool) -> list[dict]:
             server.stop()
 
     outputs = dict(zip(output_names(3), info_session.run(None, {"image": x[None]})))
-    masks = [outputs[f"attention_{i}"][0] for i in range(3)]
-    gates = [outputs[f"gates_{i}"][0] for i in range(3)]
+    grid = outputs["attention_combined"][0]
     photo = img.resize((512, 512))
 
     def render() -> bytes:
-        grid = overlay.combined_map(masks, gates, outputs["global_gates"][0], size)
-        return overlay.render(overlay.to_image_grid(grid, (0, 0, size[1], size[0]), 512, 512), photo, "viridis", 0.5)
+        heat = overlay.to_image_grid(grid, size, (0, 0, size[1], size[0]), 512, 512)
+        return overlay.render(heat, photo, "viridis", 0.5)
 
     render_s = 1 / rate(render, 1, seconds)
     infer_s = 1 / raw[1]
@@ -459,7 +492,14 @@ def markdown(m: dict, rows: list[dict], command: str) -> str:
                 f"| 2 | {r['model']}, batch 32 | WARN vs backbone (AD=0), onnxruntime | "
                 f"{f(r['warn_img_s'])} vs {f(r['backbone_img_s'])} img/s; params {r['warn_params']:,} vs "
                 f"{r['backbone_params']:,}; MFLOPs {r['warn_flops'] / 1e6:,.1f} vs "
-                f"{r['backbone_flops'] / 1e6:,.1f} | {r['ratio']:.2f}x |"
+                f"{r['backbone_flops'] / 1e6:,.1f} (+{r['warn_flops'] / r['backbone_flops'] - 1:.1%}) | "
+                f"{r['ratio']:.2f}x |"
+            )
+            lines.append(
+                f"| 2 | {r['model']}, batch 32 | before: per-pixel heads vs backbone | "
+                f"{f(r['per_pixel_img_s'])} vs {f(r['backbone_img_s'])} img/s; MFLOPs "
+                f"{r['per_pixel_flops'] / 1e6:,.1f} (+{r['per_pixel_flops'] / r['backbone_flops'] - 1:.1%}) | "
+                f"{r['per_pixel_ratio']:.2f}x |"
             )
         elif n == 3:
             lines.append(
@@ -491,6 +531,12 @@ def markdown(m: dict, rows: list[dict], command: str) -> str:
                 f"{f(r['ours_req_s'])} vs {f(r['req_s'])} req/s; p99 {f(r['ours_p99_ms'])} vs "
                 f"{f(r['p99_ms'])} ms | {r['ratio']:.2f}x (p99 {r['p99_ratio']:.2f}x) |"
             )
+        elif n == 8:
+            lines.append(
+                f"| 8 | {r['model']}, batch {r['batch']} | peak RSS, WARN vs backbone (fresh processes) | "
+                f"{f(r['warn_peak_mb'], 0)} vs {f(r['plain_peak_mb'], 0)} MB; before (per-pixel): "
+                f"{f(r['per_pixel_peak_mb'], 0)} MB ({r['per_pixel_ratio']:.1f}x) | {r['ratio']:.2f}x |"
+            )
         elif n == 7:
             lines.append(
                 f"| 7 | /v1/predict, {r['connections']} conn | ours vs naive FastAPI + PyTorch | "
@@ -505,13 +551,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seconds", type=float, default=5.0, help="duration of each measurement")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--quick", action="store_true", help="fewer load levels, for a smoke run")
+    p.add_argument("--models-only", action="store_true", help="rows 1-3 and 8 only: no servers")
     p.add_argument("--out", default=str(ROOT / "bench/results"))
     a = p.parse_args(argv)
-    if not shutil.which("wrk"):
+    if not a.models_only and not shutil.which("wrk"):
         sys.exit("bench: wrk is missing (Debian package wrk; `make bench` installs it)")
     torch.set_num_threads(a.threads)
     m = machine()
-    peak = matmul_peak(a.seconds)
+    peak = matmul_peak(a.threads, a.seconds)
     default, _ = load(DEFAULT_CKPT)
     rows = model_rows("default " + default.config.name, default, DEFAULT_ONNX, a.threads, a.seconds, peak)
     torch.manual_seed(0)
@@ -519,8 +566,11 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         _export(big, Path(tmp) / "big.onnx")
         rows += model_rows("warn-16-4-ad3-aw4 (random)", big, Path(tmp) / "big.onnx", a.threads, a.seconds, peak)
-    rows += service_rows(a.threads, a.seconds, a.quick)
-    command = "make bench" + (" BENCH_ARGS=--quick" if a.quick else "")
+    rows.append({"row": 8, **memory_row(batch=8, threads=a.threads)})
+    if not a.models_only:
+        rows += service_rows(a.threads, a.seconds, a.quick)
+    flags = " ".join(f for f, on in (("--quick", a.quick), ("--models-only", a.models_only)) if on)
+    command = "make bench" + (f" BENCH_ARGS='{flags}'" if flags else "")
     table = markdown(m, rows, command)
     Path(a.out + ".md").write_text(table)
     Path(a.out + ".json").write_text(json.dumps({"machine": m, "rows": rows}, indent=2))

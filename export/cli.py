@@ -36,13 +36,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--version", default="1", help="model version stored in the metadata")
     p.add_argument("--triton-repo", help="also write a Triton model repository here")
     p.add_argument("--max-batch-size", type=int, default=64, help="Triton's max_batch_size")
+    p.add_argument(
+        "--verify-provider",
+        action="append",
+        choices=["cpu", "cuda"],
+        help="onnxruntime provider(s) to verify parity on (repeatable; default cpu). cuda runs with TF32 off",
+    )
     args = p.parse_args(argv)
     output = args.output or str(Path(args.checkpoint).with_name("model.onnx"))
     try:
         model, meta = load(args.checkpoint)
         name = args.name or f"warn-{meta.get('dataset') or 'model'}"
         images = verification_images(meta, model.config.input_size)
-        result = export(model, meta, output, images, name=name, version=args.version)
+        providers = tuple(args.verify_provider or ["cpu"])
+        result = export(model, meta, output, images, name=name, version=args.version, verify_providers=providers)
     except (CheckpointError, ExportError) as e:
         sys.exit(f"warn-export: {e}")
     print(json.dumps(result["verification"], indent=2))

@@ -8,9 +8,13 @@ float32 RGB in [0, 1] (normalization is inside the graph), and these outputs, N 
     gates_<i>                         (N, K)      layer gates of attended layer i
     layer_probabilities               (N, L+1, C) each attended layer's hypothesis, then the backbone's
     global_gates                      (N, L+1)    global gate weights, same order
+    attention_map_<i>                 (N, h, w)   layer i's heads mixed by its gates
+    attention_combined                (N, h_L, w_L) layers mixed by the global gates, on the coarsest grid
 
-Layer i = 0 is the shallowest attended layer. Everything a server needs to label and draw
-the outputs is stored in the file's metadata_props (see `metadata`).
+Layer i = 0 is the shallowest attended layer. The maps are computed in the graph, so evaluation
+(PyTorch) and the service (onnxruntime) draw the same thing from one definition. Everything a
+server needs to label and draw the outputs is stored in the file's metadata_props (see `metadata`),
+including `export_format`: 1 had no map outputs, 2 adds them.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnxscript
 import torch
 from torch import nn
 
@@ -32,6 +37,7 @@ from models.warn import WARN
 
 OPSET = 18
 INPUT_NAME = "image"
+EXPORT_FORMAT = 2  # the output contract's version, stored in metadata_props["export_format"]
 # Largest absolute differences accepted between onnxruntime (CPU) and PyTorch eval (float32).
 # Attention masks get 5e-5, not 1e-5: on the default model PyTorch's own float32 result is 2.0e-5
 # from a float64 evaluation on the sharpest mask (0.99 of its mass in one cell), while
@@ -52,6 +58,8 @@ def output_names(layers: int) -> list[str]:
         *(f"gates_{i}" for i in range(layers)),
         "layer_probabilities",
         "global_gates",
+        *(f"attention_map_{i}" for i in range(layers)),
+        *(["attention_combined"] if layers else []),
     ]
 
 
@@ -66,6 +74,12 @@ def output_meanings(layers: int) -> dict[str, str]:
     for i in range(layers):
         meanings[f"attention_{i}"] = f"(N, K, h, w) attention heads of attended layer {i}; each sums to 1 over space"
         meanings[f"gates_{i}"] = f"(N, K) layer gates of attended layer {i}: trust in each head; sums to 1"
+        meanings[f"attention_map_{i}"] = f"(N, h, w) attended layer {i}'s heads mixed by its gates; sums to 1"
+    if layers:
+        meanings["attention_combined"] = (
+            "(N, h, w) on the coarsest attended grid: each layer's map summed into that grid, mixed by the "
+            "global gates (backbone left out, renormalized); sums to 1"
+        )
     return meanings
 
 
@@ -85,6 +99,8 @@ class Flat(nn.Module):
             *out.gates,
             out.layer_log_probabilities.exp(),
             out.global_gates,
+            *out.attention_maps,
+            *(() if out.combined_attention is None else (out.combined_attention,)),
         )
 
 
@@ -105,6 +121,7 @@ def metadata(model: WARN, meta: dict[str, Any], name: str, version: str) -> dict
     return {
         "model_name": name,
         "model_version": version,
+        "export_format": str(EXPORT_FORMAT),
         "class_names": json.dumps(cfg.class_names),
         "input_size": json.dumps(list(cfg.input_size)),
         "normalization": json.dumps({"mean": list(cfg.mean), "std": list(cfg.std), "applied_in_graph": True}),
@@ -135,23 +152,26 @@ def _export(model: WARN, path: Path) -> None:
     batch = torch.export.Dim("batch", min=1, max=4096)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(
+        program = torch.onnx.export(
             Flat(model).eval(),
             (example,),
-            str(path),
             input_names=[INPUT_NAME],
             output_names=output_names(len(model.attended)),
             dynamic_shapes={"image": {0: batch}},
             opset_version=OPSET,
             dynamo=True,
-            external_data=False,
             verbose=False,
         )
+        # Fold the reshaped head weights into initializers here, whatever their size (the exporter's
+        # own pass stops at 8k elements): otherwise onnxruntime folds them at every load and holds
+        # several copies at once (1000 classes at 112x112: 466 MB load peak instead of 175 MB).
+        onnxscript.optimizer.optimize(program.model, input_size_limit=1 << 31, output_size_limit=1 << 31)
+    program.save(str(path), external_data=False)
 
 
 def tolerance_group(output: str) -> str:
     """Which TOLERANCES entry an output is held to."""
-    if output.startswith("attention_"):
+    if output.startswith("attention_"):  # masks and maps
         return "attention"
     if output.startswith("gates_") or output == "global_gates":
         return "gates"
@@ -174,7 +194,32 @@ def compare(session: Any, model: WARN, images: torch.Tensor) -> dict[str, float]
     return diffs
 
 
-def verify(path: str | Path, model: WARN, images: torch.Tensor, batch_sizes: tuple[int, ...] = (1, 3, 16)) -> dict:
+def providers_for(name: str) -> list[Any]:
+    """onnxruntime providers for verification on `name` ('cpu' or 'cuda').
+
+    CUDA runs with TF32 off: onnxruntime turns it on by default, and then its probabilities differ
+    from float32 by about 2e-3, which says nothing about the export. The service's default is off too.
+    """
+    import onnxruntime as ort
+
+    if name == "cpu":
+        return ["CPUExecutionProvider"]
+    if name != "cuda":
+        raise ExportError(f"unknown verification provider {name!r} (cpu or cuda)")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise ExportError(
+            "--verify-provider cuda: this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)"
+        )
+    return [("CUDAExecutionProvider", {"use_tf32": "0"})]
+
+
+def verify(
+    path: str | Path,
+    model: WARN,
+    images: torch.Tensor,
+    batch_sizes: tuple[int, ...] = (1, 3, 16),
+    provider: str = "cpu",
+) -> dict:
     """Check the file with onnx.checker and against PyTorch on `images`, in batches of each size.
 
     Raises ExportError naming the first output group past its tolerance, or any top-1 disagreement.
@@ -185,9 +230,11 @@ def verify(path: str | Path, model: WARN, images: torch.Tensor, batch_sizes: tup
         onnx.checker.check_model(str(path), full_check=True)
     except onnx.checker.ValidationError as e:
         raise ExportError(f"onnx.checker rejected {path}: {e}") from e
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path), providers=providers_for(provider))
+    if provider == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
+        raise ExportError(f"--verify-provider cuda: onnxruntime fell back to {session.get_providers()}")
     model.eval()
-    report: dict[str, Any] = {"images": len(images), "tolerances": TOLERANCES, "batches": {}}
+    report: dict[str, Any] = {"images": len(images), "provider": provider, "tolerances": TOLERANCES, "batches": {}}
     for bs in batch_sizes:
         worst: dict[str, float] = {}
         agree = []
@@ -217,6 +264,7 @@ def export(
     *,
     name: str,
     version: str = "1",
+    verify_providers: tuple[str, ...] = ("cpu",),
 ) -> dict[str, Any]:
     """Export, verify, add metadata, and move into place at `out` only if all of it succeeded."""
     out = Path(out)
@@ -237,7 +285,7 @@ def export(
             proto.metadata_props.add(key=k, value=v)
         proto.doc_string = "WARN (Attend and Rectify) classifier with attention masks and gates as outputs"
         onnx.save(proto, str(tmp))
-        report = verify(tmp, model, images)
+        report = {p: verify(tmp, model, images, provider=p) for p in verify_providers}
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)

@@ -10,17 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from models.warn import WARN, WARNOutput, combined_attention, mix_heads
+from models.warn import WARN, WARNOutput, combined_attention, upsample
 
 POINTING_TOLERANCE = 2  # pixels a hit may fall outside the ground-truth box
 
 
 def layer_maps(out: WARNOutput, size: tuple[int, int]) -> list[torch.Tensor]:
     """Each attended layer's heads mixed by its gates, upsampled to `size`: L x (N, H, W)."""
-    return [
-        F.interpolate(mix_heads(m, g), size=size, mode="bilinear", align_corners=False)[:, 0]
-        for m, g in zip(out.attention, out.gates)
-    ]
+    return [upsample(m, size) for m in out.attention_maps]
 
 
 def argmax_xy(maps: torch.Tensor) -> torch.Tensor:

@@ -72,6 +72,8 @@ class WARNOutput(NamedTuple):
     gates: tuple[torch.Tensor, ...]  # L x (N, K), layer gates, sum to 1
     layer_log_probabilities: torch.Tensor  # (N, L+1, C)
     global_gates: torch.Tensor  # (N, L+1), sum to 1
+    attention_maps: tuple[torch.Tensor, ...]  # L x (N, h_l, w_l), each layer's heads mixed by its gates
+    combined_attention: torch.Tensor | None  # (N, h_L, w_L) on the coarsest attended grid; None if L=0
 
 
 class WARN(nn.Module):
@@ -103,13 +105,14 @@ class WARN(nn.Module):
         net = F.log_softmax(self.backbone.forward_head(final), dim=-1)  # (N, C)
         if self.global_gate is None:
             ones = net.new_ones(net.shape[0], 1)
-            return WARNOutput(net, net.exp(), (), (), net.unsqueeze(1), ones)
+            return WARNOutput(net, net.exp(), (), (), net.unsqueeze(1), ones, (), None)
         masks, gates, hyps = zip(*(m(feats[i]) for m, i in zip(self.attention, self.attended)))
         layers = torch.stack([*hyps, net], dim=1)  # (N, L+1, C)
         g = self.global_gate(final)  # (N, L+1)
         # The gated sum of log-probabilities is renormalized so exp() is a distribution.
         logp = F.log_softmax((g.unsqueeze(-1) * layers).sum(1), dim=-1)
-        return WARNOutput(logp, logp.exp(), masks, gates, layers, g)
+        maps = tuple(mix_heads(m, gt) for m, gt in zip(masks, gates))
+        return WARNOutput(logp, logp.exp(), masks, gates, layers, g, maps, combine_layers(maps, g))
 
     def loss(self, out: WARNOutput, target: torch.Tensor) -> torch.Tensor:
         """Negative log-likelihood plus the weighted head-overlap regularizer."""
@@ -121,30 +124,38 @@ class WARN(nn.Module):
 
 
 def mix_heads(mask: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-    """A layer's heads (N, K, h, w) mixed by its layer gates (N, K): (N, 1, h, w), summing to 1."""
-    return (mask * gates[:, :, None, None]).sum(1, keepdim=True)
+    """A layer's heads (N, K, h, w) mixed by its layer gates (N, K): (N, h, w), summing to 1."""
+    return (mask * gates[:, :, None, None]).sum(1)
+
+
+def combine_layers(maps: tuple[torch.Tensor, ...], global_gates: torch.Tensor) -> torch.Tensor:
+    """The layers' maps (L x (N, h_l, w_l)) mixed by their global gates, on the coarsest grid: (N, h_L, w_L).
+
+    A map's value is attention mass per cell, so finer maps are first summed into the coarsest
+    attended grid: layers are then compared as mass per region of the same size (mixing per-pixel
+    densities would let the finest layer's single-cell peaks win). The backbone's gate is left out
+    and the rest renormalized, so the result sums to 1.
+    """
+    grid = maps[-1].shape[-2:]  # the deepest attended layer is the coarsest
+    mass = [
+        F.adaptive_avg_pool2d(m[:, None], grid)[:, 0] * (m.shape[-2] * m.shape[-1] / (grid[0] * grid[1])) for m in maps
+    ]  # L x (N, h_L, w_L), each still summing to 1
+    w = global_gates[:, :-1]
+    w = w / w.sum(1, keepdim=True)  # (N, L)
+    return (w[:, :, None, None] * torch.stack(mass, 1)).sum(1)
+
+
+def upsample(grid_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(N, h, w) to (N, H, W), bilinear, renormalized to sum to 1."""
+    up = F.interpolate(grid_map[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    return up / up.sum(dim=(1, 2), keepdim=True)
 
 
 def combined_attention(out: WARNOutput, size: tuple[int, int]) -> torch.Tensor:
-    """Gate-weighted attention map at `size`: (N, H, W), summing to 1.
-
-    Each layer's heads are mixed by its layer gates. Layers have different resolutions, and a
-    mask's value is attention mass per cell, so finer masks are first summed into the coarsest
-    attended grid: the layers are then compared as mass per region of the same size. They are
-    mixed there by their global gates (the backbone's weight left out, the rest renormalized)
-    and the result is upsampled (bilinear) to `size`.
-    """
-    grid = out.attention[-1].shape[-2:]  # the deepest attended layer is the coarsest
-    mass = []
-    for mask, gates in zip(out.attention, out.gates):
-        m = mix_heads(mask, gates)  # (N, 1, h, w)
-        m = F.adaptive_avg_pool2d(m, grid) * (m.shape[-2] * m.shape[-1] / (grid[0] * grid[1]))
-        mass.append(m[:, 0])  # (N, h_L, w_L), still sums to 1
-    w = out.global_gates[:, :-1]
-    w = w / w.sum(1, keepdim=True)
-    mixed = torch.einsum("nl,nlhw->nhw", w, torch.stack(mass, 1))[:, None]
-    up = F.interpolate(mixed, size=size, mode="bilinear", align_corners=False)[:, 0]
-    return up / up.sum(dim=(1, 2), keepdim=True)
+    """The combined (global-gate-weighted) attention map upsampled to `size`: (N, H, W), summing to 1."""
+    if out.combined_attention is None:
+        raise ValueError("a model without attended layers (AD=0) has no attention map")
+    return upsample(out.combined_attention, size)
 
 
 def warn(**kwargs: Any) -> WARN:

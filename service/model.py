@@ -16,6 +16,8 @@ from service.errors import ModelLoadError
 log = logging.getLogger("service.model")
 
 REQUIRED_METADATA = ("model_name", "model_version", "class_names", "input_size", "attention_strides", "layer_names")
+# The output contract this service reads: format 2 added the attention maps computed in the graph.
+EXPORT_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,13 @@ class OnnxModel:
         if missing:
             raise ModelLoadError(f"{path} is not a WARN export: metadata lacks {missing} (export it with warn-export)")
         meta = _parse(raw)
+        found = meta.get("export_format", 1)  # format 1 files predate the key
+        if found != EXPORT_FORMAT:
+            raise ModelLoadError(
+                f"{path} was written by warn-export format {found}; this service reads format {EXPORT_FORMAT}, "
+                "whose graph also outputs the attention maps (attention_map_<i>, attention_combined). "
+                "Re-export the checkpoint with this version's warn-export"
+            )
         self.info = ModelInfo(
             name=str(meta["model_name"]),
             version=str(meta["model_version"]),

@@ -139,8 +139,8 @@ class Runtime:
         return StoredPrediction(
             result=result,
             masks=[c.layer(i)[0] for i in attended],
-            gates=[c.layer(i)[1] for i in attended],
-            global_gates=c.outputs["global_gates"],
+            maps=[c.outputs[f"attention_map_{i}"] for i in attended],
+            combined=c.outputs["attention_combined"],
             content=c.geometry.content,
             image=np.asarray(photo),
         )
@@ -151,21 +151,24 @@ class Runtime:
         return key
 
     def render(self, stored: StoredPrediction, p: OverlayParams) -> bytes:
-        size = self.info.input_size
+        layers = len(stored.maps)
         if p.layer == "combined":
             if p.head is not None:
                 raise InvalidRequest("head applies to one attended layer, not to 'combined'")
-            grid = overlay.combined_map(stored.masks, stored.gates, stored.global_gates, size)
+            grid = stored.combined
         else:
-            if not p.layer.isdigit() or int(p.layer) >= len(stored.masks):
+            if not (p.layer.isascii() and p.layer.isdigit() and len(p.layer) <= 3 and int(p.layer) < layers):
                 raise InvalidRequest(
-                    f"layer must be 'combined' or an attended layer index 0..{len(stored.masks) - 1}, got {p.layer!r}"
+                    f"layer must be 'combined' or an attended layer index 0..{layers - 1}, got {p.layer[:20]!r}"
                 )
             i = int(p.layer)
-            grid = overlay.layer_map(stored.masks[i], stored.gates[i], p.head, size)
+            heads = stored.masks[i].shape[0]
+            if p.head is not None and not 0 <= p.head < heads:
+                raise InvalidRequest(f"head must be between 0 and {heads - 1} for this layer, got {p.head}")
+            grid = stored.maps[i] if p.head is None else stored.masks[i][p.head]
         h, w = stored.image.shape[:2]
         out_w, out_h = overlay.output_size(w, h, p.max_size)
-        heat = overlay.to_image_grid(grid, stored.content, out_w, out_h)
+        heat = overlay.to_image_grid(grid, self.info.input_size, stored.content, out_w, out_h)
         photo = None
         if p.mode == "overlay":
             photo = Image.fromarray(stored.image)

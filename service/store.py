@@ -21,17 +21,17 @@ import numpy as np
 @dataclass
 class StoredPrediction:
     result: dict[str, Any]  # the JSON answer of /v1/predict
-    masks: list[np.ndarray]  # per attended layer, (K, h, w)
-    gates: list[np.ndarray]  # per attended layer, (K,)
-    global_gates: np.ndarray  # (L+1,)
+    masks: list[np.ndarray]  # per attended layer, (K, h, w): the raw heads, for the per-head view
+    maps: list[np.ndarray]  # per attended layer, (h, w): heads mixed by the layer gates
+    combined: np.ndarray  # (h_L, w_L): layers mixed by the global gates
     content: tuple[int, int, int, int]  # the image's box on the model input grid
     image: np.ndarray  # (H, W, 3) uint8, the image (at most STORE_IMAGE_MAX_SIZE) overlays are drawn on
 
     def to_bytes(self) -> bytes:
         arrays = {f"mask_{i}": m for i, m in enumerate(self.masks)}
-        arrays.update({f"gates_{i}": g for i, g in enumerate(self.gates)})
+        arrays.update({f"map_{i}": m for i, m in enumerate(self.maps)})
         buf = io.BytesIO()
-        np.savez(buf, global_gates=self.global_gates, image=self.image, **arrays)
+        np.savez(buf, combined=self.combined, image=self.image, **arrays)
         head = json.dumps({"result": self.result, "content": list(self.content), "layers": len(self.masks)}).encode()
         return len(head).to_bytes(4, "big") + head + buf.getvalue()
 
@@ -44,8 +44,8 @@ class StoredPrediction:
             return cls(
                 result=head["result"],
                 masks=[z[f"mask_{i}"] for i in layers],
-                gates=[z[f"gates_{i}"] for i in layers],
-                global_gates=z["global_gates"],
+                maps=[z[f"map_{i}"] for i in layers],
+                combined=z["combined"],
                 content=tuple(head["content"]),
                 image=z["image"],
             )

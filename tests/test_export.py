@@ -49,7 +49,7 @@ def exported(trained_model, tmp_path_factory):
 
 def test_parity_with_pytorch_on_real_images(exported):
     model, out, result, images = exported
-    batches = result["verification"]["batches"]
+    batches = result["verification"]["cpu"]["batches"]
     assert set(batches) == {1, 3, 16}
     for report in batches.values():
         assert report["probabilities"] <= 1e-4 and report["gates"] <= 1e-4 and report["attention"] <= 5e-5
@@ -141,3 +141,50 @@ def test_triton_repository_agrees_with_the_graph(exported, tmp_path):
             assert e.data_type == model_config_pb2.TYPE_FP32
             assert v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
             assert list(e.dims) == [d.dim_value for d in v.type.tensor_type.shape.dim[1:]]
+
+
+def test_no_tensor_grows_with_classes_times_pixels_and_batch_64_runs(tmp_path):
+    """The per-pixel formulation held (N, K*(C+2), h, w); pool-first holds nothing of C x H x W per image."""
+    from math import prod
+
+    from export.onnx_export import _export
+
+    torch.manual_seed(0)
+    h = w = 24
+    cfg = WARNConfig(depth=10, width=1, num_classes=500, attention_width=4, input_size=(h, w))
+    model = WARN(cfg).eval()
+    path = tmp_path / "wide.onnx"
+    _export(model, path)
+    graph = onnx.shape_inference.infer_shapes(onnx.load(str(path))).graph
+    limit = cfg.num_classes * h * w
+    checked = 0
+    for v in [*graph.value_info, *graph.output]:
+        dims = v.type.tensor_type.shape.dim
+        if not dims or not dims[0].dim_param:  # constants and weights have no batch dimension
+            continue
+        assert all(d.HasField("dim_value") for d in dims[1:]), f"{v.name} has an unknown dimension"
+        assert prod(d.dim_value for d in dims[1:]) < limit, f"{v.name} grows with C x H x W"
+        checked += 1
+    assert checked > 50
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = np.random.rand(64, 3, h, w).astype(np.float32)
+    out = dict(zip(output_names(3), session.run(None, {"image": x})))
+    assert out["probabilities"].shape == (64, 500) and out["attention_combined"].shape == (64, 6, 6)
+    with torch.inference_mode():
+        want = model(torch.from_numpy(x))
+    np.testing.assert_allclose(out["probabilities"], want.probabilities.numpy(), atol=1e-5)
+    np.testing.assert_allclose(out["attention_combined"], want.combined_attention.numpy(), atol=1e-5)
+
+
+def test_maps_are_graph_outputs_equal_to_pytorch(exported):
+    model, out, _, images = exported
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got = dict(zip(output_names(3), session.run(None, {"image": images[:8].numpy()})))
+    with torch.inference_mode():
+        want = model(images[:8])
+    for i, m in enumerate(want.attention_maps):
+        np.testing.assert_allclose(got[f"attention_map_{i}"], m.numpy(), atol=5e-5)
+        np.testing.assert_allclose(got[f"attention_map_{i}"].sum((1, 2)), 1, atol=1e-5)
+    np.testing.assert_allclose(got["attention_combined"], want.combined_attention.numpy(), atol=5e-5)
+    assert got["attention_combined"].shape == (8, 12, 12)
+    assert json.loads(session.get_modelmeta().custom_metadata_map["export_format"]) == 2

@@ -10,17 +10,15 @@ from service.imaging import letterbox_box, to_input
 from service.store import MemoryStore
 
 
-def test_layer_and_combined_maps():
-    masks = np.zeros((2, 4, 4), np.float32)
-    masks[0, 0, 0] = masks[1, 3, 3] = 1
-    m = overlay.layer_map(masks, np.array([1.0, 0.0]), None, (16, 16))
-    assert abs(m.sum() - 1) < 1e-5 and np.unravel_index(m.argmax(), m.shape) < (4, 4)
-    m1 = overlay.layer_map(masks, np.array([0.5, 0.5]), 1, (16, 16))
-    assert np.unravel_index(m1.argmax(), m1.shape) >= (12, 12)
-    comb = overlay.combined_map(
-        [masks, masks[::-1]], [np.array([1.0, 0]), np.array([1.0, 0])], np.array([0.5, 0.5, 5.0]), (16, 16)
-    )
-    assert abs(comb.sum() - 1) < 1e-5  # the backbone's gate is left out
+def test_maps_are_upsampled_cropped_and_scaled():
+    grid = np.zeros((4, 4), np.float32)
+    grid[3, 0] = 1  # bottom-left cell of a layer's grid
+    heat = overlay.to_image_grid(grid, (16, 16), (0, 0, 16, 16), 32, 32)
+    y, x = np.unravel_index(heat.argmax(), heat.shape)
+    assert heat.shape == (32, 32) and x < 8 and y >= 24
+    # letterboxed: the image fills rows 4..12 of the input, so that box is what is scaled to the image
+    band = overlay.to_image_grid(grid, (16, 16), (0, 4, 16, 12), 64, 32)
+    assert band.shape == (32, 64)
 
 
 def test_letterbox_geometry_maps_back_to_the_image():
@@ -29,7 +27,7 @@ def test_letterbox_geometry_maps_back_to_the_image():
     x, geo = to_input(img, (48, 48), "letterbox")
     assert geo.content == letterbox_box(640, 400, (48, 48), "letterbox") == (0, 9, 48, 39)
     grid = x.mean(0)  # use the input itself as the "attention map"
-    back = overlay.to_image_grid(grid, geo.content, 640, 400)
+    back = overlay.to_image_grid(grid, (48, 48), geo.content, 640, 400)
     y, xx = np.unravel_index(back.argmax(), back.shape)
     assert 490 <= xx <= 550 and 290 <= y <= 350
     _, stretched = to_input(img, (48, 48), "stretch")

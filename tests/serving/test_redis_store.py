@@ -55,8 +55,8 @@ def sample(i: int) -> StoredPrediction:
     return StoredPrediction(
         result={"top_k": [{"label": str(i)}]},
         masks=[np.full((2, 4, 4), i, np.float32)],
-        gates=[np.array([0.25, 0.75], np.float32)],
-        global_gates=np.array([0.5, 0.5], np.float32),
+        maps=[np.full((4, 4), i / 16, np.float32)],
+        combined=np.full((4, 4), i / 16, np.float32),
         content=(0, 1, 4, 3),
         image=np.full((3, 5, 3), i, np.uint8),
     )
@@ -70,6 +70,8 @@ def test_round_trip_ttl_and_count(redis_url):
         got = await store.get("k4")
         assert got.result == {"top_k": [{"label": "4"}]} and got.content == (0, 1, 4, 3)
         np.testing.assert_array_equal(got.masks[0], sample(4).masks[0])
+        np.testing.assert_array_equal(got.maps[0], sample(4).maps[0])
+        np.testing.assert_array_equal(got.combined, sample(4).combined)
         np.testing.assert_array_equal(got.image, sample(4).image)
         assert await store.get("k0") is None and await store.get("k1") is None  # trimmed past 3
         assert await store.get("k2") is not None

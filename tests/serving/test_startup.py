@@ -46,3 +46,19 @@ def test_the_service_never_imports_torch():
 
     code = "import sys, service.main; assert 'torch' not in sys.modules, 'service imported torch'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_an_export_of_an_older_format_is_refused_naming_it(model_path, tmp_path):
+    import onnx
+
+    from service.errors import ModelLoadError
+    from service.model import OnnxModel
+
+    proto = onnx.load(str(model_path))
+    kept = [p for p in proto.metadata_props if p.key != "export_format"]  # as format 1 files were written
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    old = tmp_path / "old.onnx"
+    onnx.save(proto, str(old))
+    with pytest.raises(ModelLoadError, match="warn-export format 1.*reads format 2.*Re-export"):
+        OnnxModel(old)

@@ -1,0 +1,78 @@
+"""The pool-first attention equals the per-pixel formulation it replaced (tests/reference_attention.py)."""
+
+import pytest
+import torch
+
+from models.attention import AttentionModule, GlobalGate, pool_patches
+from models.checkpoint import load
+from models.warn import WARN, WARNConfig
+from service.config import DEFAULT_MODEL
+from tests import reference_attention as ref
+
+
+def reference_outputs(model: WARN, x: torch.Tensor, monkeypatch) -> tuple:
+    with monkeypatch.context() as m:
+        m.setattr(AttentionModule, "forward", ref.attention_module)
+        m.setattr(GlobalGate, "forward", ref.global_gate)
+        return model(x)
+
+
+def assert_outputs_close(got, want, atol: float) -> None:
+    for name, a, b in zip(got._fields, got, want):
+        if isinstance(a, tuple):
+            for i, (ai, bi) in enumerate(zip(a, b)):
+                torch.testing.assert_close(ai, bi, atol=atol, rtol=0, msg=f"{name}[{i}]")
+        elif a is not None:
+            torch.testing.assert_close(a, b, atol=atol, rtol=0, msg=name)
+
+
+def test_pool_patches_is_the_masked_sum_of_unfolded_patches():
+    torch.manual_seed(0)
+    z = torch.randn(2, 5, 7, 6, dtype=torch.float64)
+    mask = torch.rand(2, 3, 7, 6, dtype=torch.float64)
+    patches = torch.nn.functional.unfold(z, 3, padding=1)  # (N, C*9, S), ordered (c, ky, kx)
+    want = torch.einsum("njs,nks->nkj", patches, mask.flatten(2))
+    torch.testing.assert_close(pool_patches(z, mask), want, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("size", [(48, 48), (33, 20)])
+def test_equal_to_the_per_pixel_formulation_on_random_weights(monkeypatch, size):
+    torch.manual_seed(1)
+    cfg = WARNConfig(depth=10, width=1, num_classes=37, attention_width=3, input_size=size)
+    model = WARN(cfg).double().eval()
+    x = torch.rand(3, 3, *size, dtype=torch.float64)
+    with torch.no_grad():
+        got, want = model(x), reference_outputs(model, x, monkeypatch)
+    assert_outputs_close(got, want, atol=1e-10)  # float64: the two differ only in summation order
+    model.float()
+    with torch.no_grad():
+        got, want = model(x.float()), reference_outputs(model, x.float(), monkeypatch)
+    assert_outputs_close(got, want, atol=1e-5)
+
+
+def test_equal_on_the_default_model(monkeypatch):
+    from models.data import ClutteredDigits, ClutterSpec
+
+    model, _ = load(DEFAULT_MODEL.with_name("model.pt"))
+    x = ClutteredDigits("test", 0, ClutterSpec(test_per_scan=1)).images[:24]
+    with torch.no_grad():
+        got, want = model(x), reference_outputs(model, x, monkeypatch)
+
+    # Log-probabilities of classes near -40 carry more than 1e-5 of float32 rounding in either
+    # formulation, so they are compared as probabilities, as the export publishes them.
+    def as_probabilities(o):
+        return o._replace(log_probabilities=o.probabilities, layer_log_probabilities=o.layer_log_probabilities.exp())
+
+    assert_outputs_close(as_probabilities(got), as_probabilities(want), atol=1e-5)
+
+
+def test_gradients_equal_the_per_pixel_formulation(monkeypatch):
+    torch.manual_seed(2)
+    model = WARN(WARNConfig(depth=10, width=1, attention_width=2)).double().train()
+    x, y = torch.rand(4, 3, 48, 48, dtype=torch.float64), torch.tensor([0, 1, 2, 3])
+    model.loss(model(x), y).backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.loss(reference_outputs(model, x, monkeypatch), y).backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, atol=1e-10, rtol=1e-8, msg=n)
