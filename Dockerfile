@@ -29,6 +29,7 @@ WORKDIR /app
 COPY service/ service/
 COPY default_model/model.onnx default_model/model.onnx
 # Settings come from the environment: WARN_* for the service (see README), UVICORN_* for uvicorn.
+# One worker process per core by default (WARN_WORKERS overrides), sharing predictions in /tmp.
 # Mount another model and point WARN_MODEL_PATH at it to serve your own.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
@@ -36,10 +37,9 @@ ENV PATH=/opt/venv/bin:$PATH \
     WARN_MODEL_PATH=/app/default_model/model.onnx \
     UVICORN_HOST=0.0.0.0 \
     UVICORN_PORT=8000 \
-    UVICORN_WORKERS=1 \
     FORWARDED_ALLOW_IPS=*
 USER 10001:10001
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=3s --start-period=30s --retries=3 \
     CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/v2/health/ready' % os.environ['UVICORN_PORT'], timeout=2)"]
-ENTRYPOINT ["uvicorn", "service.main:app"]
+ENTRYPOINT ["python3", "-m", "service"]

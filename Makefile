@@ -27,7 +27,7 @@ $(VENV)/.full: pyproject.toml | $(PY)
 
 serve: $(VENV)/.serve
 	@echo "WARN service on http://$(HOST):$(PORT)  (docs: http://$(HOST):$(PORT)/docs)"
-	$(VENV)/bin/uvicorn service.main:app --host $(HOST) --port $(PORT)
+	$(PY) -m service --host $(HOST) --port $(PORT)
 
 system-deps:
 	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \

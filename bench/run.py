@@ -8,17 +8,21 @@ Rows, on the default model and on WARN-16-4 (AD=3, AW=4, 32x32, random weights):
      and the per-pixel formulation it replaced (before/after), with FLOPs
   3. machine limit: FLOPs per image x images/s as a share of onnxruntime's float32 MatMul peak
   8. peak memory: WRN-16-4, 1000 classes, 112x112, batch 8, each model in a fresh process
-Service rows (default model, a real uvicorn on loopback, load from wrk):
-  4. /v1/predict at 1, 8 and 32 connections, micro-batching on and off, vs raw session.run
-  5. overlay rendering vs one inference, and /v1/attention throughput
-  6. the Open Inference Protocol endpoint with a binary-tensor body (as tritonclient sends)
+Service rows (default model, `python -m service` as `make serve` runs it, on loopback, load from wrk):
+  4. /v1/predict at 1, 8 and 32 connections for digit.png, a 640x427 JPEG photo and a 4000x3000 JPEG,
+     vs the same decode + letterbox + session.run without HTTP, one process per core (bench/pipeline.py)
+  5. overlay rendering (PNG, WebP, JPEG) vs one inference, and /v1/attention throughput
+  6. the Open Inference Protocol endpoint with a binary-tensor body (as tritonclient sends) vs KServe
   7. the naive baseline: FastAPI + PyTorch eager per request, no batching
+  9. JPEG decode time at full size vs the reduced scale /v1/predict uses
+ 10. raw session.run at batch 1 and 32, for reference
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import io
 import json
 import os
 import platform
@@ -172,15 +176,15 @@ class Uvicorn:
             s.bind(("127.0.0.1", 0))
             return s.getsockname()[1]
 
-    def __init__(self, app: str, env: dict[str, str]) -> None:
+    def __init__(self, app: str, env: dict[str, str], launcher: bool = False) -> None:
+        """`launcher`: `python -m service`, as `make serve` runs it (workers and all); else uvicorn on `app`."""
         self.port = self.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
-                "uvicorn",
-                app,
+                *(["service"] if launcher else ["uvicorn", app]),
                 "--port",
                 str(self.port),
                 "--log-level",
@@ -202,8 +206,19 @@ class Uvicorn:
         raise TimeoutError(app)
 
     def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """User+system seconds of the server and its worker processes."""
+        pids = [self.proc.pid]
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        if children.exists():
+            pids += [int(p) for p in children.read_text().split()]
+        total = 0.0
+        for pid in pids:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except FileNotFoundError:
+                continue
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -318,16 +333,86 @@ def kserve_row(name: str, threads: int, seconds: float, body: Path, header_lengt
     }
 
 
-def service_rows(threads: int, seconds: float, quick: bool) -> list[dict]:
+def bench_images(work: Path) -> dict[str, tuple[Path, str]]:
+    """The three inputs of the service rows: the README's PNG, a real photo, and a 12-megapixel JPEG."""
+    from importlib.resources import files
+
+    from PIL import Image
+
+    china = (files("sklearn.datasets") / "images" / "china.jpg").read_bytes()  # a 640x427 photo
+    (work / "digit.png").write_bytes((ROOT / "docs/digit.png").read_bytes())
+    (work / "photo.jpg").write_bytes(china)
+    big = Image.open(io.BytesIO(china)).convert("RGB").resize((4000, 3000), Image.BICUBIC)
+    big.save(work / "big.jpg", quality=90)
+    return {
+        "digit.png (640x400 PNG)": (work / "digit.png", "image/png"),
+        "photo (640x427 JPEG)": (work / "photo.jpg", "image/jpeg"),
+        "4000x3000 JPEG": (work / "big.jpg", "image/jpeg"),
+    }
+
+
+def decode_rows(images: dict[str, tuple[Path, str]], seconds: float) -> list[dict]:
+    """Decoding for /v1/predict: full size (before) vs the reduced JPEG scale the service now picks (after)."""
+    from PIL import Image
+
+    from service.config import Settings
+    from service.decode import Need, decode
+
+    photo = Image.open(images["4000x3000 JPEG"][0]).convert("RGB")
+    need = Need(Settings().STORE_IMAGE_MAX_SIZE)
+    rows = []
+    for side in (640, 1600, 4000):
+        buf = io.BytesIO()
+        photo.resize((side, side * 3 // 4), Image.BILINEAR).save(buf, "JPEG", quality=90)
+        data = buf.getvalue()
+        before = 1 / rate(lambda d=data: decode(d, 40_000_000), 1, seconds / 2)
+        after = 1 / rate(lambda d=data: decode(d, 40_000_000, need=need), 1, seconds / 2)
+        rows.append(
+            {"row": 9, "width": side, "before_ms": before * 1e3, "after_ms": after * 1e3, "ratio": before / after}
+        )
+    return rows
+
+
+def render_rows(img_path: Path, session: ort.InferenceSession, size: tuple[int, int], seconds: float) -> list[dict]:
+    """A 512x512 overlay in each format vs one batch-1 inference."""
     from PIL import Image
 
     from service import overlay
-    from service.imaging import to_input
+    from service.preprocess import to_input
+
+    img = Image.open(img_path).convert("RGB")
+    x, _ = to_input(img, size)
+    grid = dict(zip(output_names(3), session.run(None, {"image": x[None]})))["attention_combined"][0]
+    photo = img.resize((512, 512))
+    infer_s = 1 / rate(lambda: session.run(None, {"image": x[None]}), 1, seconds)
+    rows = []
+    for fmt in ("png", "webp", "jpeg"):
+
+        def render(fmt=fmt) -> bytes:
+            heat = overlay.to_image_grid(grid, size, (0, 0, size[1], size[0]), 512, 512)
+            return overlay.render(heat, photo, "viridis", 0.5, fmt)
+
+        render_s = 1 / rate(render, 1, seconds)
+        rows.append(
+            {
+                "row": 5,
+                "endpoint": f"render 512x512 overlay {fmt.upper()}",
+                "render_ms": render_s * 1e3,
+                "bytes": len(render()),
+                "inference_ms": infer_s * 1e3,
+                "ratio": render_s / infer_s,
+            }
+        )
+    return rows
+
+
+def service_rows(threads: int, seconds: float, quick: bool) -> list[dict]:
+    from bench import pipeline
+    from service.config import Settings
+    from service.preprocess import to_input
 
     work = Path(tempfile.mkdtemp(prefix="warn-bench-"))
-    # The README's example input: a 640x400 noisy, cluttered canvas with one digit (make figure).
-    img = Image.open(ROOT / "docs/digit.png").convert("RGB")
-    shutil.copyfile(ROOT / "docs/digit.png", work / "image.png")
+    images = bench_images(work)
     info_session = ort_session(DEFAULT_ONNX, threads)
     meta = info_session.get_modelmeta().custom_metadata_map
     name = meta["model_name"]
@@ -335,8 +420,13 @@ def service_rows(threads: int, seconds: float, quick: bool) -> list[dict]:
     max_batch = 32
     x32 = np.random.rand(max_batch, 3, *size).astype(np.float32)
     raw = {bs: rate(lambda b=bs: info_session.run(None, {"image": x32[:b]}), bs, seconds) for bs in (1, max_batch)}
+    rows: list[dict] = [{"row": 10, "batch": bs, "img_s": v} for bs, v in raw.items()]
+    rows += decode_rows(images, seconds)
+    rows += render_rows(images["digit.png (640x400 PNG)"][0], info_session, size, seconds)
 
-    x, _ = to_input(img, size)
+    from PIL import Image
+
+    x, _ = to_input(Image.open(images["digit.png (640x400 PNG)"][0]).convert("RGB"), size)
     header = json.dumps(
         {
             "inputs": [
@@ -352,78 +442,66 @@ def service_rows(threads: int, seconds: float, quick: bool) -> list[dict]:
     ).encode()
     (work / "v2.bin").write_bytes(header + x.tobytes())
 
-    rows: list[dict] = []
-    levels = (1, 8) if quick else (1, 8, 32)
-    common = {"WARN_MODEL_PATH": str(DEFAULT_ONNX), "WARN_INTRA_OP_THREADS": str(threads)}
-    for batching in (True, False):
-        env = {**common, "WARN_MAX_BATCH_SIZE": str(max_batch if batching else 1), "WARN_MAX_WAIT_MS": "2"}
-        server = Uvicorn("service.main:app", env)
-        try:
+    ceilings = {
+        label: pipeline.measure(DEFAULT_ONNX, path.read_bytes(), seconds, Settings().STORE_IMAGE_MAX_SIZE)
+        for label, (path, _) in images.items()
+    }
+    levels = (1, 32) if quick else (1, 8, 32)
+    # as `make serve` runs it: one worker per core, every other setting at its default
+    server = Uvicorn("service", {"WARN_MODEL_PATH": str(DEFAULT_ONNX)}, launcher=True)
+    try:
+        for label, (path, ctype) in images.items():
             for c in levels:
-                r = wrk(server.url + "/v1/predict", c, seconds, work / "image.png", "image/png", server=server)
-                reference = raw[max_batch] if batching else raw[1]
-                rows.append(
-                    {"row": 4, "batching": batching, **r, "raw_img_s": reference, "ratio": r["req_s"] / reference}
-                )
-            if batching:
-                v2 = wrk(
-                    f"{server.url}/v2/models/{name}/infer",
-                    8,
-                    seconds,
-                    work / "v2.bin",
-                    "application/octet-stream",
-                    len(header),
-                    server,
-                )
-                our_v2 = v2
-                att = wrk(
-                    server.url + "/v1/attention?max_size=512",
-                    8,
-                    seconds,
-                    work / "image.png",
-                    "image/png",
-                    server=server,
-                )
-                pred8 = next(r for r in rows if r["row"] == 4 and r["connections"] == 8 and r["batching"])
+                r = wrk(server.url + "/v1/predict", c, seconds, path, ctype, server=server)
+                ceiling = ceilings[label]
                 rows.append(
                     {
-                        "row": 5,
-                        "endpoint": "/v1/attention",
-                        **att,
-                        "predict_req_s": pred8["req_s"],
-                        "ratio": att["req_s"] / pred8["req_s"],
+                        "row": 4,
+                        "image": label,
+                        **r,
+                        "pipeline_img_s": ceiling["img_s"],
+                        "pipeline_p50_ms": ceiling["single_p50_ms"],
+                        "ratio": r["req_s"] / ceiling["img_s"],
                     }
                 )
-        finally:
-            server.stop()
-
-    outputs = dict(zip(output_names(3), info_session.run(None, {"image": x[None]})))
-    grid = outputs["attention_combined"][0]
-    photo = img.resize((512, 512))
-
-    def render() -> bytes:
-        heat = overlay.to_image_grid(grid, size, (0, 0, size[1], size[0]), 512, 512)
-        return overlay.render(heat, photo, "viridis", 0.5)
-
-    render_s = 1 / rate(render, 1, seconds)
-    infer_s = 1 / raw[1]
-    rows.append(
-        {
-            "row": 5,
-            "endpoint": "render 512x512 overlay PNG",
-            "render_ms": render_s * 1e3,
-            "inference_ms": infer_s * 1e3,
-            "ratio": render_s / infer_s,
+        path, ctype = images["digit.png (640x400 PNG)"]
+        att = wrk(server.url + "/v1/attention?max_size=512", 8, seconds, path, ctype, server=server)
+        pred8 = wrk(server.url + "/v1/predict", 8, seconds, path, ctype, server=server)
+        rows.append(
+            {
+                "row": 5,
+                "endpoint": "/v1/attention",
+                **att,
+                "predict_req_s": pred8["req_s"],
+                "ratio": att["req_s"] / pred8["req_s"],
+            }
+        )
+        v2 = {
+            c: wrk(
+                f"{server.url}/v2/models/{name}/infer",
+                c,
+                seconds,
+                work / "v2.bin",
+                "application/octet-stream",
+                len(header),
+                server,
+            )
+            for c in (1, 8)
         }
-    )
+        photo, photo_ctype = images["photo (640x427 JPEG)"]
+        ours_photo = {
+            c: wrk(server.url + "/v1/predict", c, seconds, photo, photo_ctype, server=server) for c in (1, 8, 32)
+        }
+    finally:
+        server.stop()
 
-    rows.append(kserve_row(name, threads, seconds, work / "v2.bin", len(header), our_v2))
+    rows.append(kserve_row(name, threads, seconds, work / "v2.bin", len(header), v2[8]))
 
     naive = Uvicorn("bench.naive_app:app", {"WARN_CHECKPOINT": str(DEFAULT_CKPT), "TORCH_THREADS": str(threads)})
     try:
-        for c in levels:
-            r = wrk(naive.url + "/predict", c, seconds, work / "image.png", "image/png", server=naive)
-            ours = next(o for o in rows if o["row"] == 4 and o["batching"] and o["connections"] == c)
+        for c in (1, 8, 32):
+            r = wrk(naive.url + "/predict", c, seconds, photo, photo_ctype, server=naive)
+            ours = ours_photo[c]
             rows.append(
                 {
                     "row": 7,
@@ -508,16 +586,28 @@ def markdown(m: dict, rows: list[dict], command: str) -> str:
                 f"{r['ratio']:.1%} |"
             )
         elif n == 4:
-            mode = "batching on" if r["batching"] else "batching off"
+            latency = (
+                f"; p50 {f(r['p50_ms'])} vs pipeline alone {f(r['pipeline_p50_ms'])} ms "
+                f"(+{r['p50_ms'] - r['pipeline_p50_ms']:.1f} ms)"
+                if r["connections"] == 1
+                else f"; p50 {f(r['p50_ms'])} ms"
+            )
             lines.append(
-                f"| 4 | /v1/predict, {r['connections']} conn, {mode} | service vs raw session.run "
-                f"(batch {32 if r['batching'] else 1}) | {f(r['req_s'])} vs {f(r['raw_img_s'])} img/s; "
-                f"p50 {f(r['p50_ms'])} ms, p99 {f(r['p99_ms'])} ms; wrk CPU {r['wrk_cpu']:.0%}, "
-                f"server CPU {r['server_cpu']:.0%} | {r['ratio']:.2f}x |"
+                f"| 4 | /v1/predict, {r['image']}, {r['connections']} conn | service vs the same pipeline without "
+                f"HTTP | {f(r['req_s'])} vs {f(r['pipeline_img_s'])} img/s{latency}, p99 {f(r['p99_ms'])} ms; "
+                f"non-2xx {r['non_2xx']}; server CPU {r['server_cpu']:.0%} | {r['ratio']:.2f}x |"
+            )
+        elif n == 10:
+            lines.append(f"| 10 | raw session.run, batch {r['batch']} | (reference) | {f(r['img_s'])} img/s | |")
+        elif n == 9:
+            lines.append(
+                f"| 9 | decode a {r['width']}x{r['width'] * 3 // 4} JPEG for /v1/predict | full size (before) vs "
+                f"reduced JPEG scale (after) | {f(r['before_ms'], 2)} vs {f(r['after_ms'], 2)} ms | "
+                f"{r['ratio']:.2f}x faster |"
             )
         elif n == 5 and "render_ms" in r:
             lines.append(
-                f"| 5 | overlay | render 512x512 PNG vs one inference (batch 1) | "
+                f"| 5 | {r['endpoint']} ({r['bytes'] // 1024} KB) | vs one inference (batch 1) | "
                 f"{f(r['render_ms'], 2)} vs {f(r['inference_ms'], 2)} ms | {r['ratio']:.2f}x |"
             )
         elif n == 5:
@@ -527,7 +617,7 @@ def markdown(m: dict, rows: list[dict], command: str) -> str:
             )
         elif n == 6:
             lines.append(
-                f"| 6 | /v2/models/{{name}}/infer, binary FP32 body, 8 conn | ours vs KServe ModelServer | "
+                f"| 6 | /v2/models/{{name}}/infer, binary FP32 body, 8 conn | ours vs KServe ModelServer (1 process) | "
                 f"{f(r['ours_req_s'])} vs {f(r['req_s'])} req/s; p99 {f(r['ours_p99_ms'])} vs "
                 f"{f(r['p99_ms'])} ms | {r['ratio']:.2f}x (p99 {r['p99_ratio']:.2f}x) |"
             )
@@ -539,7 +629,7 @@ def markdown(m: dict, rows: list[dict], command: str) -> str:
             )
         elif n == 7:
             lines.append(
-                f"| 7 | /v1/predict, {r['connections']} conn | ours vs naive FastAPI + PyTorch | "
+                f"| 7 | /v1/predict, photo (640x427 JPEG), {r['connections']} conn | ours vs naive FastAPI + PyTorch | "
                 f"{f(r['ours_req_s'])} vs {f(r['req_s'])} req/s; p99 {f(r['ours_p99_ms'])} vs "
                 f"{f(r['p99_ms'])} ms | {r['ratio']:.2f}x (p99 {r['p99_ratio']:.2f}x) |"
             )

@@ -1,24 +1,31 @@
-"""Dynamic micro-batching: concurrent requests share one session.run, off the event loop."""
+"""Dynamic micro-batching: concurrent requests share one session.run, off the event loop.
+
+Greedy, never idle: when the model is free a request runs at once; while a batch runs, requests
+queue, and the next batch takes everything queued (up to `max_batch` rows). A batch waits for more
+only while admitted requests are still being decoded, and never longer than `max_wait_ms`.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numpy as np
 
 from service.errors import Overloaded
 
 Outputs = dict[str, np.ndarray]
+Item = tuple[np.ndarray, "asyncio.Future[Outputs]"]
 
 
 class MicroBatcher:
-    """Gathers requests for up to `max_wait_ms` or until `max_batch` rows, runs them as one batch.
+    """Runs (n, ...) requests as batches of up to `max_batch` rows; each gets back its own n rows.
 
-    A request is an (n, ...) array; it gets back each output's n rows. The queue holds at most
-    `queue_size` requests: past that, `submit` raises Overloaded at once instead of growing memory.
+    Admission is counted before any work: `admit()` holds one of `queue_size` places from before a
+    request is decoded until its answer is back, so a full service refuses with 503 at no cost.
     """
 
     def __init__(
@@ -28,14 +35,19 @@ class MicroBatcher:
         max_wait_ms: float,
         queue_size: int,
         on_batch: Callable[[int, float], None] | None = None,
+        on_depth: Callable[[int, int], None] | None = None,
     ) -> None:
         self._run = run
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000
-        self.queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future[Outputs]]] = asyncio.Queue(queue_size)
+        self.queue_size = queue_size
+        self.queue: asyncio.Queue[Item] = asyncio.Queue()  # bounded by admission, not here
+        self.admitted = 0
         self._on_batch = on_batch
+        self._on_depth = on_depth  # (queued, admitted), on every change
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._task: asyncio.Task[None] | None = None
+        self._carry: Item | None = None  # a request that did not fit the last batch
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="micro-batcher")
@@ -50,38 +62,77 @@ class MicroBatcher:
     def depth(self) -> int:
         return self.queue.qsize()
 
-    async def submit(self, x: np.ndarray) -> Outputs:
-        future: asyncio.Future[Outputs] = asyncio.get_running_loop().create_future()
+    def _report(self) -> None:
+        if self._on_depth:
+            self._on_depth(self.queue.qsize(), self.admitted)
+
+    @contextmanager
+    def admit(self) -> Iterator[None]:
+        """Hold a place for one request (decode + inference), or raise Overloaded at once."""
+        if self.admitted >= self.queue_size:
+            raise Overloaded(f"the model's queue is full ({self.queue_size} requests in progress); retry shortly")
+        self.admitted += 1
+        self._report()
         try:
-            self.queue.put_nowait((x, future))
-        except asyncio.QueueFull:
-            raise Overloaded(
-                f"the model's queue is full ({self.queue.maxsize} requests waiting); retry shortly"
-            ) from None
+            yield
+        finally:
+            self.admitted -= 1
+            self._report()
+
+    async def submit(self, x: np.ndarray) -> Outputs:
+        with self.admit():
+            return await self.submit_admitted(x)
+
+    async def submit_admitted(self, x: np.ndarray) -> Outputs:
+        """Submit for a request that already holds a place from `admit()`."""
+        future: asyncio.Future[Outputs] = asyncio.get_running_loop().create_future()
+        self.queue.put_nowait((x, future))
+        self._report()
         return await future
 
-    async def _gather(self) -> list[tuple[np.ndarray, asyncio.Future[Outputs]]]:
-        items = [await self.queue.get()]
-        rows = len(items[0][0])
-        deadline = time.perf_counter() + self.max_wait
+    def _take(self, items: list[Item], rows: int) -> int:
+        """Move queued requests into `items` while they fit `max_batch`; returns the row count."""
         while rows < self.max_batch:
             try:
                 item = self.queue.get_nowait()
             except asyncio.QueueEmpty:
-                left = deadline - time.perf_counter()
-                if left <= 0:
-                    break
-                await asyncio.sleep(min(left, 0.0005))
-                continue
+                break
+            if rows + len(item[0]) > self.max_batch:
+                self._carry = item
+                break
             items.append(item)
             rows += len(item[0])
+        return rows
+
+    async def _gather(self) -> list[Item]:
+        if self._carry is not None:
+            first, self._carry = self._carry, None
+        else:
+            first = await self.queue.get()
+        items = [first]
+        rows = self._take(items, len(first[0]))
+        deadline = time.perf_counter() + self.max_wait
+        while rows < self.max_batch and self._carry is None:
+            left = deadline - time.perf_counter()
+            decoding = self.admitted - len(items) - self.queue.qsize()
+            if left <= 0 or decoding <= 0:
+                break
+            try:
+                item = await asyncio.wait_for(self.queue.get(), left)
+            except TimeoutError:
+                break
+            if rows + len(item[0]) > self.max_batch:
+                self._carry = item
+                break
+            items.append(item)
+            rows = self._take(items, rows + len(item[0]))
         return items
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            items = await self._gather()
-            items = [(x, f) for x, f in items if not f.done()]  # callers that gave up
+            items = [(x, f) for x, f in await self._gather() if not f.done()]  # callers that gave up
+            self._report()
             if not items:
                 continue
             batch = items[0][0] if len(items) == 1 else np.concatenate([x for x, _ in items])

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -18,13 +19,36 @@ class Settings(BaseSettings):
     PROVIDERS: str = Field(
         "auto", description="'auto' (CUDA if onnxruntime offers it, else CPU) or a comma-separated provider list"
     )
-    INTRA_OP_THREADS: int = Field(0, ge=0, description="onnxruntime threads per inference (0: one per core)")
+    WORKERS: int = Field(
+        0, ge=0, description="worker processes of `python -m service` (0: one per core; each has its own session)"
+    )
+    INTRA_OP_THREADS: int = Field(
+        0, ge=0, description="onnxruntime threads per inference (0: the cores divided among the workers)"
+    )
+    CUDA_TF32: bool = Field(False, description="TF32 matmuls and convolutions on CUDA (faster, ~1e-3 off)")
+    CUDA_MEM_LIMIT_BYTES: int = Field(0, ge=0, description="cap on onnxruntime's CUDA arena (0: no cap)")
+    CUDA_ARENA_EXTEND: Literal["kSameAsRequested", "kNextPowerOfTwo"] = Field(
+        "kSameAsRequested", description="how the CUDA arena grows; kSameAsRequested keeps it near what is used"
+    )
+    CUDNN_CONV_ALGO_SEARCH: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = Field(
+        "HEURISTIC", description="cuDNN convolution algorithm search (EXHAUSTIVE benchmarks every new shape)"
+    )
+    IO_BINDING: bool = Field(True, description="on CUDA: outputs bound to host memory, no extra copies")
 
     MAX_BATCH_SIZE: int = Field(32, ge=1, description="largest micro-batch; 1 turns batching off")
-    MAX_WAIT_MS: float = Field(2.0, ge=0, description="how long the first request of a batch waits for others")
-    QUEUE_SIZE: int = Field(256, ge=1, description="requests waiting for the model before 503 + Retry-After")
+    MAX_WAIT_MS: float = Field(
+        2.0,
+        ge=0,
+        description="the most a batch waits for requests still being decoded; with none, it runs at once",
+    )
+    QUEUE_SIZE: int = Field(
+        256, ge=1, description="requests in progress (decoding or waiting) per worker before 503 + Retry-After"
+    )
 
     MAX_BODY_BYTES: int = Field(16 * 1024 * 1024, ge=1, description="request body limit (413 past it)")
+    MAX_IMAGES_PER_REQUEST: int = Field(
+        64, ge=1, description="images (v2 FP32 rows or BYTES elements) one request may carry (413 past it)"
+    )
     MAX_IMAGE_PIXELS: int = Field(40_000_000, ge=1, description="images with more pixels are refused undecoded")
     RESIZE: Literal["letterbox", "stretch"] = Field(
         "letterbox", description="letterbox: keep aspect, pad with the image's mean colour; stretch: ignore aspect"
@@ -32,14 +56,31 @@ class Settings(BaseSettings):
     ALPHA_BACKGROUND: tuple[int, int, int] = Field((255, 255, 255), description="colour under transparent pixels")
 
     TOP_K: int = Field(5, ge=1, description="classes returned when top_k is not given")
-    STORE: Literal["memory", "redis"] = Field("memory", description="where predictions are kept for their URLs")
+    STORE: Literal["disk", "redis", "memory"] = Field(
+        "disk",
+        description="where predictions are kept for their URLs: disk (every worker of a host), redis "
+        "(several hosts) or memory (one process)",
+    )
+    STORE_DIR: Path | None = Field(
+        None,
+        description="the disk store's directory; unset, `python -m service` makes one for its workers "
+        "(a single process makes its own), removed at exit",
+    )
     REDIS_URL: str = Field("redis://localhost:6379/0", description="the shared store when STORE=redis")
     STORE_MAX_ITEMS: int = Field(1000, ge=1, description="predictions kept for GET /v1/predictions/{id}")
+    STORE_MAX_BYTES: int = Field(
+        512 * 1024 * 1024, ge=1 << 20, description="bytes the disk or memory store may hold; oldest go first"
+    )
     STORE_TTL_S: float = Field(3600, gt=0, description="seconds a stored prediction lives")
     STORE_IMAGE_MAX_SIZE: int = Field(1024, ge=16, description="longest side of the image kept for overlays")
 
     OVERLAY_ALPHA: float = Field(0.5, ge=0, le=1, description="heatmap opacity over the photo")
     OVERLAY_COLORMAP: Literal["viridis", "turbo", "jet"] = "viridis"
+    OVERLAY_PNG_COMPRESSION: int = Field(1, ge=0, le=9, description="zlib level of overlay PNGs: 1 is fast")
+    OVERLAY_QUALITY: int = Field(85, ge=1, le=100, description="quality of WebP and JPEG overlays")
+    OVERLAY_CACHE_BYTES: int = Field(
+        64 * 1024 * 1024, ge=0, description="rendered overlays kept per worker, by parameter set (0: off)"
+    )
 
     API_KEY: str | None = Field(
         None, description="when set, every route but health and metrics needs 'Authorization: Bearer <key>'"
@@ -48,3 +89,19 @@ class Settings(BaseSettings):
         default_factory=list, description='origins allowed by CORS, e.g. ["https://grafana.example"]'
     )
     PUBLIC_URL: str | None = Field(None, description="base of the overlay URLs (default: from the request)")
+
+    def workers(self) -> int:
+        return self.WORKERS or os.cpu_count() or 1
+
+    def intra_op_threads(self) -> int:
+        return self.INTRA_OP_THREADS or max(1, (os.cpu_count() or 1) // self.workers())
+
+    def cuda_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {
+            "use_tf32": int(self.CUDA_TF32),
+            "arena_extend_strategy": self.CUDA_ARENA_EXTEND,
+            "cudnn_conv_algo_search": self.CUDNN_CONV_ALGO_SEARCH,
+        }
+        if self.CUDA_MEM_LIMIT_BYTES:
+            options["gpu_mem_limit"] = self.CUDA_MEM_LIMIT_BYTES
+        return options

@@ -8,7 +8,8 @@ from typing import Annotated
 from fastapi import Depends, Query, Request
 
 from service.errors import InvalidRequest, Unauthorized, UnsupportedMedia
-from service.predictor import OverlayParams, Runtime
+from service.overlay import FORMATS, OverlayParams
+from service.pipeline import Runtime
 
 
 def get_runtime(request: Request) -> Runtime:
@@ -77,14 +78,18 @@ def overlay_params(
     mode: Annotated[
         str, Query(pattern="^(overlay|heatmap)$", description="heatmap: the map alone, no photo")
     ] = "overlay",
+    format: Annotated[
+        str | None, Query(pattern=f"^({'|'.join(FORMATS)})$", description="png (default), webp or jpeg")
+    ] = None,
 ) -> OverlayParams:
     s = request.app.state.settings
-    return OverlayParams(
+    return OverlayParams(  # format None: the route picks (a stored overlay's URL extension, else PNG)
         head=head,
         colormap=colormap or s.OVERLAY_COLORMAP,
         alpha=s.OVERLAY_ALPHA if alpha is None else alpha,
         max_size=max_size,
         mode=mode,
+        format=format,
     )
 
 

@@ -6,6 +6,8 @@ also the error shape the Open Inference Protocol specifies.
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -66,6 +68,9 @@ def error_response(
     return JSONResponse({"error": message, "code": code, **extra}, status_code=status, headers=headers)
 
 
+log = logging.getLogger("service.errors")
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service(_: Request, e: ServiceError) -> JSONResponse:
@@ -77,6 +82,12 @@ def install(app: FastAPI) -> None:
         where = ".".join(str(p) for p in first.get("loc", ()))
         message = f"{where}: {first.get('msg', 'invalid request')}" if where else "invalid request"
         return error_response(422, "invalid_request", message, detail=jsonable(e.errors()))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, e: Exception) -> JSONResponse:
+        # the last line of defence: still JSON, and the traceback goes to the log
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=e)
+        return error_response(500, "internal_error", "internal server error (logged); please report it")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:

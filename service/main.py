@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -15,7 +16,7 @@ from service.config import Settings
 from service.deps import require_api_key
 from service.limits import BodyLimitMiddleware
 from service.metrics import Metrics, MetricsMiddleware
-from service.predictor import Runtime
+from service.pipeline import Runtime
 from service.routes import health, model, predict, predictions, v2
 
 log = logging.getLogger("service")
@@ -40,6 +41,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             app.state.runtime = None
             await runtime.stop()
+            if metrics.multiprocess:
+                from prometheus_client import multiprocess
+
+                multiprocess.mark_process_dead(os.getpid())  # its live gauges leave the sum
 
     app = FastAPI(
         title="WARN inference service",

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import os
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
 class Metrics:
-    """One registry per app, so several apps (tests) never clash."""
+    """One registry per app, so several apps (tests) never clash.
+
+    Under several workers (`python -m service` sets PROMETHEUS_MULTIPROC_DIR), each worker writes its
+    values to files there and /metrics adds up every worker's.
+    """
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         r = self.registry
         self.requests = Counter("warn_http_requests", "HTTP requests", ["method", "route", "status"], registry=r)
         self.latency = Histogram(
@@ -30,8 +36,27 @@ class Metrics:
         self.inference = Histogram(
             "warn_inference_duration_seconds", "session.run time per batch", buckets=LATENCY_BUCKETS, registry=r
         )
-        self.queue_depth = Gauge("warn_queue_depth", "Requests waiting for the model", registry=r)
+        self.queue_depth = Gauge(
+            "warn_queue_depth", "Requests waiting for the model", registry=r, multiprocess_mode="livesum"
+        )
+        self.in_progress = Gauge(
+            "warn_requests_in_progress",
+            "Requests admitted (decoding, queued or running)",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.images = Counter("warn_images", "Images classified", registry=r)
+
+    def observe_depth(self, queued: int, admitted: int) -> None:
+        self.queue_depth.set(queued)
+        self.in_progress.set(admitted)
+
+    def exposition(self) -> bytes:
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        combined = CollectorRegistry()
+        multiprocess.MultiProcessCollector(combined)
+        return generate_latest(combined)
 
     def observe_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)

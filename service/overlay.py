@@ -1,14 +1,15 @@
-"""PNG overlays of attention maps.
+"""Outputs -> PNG/WebP/JPEG: attention overlays of a stored prediction.
 
 The maps themselves come from the model's graph (`attention_map_<i>`, `attention_combined`, and the
 raw per-head masks `attention_<i>`), on the attended layer's grid. Here a map is only upsampled to
 the model input (bilinear), cropped to the box that holds the image, scaled to the output size,
-normalized to [0, 1], coloured and alpha-blended over the photo.
+normalized to [0, 1], coloured, alpha-blended over the photo and encoded.
 """
 
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from functools import cache
 
 import numpy as np
@@ -16,8 +17,29 @@ from matplotlib import colormaps
 from PIL import Image
 
 from service.errors import InvalidRequest
+from service.store import StoredPrediction
 
 COLORMAPS = ("viridis", "turbo", "jet")
+FORMATS = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
+
+
+@dataclass(frozen=True)
+class OverlayParams:
+    layer: str = "combined"  # an attended layer index, or "combined"
+    head: int | None = None  # one head, or None for the gate-weighted mix
+    colormap: str = "viridis"
+    alpha: float = 0.5
+    max_size: int | None = None
+    mode: str = "overlay"  # or "heatmap": the coloured map alone
+    format: str = "png"  # or "webp", "jpeg"
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """Encoder settings from the service's Settings: speed over size by default."""
+
+    png_compress_level: int = 1
+    quality: int = 85  # WebP and JPEG
 
 
 def _resize(a: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -57,14 +79,60 @@ def colorize(m: np.ndarray, colormap: str) -> Image.Image:
     return img
 
 
-def render(m: np.ndarray, photo: Image.Image | None, colormap: str, alpha: float) -> bytes:
-    """PNG bytes of the coloured map, blended over `photo` (same size) unless it is None.
+def encode(img: Image.Image, fmt: str = "png", encoding: Encoding = Encoding()) -> bytes:
+    buf = io.BytesIO()
+    if fmt == "png":
+        img.save(buf, format="PNG", compress_level=encoding.png_compress_level)
+    elif fmt == "webp":
+        img.convert("RGB").save(buf, format="WEBP", quality=encoding.quality, method=0)
+    elif fmt == "jpeg":
+        img.convert("RGB").save(buf, format="JPEG", quality=encoding.quality)
+    else:
+        raise InvalidRequest(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    return buf.getvalue()
+
+
+def render(
+    m: np.ndarray, photo: Image.Image | None, colormap: str, alpha: float, fmt: str = "png", encoding=Encoding()
+) -> bytes:
+    """Encoded bytes of the coloured map, blended over `photo` (same size) unless it is None.
 
     A bare heatmap stays a palette PNG (a byte per pixel), which encodes about 5x faster than RGB.
     """
     heat = colorize(m, colormap)
     if photo is not None:
-        heat = Image.blend(photo.convert("RGB"), heat.convert("RGB"), alpha)
-    buf = io.BytesIO()
-    heat.save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
+        heat = Image.blend(photo, heat.convert("RGB"), alpha)
+    return encode(heat, fmt, encoding)
+
+
+def layer_grid(stored: StoredPrediction, layer: str, head: int | None) -> np.ndarray:
+    """The map that `layer` and `head` name, on its layer's grid."""
+    layers = len(stored.maps)
+    if layer == "combined":
+        if head is not None:
+            raise InvalidRequest("head applies to one attended layer, not to 'combined'")
+        return stored.combined
+    # ASCII digits only: isdigit() also admits "²", which int() refuses
+    if not (layer.isascii() and layer.isdigit() and len(layer) <= 3 and int(layer) < layers):
+        raise InvalidRequest(f"layer must be 'combined' or an attended layer index 0..{layers - 1}, got {layer[:20]!r}")
+    i = int(layer)
+    heads = stored.masks[i].shape[0]
+    if head is not None and not 0 <= head < heads:
+        raise InvalidRequest(f"head must be between 0 and {heads - 1} for this layer, got {head}")
+    return stored.maps[i] if head is None else stored.masks[i][head]
+
+
+def draw(
+    stored: StoredPrediction, p: OverlayParams, input_size: tuple[int, int], encoding: Encoding = Encoding()
+) -> bytes:
+    """The overlay that `p` describes, of a stored prediction, encoded."""
+    grid = layer_grid(stored, p.layer, p.head)
+    h, w = stored.image.shape[:2]
+    out_w, out_h = output_size(w, h, p.max_size)
+    heat = to_image_grid(grid, input_size, stored.content, out_w, out_h)
+    photo = None
+    if p.mode == "overlay":
+        photo = Image.fromarray(stored.image)
+        if photo.size != (out_w, out_h):
+            photo = photo.resize((out_w, out_h), Image.BILINEAR)
+    return render(heat, photo, p.colormap, p.alpha, p.format, encoding)

@@ -1,21 +1,29 @@
-"""Stored predictions, so overlay URLs can be fetched after the answer: bounded by count and TTL.
+"""Stored predictions, so overlay URLs can be fetched after the answer: bounded by count, bytes and TTL.
 
-`memory` keeps them in the process; `redis` shares them between replicas behind a load
-balancer, so an overlay URL returned by one replica is served by any other, and survives a
-replica's restart. Redis entries are JSON plus raw arrays, never pickles.
+- `disk` (default): diskcache (SQLite and files) in a directory, shared by every worker process of
+  one host, so an overlay URL returned by one worker is served by any other.
+- `redis`: shared between hosts behind a load balancer; survives a replica's restart.
+- `memory`: one process only.
+Entries are JSON plus raw arrays (`StoredPrediction.to_bytes`), never pickles.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import shutil
+import tempfile
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+from starlette.concurrency import run_in_threadpool
+
+MAGIC = b"WARNSP2\n"  # format 2: raw arrays (format 1 was an npz)
 
 
 @dataclass
@@ -27,28 +35,45 @@ class StoredPrediction:
     content: tuple[int, int, int, int]  # the image's box on the model input grid
     image: np.ndarray  # (H, W, 3) uint8, the image (at most STORE_IMAGE_MAX_SIZE) overlays are drawn on
 
+    @property
+    def nbytes(self) -> int:
+        arrays = [*self.masks, *self.maps, self.combined, self.image]
+        return sum(a.nbytes for a in arrays) + 1024  # plus about the JSON answer
+
     def to_bytes(self) -> bytes:
-        arrays = {f"mask_{i}": m for i, m in enumerate(self.masks)}
-        arrays.update({f"map_{i}": m for i, m in enumerate(self.maps)})
-        buf = io.BytesIO()
-        np.savez(buf, combined=self.combined, image=self.image, **arrays)
-        head = json.dumps({"result": self.result, "content": list(self.content), "layers": len(self.masks)}).encode()
-        return len(head).to_bytes(4, "big") + head + buf.getvalue()
+        """A JSON header (the answer, the box, each array's dtype and shape), then the arrays' raw bytes."""
+        arrays = [*self.masks, *self.maps, self.combined, self.image]
+        head = json.dumps(
+            {
+                "result": self.result,
+                "content": list(self.content),
+                "layers": len(self.masks),
+                "arrays": [[a.dtype.str, list(a.shape)] for a in arrays],
+            }
+        ).encode()
+        return b"".join([MAGIC, len(head).to_bytes(4, "big"), head, *(np.ascontiguousarray(a).data for a in arrays)])
 
     @classmethod
     def from_bytes(cls, data: bytes) -> StoredPrediction:
-        n = int.from_bytes(data[:4], "big")
-        head = json.loads(data[4 : 4 + n])
-        with np.load(io.BytesIO(data[4 + n :]), allow_pickle=False) as z:
-            layers = range(head["layers"])
-            return cls(
-                result=head["result"],
-                masks=[z[f"mask_{i}"] for i in layers],
-                maps=[z[f"map_{i}"] for i in layers],
-                combined=z["combined"],
-                content=tuple(head["content"]),
-                image=z["image"],
-            )
+        if data[: len(MAGIC)] != MAGIC:
+            raise ValueError("not a stored prediction of this format")
+        i = len(MAGIC) + 4
+        n = int.from_bytes(data[len(MAGIC) : i], "big")
+        head = json.loads(data[i : i + n])
+        offset, arrays = i + n, []
+        for dtype, shape in head["arrays"]:
+            count = int(np.prod(shape))
+            arrays.append(np.frombuffer(data, dtype, count, offset).reshape(shape))  # views, no copies
+            offset += count * np.dtype(dtype).itemsize
+        layers = head["layers"]
+        return cls(
+            result=head["result"],
+            masks=arrays[:layers],
+            maps=arrays[layers : 2 * layers],
+            combined=arrays[2 * layers],
+            content=tuple(head["content"]),
+            image=arrays[2 * layers + 1],
+        )
 
 
 class PredictionStore(Protocol):
@@ -59,22 +84,32 @@ class PredictionStore(Protocol):
     async def close(self) -> None: ...
 
 
-class MemoryStore:
-    """In-process store: the oldest entries go first past `max_items`; entries expire after `ttl_s`."""
+def _size(value: Any) -> int:
+    return getattr(value, "nbytes", 0)
 
-    def __init__(self, max_items: int, ttl_s: float, clock=time.monotonic) -> None:
+
+class MemoryStore:
+    """In-process store: the oldest entries go first past `max_items` or `max_bytes`; entries expire after `ttl_s`."""
+
+    def __init__(self, max_items: int, ttl_s: float, max_bytes: int | None = None, clock=time.monotonic) -> None:
         self.max_items = max_items
+        self.max_bytes = max_bytes
         self.ttl_s = ttl_s
+        self.bytes = 0
         self._clock = clock
         self._items: OrderedDict[str, tuple[float, Any]] = OrderedDict()
         self._lock = threading.Lock()
 
     async def put(self, key: str, value: Any) -> None:
         with self._lock:
+            if key in self._items:
+                self.bytes -= _size(self._items.pop(key)[1])
             self._items[key] = (self._clock() + self.ttl_s, value)
-            self._items.move_to_end(key)
-            while len(self._items) > self.max_items:
-                self._items.popitem(last=False)
+            self.bytes += _size(value)
+            while len(self._items) > self.max_items or (
+                self.max_bytes is not None and self.bytes > self.max_bytes and len(self._items) > 1
+            ):
+                self.bytes -= _size(self._items.popitem(last=False)[1][1])
 
     async def get(self, key: str) -> Any | None:
         with self._lock:
@@ -83,14 +118,64 @@ class MemoryStore:
                 return None
             if entry[0] <= self._clock():
                 del self._items[key]
+                self.bytes -= _size(entry[1])
                 return None
             return entry[1]
 
     async def close(self) -> None:
         self._items.clear()
+        self.bytes = 0
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+class DiskStore:
+    """diskcache in `directory`: safe across processes, least recently stored evicted first past
+    `max_bytes` (diskcache's size limit) or `max_items`, each entry expiring after `ttl_s`."""
+
+    def __init__(
+        self, directory: Path | str | None, max_items: int, ttl_s: float, max_bytes: int, temporary: bool = False
+    ) -> None:
+        import diskcache
+
+        if directory is None:
+            directory = tempfile.mkdtemp(prefix="warn-predictions-")
+        self.directory = Path(directory)
+        self.temporary = temporary  # remove the directory on close
+        self.max_items = max_items
+        self.ttl_s = ttl_s
+        self.cache = diskcache.Cache(
+            str(directory),
+            size_limit=max_bytes,
+            eviction_policy="least-recently-stored",
+            cull_limit=16,  # entries evicted per write at most, so one write never stalls on a purge
+            statistics=False,
+        )
+
+    def _put(self, key: str, data: bytes) -> None:
+        # as a reader: diskcache writes a bytes value line by line (thousands of small writes)
+        self.cache.set(key, io.BytesIO(data), read=True, expire=self.ttl_s)
+        excess = len(self.cache) - self.max_items
+        for _ in range(min(excess, 16)):
+            # the oldest by insertion; peekitem also reads its value, a cost paid only past max_items
+            oldest, _ = self.cache.peekitem(last=False)
+            self.cache.delete(oldest)
+
+    def _get(self, key: str) -> StoredPrediction | None:
+        data = self.cache.get(key)
+        return None if data is None else StoredPrediction.from_bytes(data)
+
+    async def put(self, key: str, value: StoredPrediction) -> None:
+        await run_in_threadpool(self._put, key, value.to_bytes())
+
+    async def get(self, key: str) -> StoredPrediction | None:
+        return await run_in_threadpool(self._get, key)
+
+    async def close(self) -> None:
+        self.cache.close()
+        if self.temporary:
+            shutil.rmtree(self.directory, ignore_errors=True)
 
 
 class RedisStore:

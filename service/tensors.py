@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import struct
 import zlib
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from service.errors import BodyTooLarge, InvalidRequest
+from service.errors import BodyTooLarge, InvalidImage, InvalidRequest
 
 DTYPES: dict[str, Any] = {
     "BOOL": np.bool_,
@@ -63,11 +64,14 @@ def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
 def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], memoryview]:
     n = len(body)
     if header_length is not None:
-        if not header_length.isdigit() or int(header_length) > n:
-            raise InvalidRequest(f"Inference-Header-Content-Length {header_length!r} does not fit a {n}-byte body")
+        # ASCII digits only: isdigit() also admits "²", which int() refuses
+        if not (header_length.isascii() and header_length.isdigit()) or int(header_length) > n:
+            raise InvalidRequest(f"Inference-Header-Content-Length {header_length[:20]!r} does not fit a {n}-byte body")
         n = int(header_length)
     try:
         header = json.loads(body[:n])
+    except RecursionError:
+        raise InvalidRequest("inference request JSON is nested too deeply") from None
     except ValueError as e:
         raise InvalidRequest(f"inference request is not valid JSON: {e}") from None
     if not isinstance(header, dict):
@@ -99,24 +103,47 @@ def _json_bytes(value: Any) -> bytes:
         raise InvalidRequest("BYTES elements in JSON must be base64-encoded") from None
 
 
-def read_inputs(header: dict[str, Any], binary: memoryview) -> list[Tensor]:
+def _parameters(spec: dict[str, Any], where: str) -> dict[str, Any]:
+    params = spec.get("parameters")
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise InvalidRequest(f"{where}: 'parameters' must be a JSON object")
+    return params
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def read_inputs(header: dict[str, Any], binary: memoryview, max_elements: int) -> list[Tensor]:
+    """The request's input tensors; none may hold more than `max_elements` elements."""
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise InvalidRequest("inference request needs a non-empty 'inputs' list")
+    _parameters(header, "request")
     tensors, offset = [], 0
     for spec in inputs:
-        try:
-            name, datatype, shape = spec["name"], spec["datatype"], [int(d) for d in spec["shape"]]
-        except (KeyError, TypeError, ValueError):
-            raise InvalidRequest("each input needs 'name', 'datatype' and an integer 'shape'") from None
+        if not isinstance(spec, dict):
+            raise InvalidRequest("each input must be a JSON object")
+        name, datatype, shape = spec.get("name"), spec.get("datatype"), spec.get("shape")
+        if not isinstance(name, str) or not isinstance(datatype, str) or not isinstance(shape, list):
+            raise InvalidRequest("each input needs a string 'name' and 'datatype' and a list 'shape'")
+        if not all(_is_int(d) for d in shape) or len(shape) > 8:
+            raise InvalidRequest(f"input {name[:64]!r}: shape must be at most 8 integers, got {str(shape)[:80]}")
         if datatype not in DTYPES:
-            raise InvalidRequest(f"input {name!r}: unknown datatype {datatype!r}")
+            raise InvalidRequest(f"input {name[:64]!r}: unknown datatype {datatype[:20]!r}")
         if any(d < 0 for d in shape):
-            raise InvalidRequest(f"input {name!r}: shape {shape} has a negative dimension")
-        count = int(np.prod(shape)) if shape else 1
-        size = (spec.get("parameters") or {}).get("binary_data_size")
+            raise InvalidRequest(f"input {name[:64]!r}: shape {shape} has a negative dimension")
+        count = math.prod(shape)
+        if count > max_elements:
+            raise BodyTooLarge(
+                f"input {name[:64]!r}: shape {shape} has {count} elements, more than the limit of {max_elements}"
+            )
+        size = _parameters(spec, f"input {name[:64]!r}").get("binary_data_size")
         if size is not None:
-            size = int(size)
+            if not _is_int(size) or size < 0:
+                raise InvalidRequest(f"input {name[:64]!r}: binary_data_size must be a non-negative integer")
             if offset + size > len(binary):
                 raise InvalidRequest(f"input {name!r}: binary_data_size {size} runs past the end of the body")
             raw = binary[offset : offset + size]
@@ -132,14 +159,19 @@ def read_inputs(header: dict[str, Any], binary: memoryview) -> list[Tensor]:
                 data = np.frombuffer(raw, dtype=DTYPES[datatype])
         elif "data" in spec:
             if datatype == "BYTES":
-                flat = np.asarray(spec["data"], dtype=object).reshape(-1)
+                if not isinstance(spec["data"], list):
+                    raise InvalidRequest(f"input {name[:64]!r}: data must be a list")
+                try:
+                    flat = np.asarray(spec["data"], dtype=object).reshape(-1)
+                except ValueError:
+                    raise InvalidRequest(f"input {name[:64]!r}: data is not a regular array") from None
                 data = np.empty(len(flat), dtype=object)
                 data[:] = [_json_bytes(v) for v in flat]
             else:
                 try:
                     data = np.asarray(spec["data"], dtype=DTYPES[datatype]).reshape(-1)
-                except (TypeError, ValueError) as e:
-                    raise InvalidRequest(f"input {name!r}: data is not {datatype}: {e}") from None
+                except (TypeError, ValueError, OverflowError) as e:
+                    raise InvalidRequest(f"input {name[:64]!r}: data is not {datatype}: {str(e)[:200]}") from None
         else:
             raise InvalidRequest(f"input {name!r} has neither 'data' nor parameters.binary_data_size")
         if data.size != count:
@@ -150,17 +182,26 @@ def read_inputs(header: dict[str, Any], binary: memoryview) -> list[Tensor]:
 
 def requested_outputs(header: dict[str, Any], available: list[str]) -> list[tuple[str, bool]]:
     """(name, as binary) for each output to return; all of them when none are named."""
-    binary_default = bool((header.get("parameters") or {}).get("binary_data_output", False))
+    binary_default = bool(_parameters(header, "request").get("binary_data_output", False))
     wanted = header.get("outputs")
-    if not wanted:
+    if wanted is None or wanted == []:
         return [(name, binary_default) for name in available]
+    if not isinstance(wanted, list):
+        raise InvalidRequest("'outputs' must be a list of {\"name\": ...} objects")
     out = []
     for spec in wanted:
         name = spec.get("name") if isinstance(spec, dict) else None
-        if name not in available:
-            raise InvalidRequest(f"unknown output {name!r}; this model has {', '.join(available)}")
-        out.append((name, bool((spec.get("parameters") or {}).get("binary_data", binary_default))))
+        if not isinstance(name, str) or name not in available:
+            raise InvalidRequest(f"unknown output {str(name)[:64]!r}; this model has {', '.join(available)}")
+        out.append((name, bool(_parameters(spec, f"output {name!r}").get("binary_data", binary_default))))
     return out
+
+
+def finite(x: np.ndarray) -> np.ndarray:
+    """`x`, or a 422 when it holds NaN or infinity (whose outputs JSON cannot carry)."""
+    if not np.isfinite(x).all():
+        raise InvalidImage("input holds NaN or infinite values; pixels must be finite (RGB in [0, 1])")
+    return x
 
 
 def encode_response(header: dict[str, Any], outputs: list[tuple[str, np.ndarray, bool]]) -> tuple[bytes, int | None]:

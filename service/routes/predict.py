@@ -10,6 +10,8 @@ from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from service.deps import IMAGE_BODY, ImageBytes, OverlayDep, RuntimeDep
+from service.overlay import FORMATS
+from service.response import describe
 
 router = APIRouter(prefix="/v1", tags=["predict"])
 
@@ -54,8 +56,9 @@ async def predict(
 ) -> dict[str, Any]:
     """Top-k classes, gates of every attended layer, global gates, and URLs of the attention overlays."""
     started = time.perf_counter()
-    c = await rt.classify(data)
-    result = rt.describe(c, top_k or rt.settings.TOP_K, probabilities)
+    c = await rt.classify(data, rt.settings.STORE_IMAGE_MAX_SIZE)
+    g = c.geometry
+    result = describe(rt.info, c.outputs, (g.width, g.height), top_k or rt.settings.TOP_K, probabilities)
     key = await rt.remember(c, result)
     base = f"{url_base(request)}/v1/predictions/{key}/attention"
     layers = ["combined", *map(str, range(rt.info.attended_layers))]
@@ -72,7 +75,7 @@ async def predict(
     openapi_extra=IMAGE_BODY,
     summary="Attention overlay of an image, in one call",
     response_class=Response,
-    responses={200: {"content": {"image/png": {}}}},
+    responses={200: {"content": {media: {} for media in FORMATS.values()}}},
 )
 async def attention(
     rt: RuntimeDep,
@@ -80,7 +83,12 @@ async def attention(
     params: OverlayDep,
     layer: Annotated[str, Query(description="attended layer index, or 'combined'")] = "combined",
 ) -> Response:
-    c = await rt.classify(data)
-    transient = rt.snapshot(c, {})
-    png = await run_in_threadpool(rt.render, transient, dataclasses.replace(params, layer=layer))
-    return Response(png, media_type="image/png")
+    """The overlay is drawn at most WARN_STORE_IMAGE_MAX_SIZE on its longest side, as stored ones are."""
+    side = min(params.max_size or rt.settings.STORE_IMAGE_MAX_SIZE, rt.settings.STORE_IMAGE_MAX_SIZE)
+    c = await rt.classify(data, side)
+    p = dataclasses.replace(params, layer=layer, format=params.format or "png")
+
+    def draw() -> bytes:
+        return rt.render(rt.snapshot(c, {}, side), p)
+
+    return Response(await run_in_threadpool(draw), media_type=FORMATS[p.format])

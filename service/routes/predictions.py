@@ -6,10 +6,10 @@ import dataclasses
 from typing import Any
 
 from fastapi import APIRouter, Response
-from starlette.concurrency import run_in_threadpool
 
 from service.deps import OverlayDep, RuntimeDep
-from service.errors import NotFound
+from service.errors import InvalidRequest, NotFound
+from service.overlay import FORMATS
 from service.store import StoredPrediction
 
 router = APIRouter(prefix="/v1/predictions", tags=["predictions"])
@@ -29,14 +29,24 @@ async def get_prediction(rt: RuntimeDep, prediction_id: str) -> dict[str, Any]:
     return {"id": prediction_id, **(await lookup(rt, prediction_id)).result}
 
 
+EXTENSIONS = {"png": "png", "webp": "webp", "jpeg": "jpeg", "jpg": "jpeg"}
+
+
 @router.get(
-    "/{prediction_id}/attention/{layer}.png",
+    "/{prediction_id}/attention/{layer}.{ext}",
     summary="Attention overlay of a stored prediction",
     response_class=Response,
-    responses={200: {"content": {"image/png": {}}}},
+    responses={200: {"content": {media: {} for media in FORMATS.values()}}},
 )
-async def get_overlay(rt: RuntimeDep, prediction_id: str, layer: str, params: OverlayDep) -> Response:
-    """`layer` is an attended layer index (0 = shallowest) or `combined` (layers mixed by the global gates)."""
+async def get_overlay(rt: RuntimeDep, prediction_id: str, layer: str, ext: str, params: OverlayDep) -> Response:
+    """`layer` is an attended layer index (0 = shallowest) or `combined` (layers mixed by the global gates).
+
+    The extension (png, webp, jpeg) picks the format unless `format` is given.
+    """
+    if ext not in EXTENSIONS:
+        raise InvalidRequest(f"overlay extension must be one of {', '.join(EXTENSIONS)}, got {ext[:10]!r}")
     stored = await lookup(rt, prediction_id)
-    png = await run_in_threadpool(rt.render, stored, dataclasses.replace(params, layer=layer))
-    return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
+    fmt = params.format or EXTENSIONS[ext]
+    p = dataclasses.replace(params, layer=layer, format=fmt)
+    image = await rt.overlay(prediction_id, stored, p)
+    return Response(image, media_type=FORMATS[fmt], headers={"Cache-Control": "private, max-age=300"})

@@ -52,11 +52,14 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, env: dict[str, str], python: str = sys.executable) -> None:
+    """The app on real uvicorn; `launcher=True` starts it as `make serve` and the image do (`python -m service`)."""
+
+    def __init__(self, env: dict[str, str], python: str = sys.executable, launcher: bool = False) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        module = ["service"] if launcher else ["uvicorn", "service.main:app"]
         self.proc = subprocess.Popen(
-            [python, "-m", "uvicorn", "service.main:app", "--host", "127.0.0.1", "--port", str(self.port)],
+            [python, "-m", *module, "--host", "127.0.0.1", "--port", str(self.port)],
             cwd=ROOT,
             env={**os.environ, **env},
             stdout=subprocess.PIPE,
@@ -77,7 +80,14 @@ class Server:
             time.sleep(0.2)
         raise TimeoutError("server did not become ready")
 
+    def stop_and_read(self) -> str:
+        """Stops the server; returns everything it printed."""
+        self.stop()
+        return self.proc.stdout.read()
+
     def stop(self) -> None:
+        if self.proc.poll() is not None:
+            return
         self.proc.terminate()
         try:
             self.proc.wait(10)

@@ -124,19 +124,19 @@ def test_unusual_valid_images(client, name, data, size):
 
 
 def test_alpha_is_composited_on_the_background(model_path):
-    from service.imaging import decode
+    from service.decode import decode
 
     clear = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
-    assert decode(png(clear), 100, (0, 0, 255)).getpixel((0, 0)) == (0, 0, 255)
+    assert decode(png(clear), 100, (0, 0, 255)).image.getpixel((0, 0)) == (0, 0, 255)
     half = Image.new("LA", (4, 4), (0, 255))
-    assert decode(png(half), 100, (0, 0, 255)).getpixel((0, 0)) == (0, 0, 0)
+    assert decode(png(half), 100, (0, 0, 255)).image.getpixel((0, 0)) == (0, 0, 0)
 
 
 def test_16_bit_keeps_its_range():
-    from service.imaging import decode
+    from service.decode import decode
 
     wide = Image.fromarray(np.full((4, 4), 65535, np.uint16))
-    assert decode(png(wide), 100).getpixel((0, 0)) == (255, 255, 255)
+    assert decode(png(wide), 100).image.getpixel((0, 0)) == (255, 255, 255)
 
 
 def test_bad_requests_do_not_disturb_good_ones(client):

@@ -61,7 +61,7 @@ def test_full_queue_is_refused_not_grown():
         return {"y": x}
 
     async def main():
-        b = MicroBatcher(slow, max_batch=1, max_wait_ms=0, queue_size=2)
+        b = MicroBatcher(slow, max_batch=1, max_wait_ms=0, queue_size=3)  # 3 in progress: 1 running, 2 queued
         b.start()
         first = asyncio.ensure_future(b.submit(np.zeros((1, 1))))
         await asyncio.sleep(0.05)  # the first request is now running, holding the model
@@ -74,6 +74,55 @@ def test_full_queue_is_refused_not_grown():
         await b.stop()
 
     asyncio.run(main())
+
+
+def test_an_idle_model_runs_a_request_at_once_and_a_busy_one_takes_the_whole_queue():
+    gate = threading.Event()
+    batches: list[int] = []
+
+    def run(x):
+        batches.append(len(x))
+        if len(batches) == 1:
+            gate.wait(5)
+        return {"y": x}
+
+    async def main():
+        b = MicroBatcher(run, max_batch=8, max_wait_ms=5000, queue_size=64)
+        b.start()
+        started = time.perf_counter()
+        first = asyncio.ensure_future(b.submit(np.zeros((1, 1))))
+        while not batches:
+            await asyncio.sleep(0.001)
+        waited = time.perf_counter() - started  # nothing else was decoding, so no wait for a fuller batch
+        rest = [asyncio.ensure_future(b.submit(np.zeros((1, 1)))) for _ in range(11)]
+        await asyncio.sleep(0.05)
+        gate.set()
+        await asyncio.gather(first, *rest)
+        await b.stop()
+        return waited
+
+    waited = asyncio.run(main())
+    assert waited < 2.5, f"a lone request waited {waited:.2f} s for a batch"
+    assert batches == [1, 8, 3], "while the model was busy, the queue was taken whole, up to max_batch"
+
+
+def test_a_batch_waits_for_requests_still_decoding_at_most_max_wait():
+    batches: list[int] = []
+
+    async def main():
+        b = MicroBatcher(run_identity(batches), max_batch=8, max_wait_ms=5000, queue_size=64)
+        b.start()
+
+        async def decode_then_submit(delay: float):
+            with b.admit():
+                await asyncio.sleep(delay)  # stands for decoding in a thread
+                return await b.submit_admitted(np.zeros((1, 1)))
+
+        await asyncio.gather(decode_then_submit(0), decode_then_submit(0.2))
+        await b.stop()
+
+    asyncio.run(main())
+    assert batches == [2], "the first request waited for the one still decoding"
 
 
 def test_a_failing_batch_fails_only_its_requests():
@@ -98,7 +147,7 @@ def test_a_failing_batch_fails_only_its_requests():
 
 
 def test_overloaded_service_answers_503_with_retry_after(model_path):
-    import service.predictor as predictor
+    import service.pipeline as predictor
 
     with make_client(model_path, QUEUE_SIZE=1, MAX_BATCH_SIZE=1) as c:
         rt = c.app.state.runtime

@@ -6,7 +6,7 @@ import numpy as np
 from PIL import Image
 
 from service import overlay
-from service.imaging import letterbox_box, to_input
+from service.preprocess import letterbox_box, to_input
 from service.store import MemoryStore
 
 

@@ -13,7 +13,7 @@ import tritonclient.http as triton
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from service.imaging import to_input
+from service.preprocess import to_input
 from tests.serving.conftest import png
 
 
@@ -205,3 +205,118 @@ def test_gzip_bomb_is_refused(server):
         f"{server.url}/v2/models/{model_name(server)}/infer", content=bomb, headers={"content-encoding": "gzip"}
     )
     assert r.status_code == 413
+
+
+MALFORMED = [
+    ("empty BYTES batch", {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [0], "data": []}]}, 400),
+    (
+        "shape past any limit",
+        {"inputs": [{"name": "image", "datatype": "FP32", "shape": [4611686018427387904, 4], "data": []}]},
+        413,
+    ),
+    ("UINT8 out of range", {"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1], "data": [300]}]}, 400),
+    (
+        "outputs not a list",
+        {"inputs": [{"name": "image", "datatype": "FP32", "shape": [1], "data": [0]}], "outputs": 5},
+        400,
+    ),
+    (
+        "parameters not an object",
+        {"inputs": [{"name": "image", "datatype": "FP32", "shape": [1], "data": [0]}], "parameters": "x"},
+        400,
+    ),
+    (
+        "binary_data_size not a number",
+        {"inputs": [{"name": "image", "datatype": "FP32", "shape": [1], "parameters": {"binary_data_size": "abc"}}]},
+        400,
+    ),
+    ("shape of strings", {"inputs": [{"name": "image", "datatype": "FP32", "shape": ["1"], "data": [0]}]}, 400),
+    ("input not an object", {"inputs": [7]}, 400),
+    ("ragged BYTES", {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [2], "data": [["a"], "b"]}]}, 400),
+]
+
+
+@pytest.mark.parametrize("body,status", [m[1:] for m in MALFORMED], ids=[m[0] for m in MALFORMED])
+def test_malformed_requests_are_json_errors(server, body, status):
+    r = httpx.post(f"{server.url}/v2/models/{model_name(server)}/infer", json=body, timeout=30)
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/json" and r.json()["error"]
+
+
+def test_deep_json_and_odd_header_length_are_400(server):
+    url = f"{server.url}/v2/models/{model_name(server)}/infer"
+    deep = httpx.post(url, content=b"[" * 100000 + b"]" * 100000, headers={"content-type": "application/json"})
+    assert deep.status_code == 400 and deep.json()["code"] == "invalid_request"
+    odd = httpx.post(
+        url,
+        content=b"{}",
+        headers=[(b"content-type", b"application/octet-stream"), (b"inference-header-content-length", b"\xb2")],
+    )
+    assert odd.status_code == 400 and odd.json()["code"] == "invalid_request"
+    assert httpx.get(f"{server.url}/v2/health/ready").status_code == 200
+
+
+def test_images_per_request_are_capped(server):
+    """8,000 copies of a 1x1 PNG in 2 KB of gzip once took the server to 13 GB; now a 413 before decoding."""
+    one = base64.b64encode(png(Image.new("RGB", (1, 1)))).decode()
+    body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [8000], "data": [one] * 8000}]}
+    packed = gzip.compress(json.dumps(body).encode())
+    assert len(packed) < 10_000
+    url = f"{server.url}/v2/models/{model_name(server)}/infer"
+    r = httpx.post(url, content=packed, headers={"content-type": "application/json", "content-encoding": "gzip"})
+    assert r.status_code == 413 and "limit of 64" in r.json()["error"]
+    rows = pixels(65)
+    r = httpx.post(
+        url,
+        content=json.dumps({"inputs": [{"name": "image", "datatype": "FP32", "shape": [65, 3, 48, 48]}]}).encode()
+        + rows.tobytes(),
+        headers={"inference-header-content-length": str(len(b"x")), "content-type": "application/octet-stream"},
+    )
+    assert r.status_code in (400, 413)
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "image",
+                    "datatype": "FP32",
+                    "shape": [65, 3, 48, 48],
+                    "parameters": {"binary_data_size": rows.nbytes},
+                }
+            ]
+        }
+    ).encode()
+    r = httpx.post(
+        url,
+        content=header + rows.tobytes(),
+        headers={"inference-header-content-length": str(len(header)), "content-type": "application/octet-stream"},
+    )
+    assert r.status_code == 413 and r.json()["code"] == "body_too_large"
+
+
+def test_non_finite_pixels_are_422(server):
+    x = pixels(1)
+    x[0, 0, 0, 0] = np.nan
+    inp = {"name": "image", "datatype": "FP32", "shape": list(x.shape), "parameters": {"binary_data_size": x.nbytes}}
+    header = json.dumps({"inputs": [inp]}).encode()
+    r = httpx.post(
+        f"{server.url}/v2/models/{model_name(server)}/infer",
+        content=header + x.tobytes(),
+        headers={"inference-header-content-length": str(len(header)), "content-type": "application/octet-stream"},
+    )
+    assert r.status_code == 422 and "NaN" in r.json()["error"]
+
+
+def test_an_unexpected_error_is_a_json_500(model_path):
+    from fastapi.testclient import TestClient
+
+    from service.config import Settings
+    from service.main import create_app
+
+    # as a real server does: the exception is logged, not raised into the client
+    with TestClient(create_app(Settings(MODEL_PATH=model_path)), raise_server_exceptions=False) as c:
+        c.app.state.runtime.batcher._run = lambda x: 1 / 0
+        r = c.post("/v1/predict", content=png(Image.new("RGB", (8, 8))), headers={"content-type": "image/png"})
+    assert r.status_code == 500 and r.json() == {
+        "error": "internal server error (logged); please report it",
+        "code": "internal_error",
+    }

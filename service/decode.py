@@ -1,16 +1,15 @@
-"""Bytes -> image -> model input, and the geometry that maps model pixels back to image pixels.
+"""Bytes -> image: decode an upload to upright 8-bit RGB, refusing what is not an image or too large.
 
-Resize policy (setting WARN_RESIZE):
-- letterbox (default): the image is scaled, keeping its aspect, so its longest side fills the
-  model's input; the rest is padded with the image's mean colour. Nothing is cropped.
-- stretch: the image is scaled to the input size, aspect ignored.
-Either way `Geometry.content` is the box of the model input that holds the image, so attention
-maps are cropped to it and then scaled to the image: overlays line up with the original pixels.
+JPEGs are decoded at reduced scale (libjpeg's DCT scaling, Pillow's draft mode) when a 1/2, 1/4 or
+1/8 scale still covers everything the image is used for: the model input and the stored overlay
+image. A 4000x3000 photo is then decoded at 2000x1500 for a 1024-pixel overlay, or at 500x375
+when only a prediction is wanted.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -23,15 +22,37 @@ FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM", "ICO")
 
 
 @dataclass(frozen=True)
-class Geometry:
-    width: int  # the decoded (EXIF-oriented) image
+class Decoded:
+    image: Image.Image  # RGB, upright; smaller than the original when decoded at reduced scale
+    width: int  # the original (EXIF-oriented) size, which overlays and answers refer to
     height: int
-    content: tuple[int, int, int, int]  # (x0, y0, x1, y1) of the image inside the model input
 
 
-def decode(data: bytes, max_pixels: int, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+@dataclass(frozen=True)
+class Need:
+    """How much of an image its uses need: at least `longest` pixels on its longest side and
+    `shortest` on its shortest (each capped at the original's)."""
+
+    longest: int = 0
+    shortest: int = 0
+
+
+def draft_size(width: int, height: int, need: Need) -> tuple[int, int]:
+    """The smallest size of this aspect that meets `need`, or the original size."""
+    s = min(1.0, max(need.longest / max(width, height), need.shortest / min(width, height)))
+    return max(1, math.ceil(width * s)), max(1, math.ceil(height * s))
+
+
+def decode(
+    data: bytes,
+    max_pixels: int,
+    background: tuple[int, int, int] = (255, 255, 255),
+    need: Need | None = None,
+) -> Decoded:
     """Decode an encoded image to 8-bit RGB, upright, first frame, transparency composited.
 
+    `need`: how large the caller needs the image; JPEGs may be decoded at a scale that keeps that.
+    None decodes at full size.
     Raises InvalidImage (empty, corrupt, truncated), UnsupportedMedia (not an image we read) or
     ImageTooLarge (more than `max_pixels`, checked from the header before decoding).
     """
@@ -51,12 +72,19 @@ def decode(data: bytes, max_pixels: int, background: tuple[int, int, int] = (255
         raise ImageTooLarge(f"image has {img.width}x{img.height} pixels, more than the limit of {max_pixels}")
     if img.width < 1 or img.height < 1:
         raise InvalidImage("image has no pixels")
+    width, height = img.size
     try:
+        if need is not None and img.format == "JPEG" and img.mode in ("RGB", "L"):
+            img.draft(img.mode, draft_size(width, height, need))
+        drafted = img.size
         img.seek(0)  # animated: the first frame
         img = ImageOps.exif_transpose(img) or img
-        return to_rgb(img, background)
+        rgb = to_rgb(img, background)
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
         raise InvalidImage(f"corrupt or truncated {img.format} image: {e}") from None
+    if rgb.size != drafted and rgb.size == drafted[::-1]:  # EXIF turned it by 90 degrees
+        width, height = height, width
+    return Decoded(rgb, width, height)
 
 
 def to_rgb(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
@@ -71,39 +99,7 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
         canvas = Image.new("RGB", rgba.size, background)
         canvas.paste(rgba, mask=rgba.getchannel("A"))
         return canvas
-    return img.convert("RGB") if img.mode != "RGB" else img
-
-
-def letterbox_box(width: int, height: int, size: tuple[int, int], policy: str) -> tuple[int, int, int, int]:
-    """Where the image lands inside a model input of `size` (H, W): (x0, y0, x1, y1)."""
-    h, w = size
-    if policy == "stretch":
-        return 0, 0, w, h
-    scale = min(w / width, h / height)
-    cw, ch = max(1, round(width * scale)), max(1, round(height * scale))
-    x0, y0 = (w - cw) // 2, (h - ch) // 2
-    return x0, y0, x0 + cw, y0 + ch
-
-
-def to_input(img: Image.Image, size: tuple[int, int], policy: str = "letterbox") -> tuple[np.ndarray, Geometry]:
-    """An RGB image to the model's float32 (3, H, W) input in [0, 1], and its geometry."""
-    h, w = size
-    box = letterbox_box(img.width, img.height, size, policy)
-    x0, y0, x1, y1 = box
-    resized = img.resize((x1 - x0, y1 - y0), Image.BILINEAR, reducing_gap=3.0)
-    if (x1 - x0, y1 - y0) == (w, h):
-        canvas = resized
-    else:
-        fill = tuple(int(c) for c in np.asarray(resized).reshape(-1, 3).mean(0))
-        canvas = Image.new("RGB", (w, h), fill)
-        canvas.paste(resized, (x0, y0))
-    x = np.asarray(canvas, dtype=np.float32).transpose(2, 0, 1) * np.float32(1 / 255)  # (3, H, W)
-    return x, Geometry(img.width, img.height, box)
-
-
-def thumbnail(img: Image.Image, max_side: int) -> Image.Image:
-    if max(img.size) <= max_side:
-        return img
-    t = img.copy()
-    t.thumbnail((max_side, max_side), Image.BILINEAR)
-    return t
+    if img.mode != "RGB":
+        return img.convert("RGB")
+    img.load()
+    return img

@@ -1,0 +1,69 @@
+"""The ceiling for the service: the same decode, letterbox and session.run, without HTTP.
+
+One process per core, each looping over the same encoded image with the service's own functions
+(`service.decode.decode`, `service.preprocess.to_input`, `service.model.OnnxModel`) at batch 1,
+one onnxruntime thread each. Single-image latency is one process with every core.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from service.decode import Need, decode
+from service.model import OnnxModel
+from service.preprocess import to_input
+
+
+def _loop(model_path: str, data: bytes, longest: int, threads: int, seconds: float, providers: str, out) -> None:
+    model = OnnxModel(Path(model_path), providers, threads)
+    size = model.info.input_size
+    need = Need(max(longest, *size))
+
+    def once() -> None:
+        d = decode(data, 40_000_000, need=need)
+        x, _ = to_input(d.image, size, "letterbox", (d.width, d.height))
+        model.run(x[None])
+
+    for _ in range(3):
+        once()
+    lat = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        t = time.perf_counter()
+        once()
+        lat.append(time.perf_counter() - t)
+    out.put(lat)
+
+
+def measure(
+    model_path: Path, data: bytes, seconds: float, longest: int, providers: str = "CPUExecutionProvider"
+) -> dict:
+    """Images/s over one process per core, and p50 latency of one image alone (every core)."""
+    ctx = mp.get_context("spawn")
+    cores = os.cpu_count() or 1
+
+    def run(processes: int, threads: int) -> list[list[float]]:
+        q = ctx.Queue()
+        ps = [
+            ctx.Process(target=_loop, args=(str(model_path), data, longest, threads, seconds, providers, q))
+            for _ in range(processes)
+        ]
+        for p in ps:
+            p.start()
+        lats = [q.get() for _ in ps]
+        for p in ps:
+            p.join()
+        return lats
+
+    parallel = run(cores, 1)
+    alone = run(1, cores)[0]
+    return {
+        "img_s": sum(len(lat) / sum(lat) for lat in parallel),
+        "single_p50_ms": float(np.percentile(alone, 50)) * 1e3,
+        "processes": cores,
+    }

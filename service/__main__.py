@@ -1,0 +1,40 @@
+"""`python -m service [uvicorn options]`: the service on uvicorn, one worker process per core.
+
+WARN_WORKERS sets the number of workers (0, the default: one per core); uvicorn's own options and
+UVICORN_* variables (host, port, ...) pass through. Several workers share stored predictions
+through the disk (or Redis) store and report metrics together (Prometheus multiprocess mode).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+
+from service.config import Settings
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = Settings()
+    workers = settings.workers()
+    os.environ["WARN_WORKERS"] = str(workers)  # each worker divides the cores by this
+    made = []  # directories this run shares between its workers, removed at exit
+    if settings.STORE == "disk" and settings.STORE_DIR is None:
+        made.append(tempfile.mkdtemp(prefix="warn-predictions-"))
+        os.environ["WARN_STORE_DIR"] = made[-1]
+    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        made.append(tempfile.mkdtemp(prefix="warn-metrics-"))
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = made[-1]
+    from uvicorn.main import main as uvicorn
+
+    args = ["service.main:app", "--workers", str(workers), "--timeout-graceful-shutdown", "30"]
+    try:
+        uvicorn.main(args + list(sys.argv[1:] if argv is None else argv), standalone_mode=True)
+    finally:
+        for directory in made:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""The request path, wired once per process: bytes -> image -> tensor -> (batched) session -> outputs.
+
+Each stage lives in the module named after it: `decode` (bytes -> image), `preprocess` (image ->
+tensor), `batcher` and `model` (tensor -> outputs), `response` (outputs -> JSON), `overlay`
+(outputs -> PNG) and `store` (predictions kept for their overlay URLs).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from starlette.concurrency import run_in_threadpool
+
+from service import overlay
+from service.batcher import MicroBatcher
+from service.config import Settings
+from service.decode import Need, decode
+from service.errors import ModelLoadError
+from service.metrics import Metrics
+from service.model import ModelInfo, OnnxModel
+from service.overlay_cache import OverlayCache
+from service.preprocess import Geometry, thumbnail, to_input
+from service.store import DiskStore, MemoryStore, PredictionStore, RedisStore, StoredPrediction
+
+
+@dataclass
+class Classified:
+    """One image's outputs (batch dimension removed), with where it came from."""
+
+    outputs: dict[str, np.ndarray]
+    geometry: Geometry
+    image: Image.Image  # as decoded: possibly reduced, at least as large as the stored image needs
+    timings_ms: dict[str, float]
+
+
+def make_store(settings: Settings) -> PredictionStore:
+    s = settings
+    if s.STORE == "redis":
+        return RedisStore(s.REDIS_URL, s.STORE_MAX_ITEMS, s.STORE_TTL_S)
+    if s.STORE == "disk":
+        if s.STORE_DIR is None:  # one process on its own: a directory of its own
+            return DiskStore(None, s.STORE_MAX_ITEMS, s.STORE_TTL_S, s.STORE_MAX_BYTES, temporary=True)
+        return DiskStore(s.STORE_DIR, s.STORE_MAX_ITEMS, s.STORE_TTL_S, s.STORE_MAX_BYTES)
+    return MemoryStore(s.STORE_MAX_ITEMS, s.STORE_TTL_S, s.STORE_MAX_BYTES)
+
+
+class Runtime:
+    """What the routes need, built once in the app's lifespan."""
+
+    def __init__(self, settings: Settings, metrics: Metrics, store: PredictionStore | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.model = OnnxModel(
+            settings.MODEL_PATH,
+            settings.PROVIDERS,
+            settings.intra_op_threads(),
+            settings.cuda_options(),
+            settings.IO_BINDING,
+        )
+        self.info: ModelInfo = self.model.info
+        self.store = store or make_store(settings)
+        self.batcher = MicroBatcher(
+            self.model.run,
+            settings.MAX_BATCH_SIZE,
+            settings.MAX_WAIT_MS,
+            settings.QUEUE_SIZE,
+            on_batch=metrics.observe_batch,
+            on_depth=metrics.observe_depth,
+        )
+        self.overlays = OverlayCache(settings.OVERLAY_CACHE_BYTES)
+        self.encoding = overlay.Encoding(settings.OVERLAY_PNG_COMPRESSION, settings.OVERLAY_QUALITY)
+
+    async def start(self) -> None:
+        if isinstance(self.store, RedisStore):
+            try:
+                await self.store.ping()
+            except Exception as e:
+                raise ModelLoadError(f"cannot reach the Redis store at {self.settings.REDIS_URL}: {e}") from e
+        self.batcher.start()
+
+    async def stop(self) -> None:
+        await self.batcher.stop()
+        await self.store.close()
+
+    def need(self, longest: int = 0) -> Need:
+        """How large a decode must be for the model input and an overlay image of `longest` pixels."""
+        side = max(self.info.input_size)
+        return Need(max(longest, side), side if self.settings.RESIZE == "stretch" else 0)
+
+    def prepare(self, data: bytes, need: Need | None = None) -> tuple[Image.Image, np.ndarray, Geometry]:
+        s = self.settings
+        d = decode(data, s.MAX_IMAGE_PIXELS, s.ALPHA_BACKGROUND, need or self.need())
+        x, geometry = to_input(d.image, self.info.input_size, s.RESIZE, (d.width, d.height))
+        return d.image, x, geometry
+
+    async def classify(self, data: bytes, overlay_side: int = 0) -> Classified:
+        """Decode and run one image; `overlay_side` is the longest side an overlay will be drawn at."""
+        with self.batcher.admit():  # a full queue refuses here, before any decoding
+            started = time.perf_counter()
+            img, x, geometry = await run_in_threadpool(self.prepare, data, self.need(overlay_side))
+            decoded = time.perf_counter()
+            outputs = await self.batcher.submit_admitted(x[None])
+            done = time.perf_counter()
+        row = {k: v[0] for k, v in outputs.items()}
+        timings = {"decode_ms": (decoded - started) * 1e3, "inference_ms": (done - decoded) * 1e3}
+        return Classified(row, geometry, img, timings)
+
+    async def infer_tensor(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        return await self.batcher.submit(x)
+
+    def snapshot(self, c: Classified, result: dict[str, Any], max_side: int) -> StoredPrediction:
+        """What an overlay needs of a prediction, the image shrunk to `max_side`."""
+        attended = range(self.info.attended_layers)
+        return StoredPrediction(
+            result=result,
+            masks=[c.outputs[f"attention_{i}"] for i in attended],
+            maps=[c.outputs[f"attention_map_{i}"] for i in attended],
+            combined=c.outputs["attention_combined"],
+            content=c.geometry.content,
+            image=np.asarray(thumbnail(c.image, max_side)),
+        )
+
+    async def remember(self, c: Classified, result: dict[str, Any]) -> str:
+        key = uuid.uuid4().hex
+        stored = await run_in_threadpool(self.snapshot, c, result, self.settings.STORE_IMAGE_MAX_SIZE)
+        await self.store.put(key, stored)
+        return key
+
+    def render(self, stored: StoredPrediction, p: overlay.OverlayParams) -> bytes:
+        return overlay.draw(stored, p, self.info.input_size, self.encoding)
+
+    async def overlay(self, key: str, stored: StoredPrediction, p: overlay.OverlayParams) -> bytes:
+        """A stored prediction's overlay, rendered off the event loop once per parameter set."""
+        cached = self.overlays.get((key, p))
+        if cached is None:
+            cached = await run_in_threadpool(self.render, stored, p)
+            self.overlays.put((key, p), cached)
+        return cached

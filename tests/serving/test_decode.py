@@ -1,0 +1,70 @@
+"""Bytes -> image: JPEGs decode at reduced scale only as far as the model and the overlays allow."""
+
+import io
+from importlib.resources import files
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.decode import Need, decode, draft_size
+from service.preprocess import to_input
+from tests.serving.conftest import encode, make_client
+
+
+@pytest.fixture(scope="module")
+def china() -> bytes:
+    """A real 640x427 photo that ships with scikit-learn."""
+    return (files("sklearn.datasets") / "images" / "china.jpg").read_bytes()
+
+
+def big_jpeg(photo: bytes, size=(4000, 3000)) -> bytes:
+    return encode(Image.open(io.BytesIO(photo)).convert("RGB").resize(size, Image.BICUBIC), "JPEG", quality=90)
+
+
+def test_draft_size_keeps_what_is_needed():
+    assert draft_size(4000, 3000, Need(1024)) == (1024, 768)
+    assert draft_size(4000, 3000, Need(48, 48)) == (64, 48)
+    assert draft_size(300, 200, Need(1024)) == (300, 200)  # never above the original
+
+
+def test_reduced_scale_decode_covers_the_need_and_reports_the_original_size(china):
+    data = big_jpeg(china)
+    full = decode(data, 40_000_000)
+    for need in (Need(1024), Need(48, 0), Need(48, 48)):
+        d = decode(data, 40_000_000, need=need)
+        assert (d.width, d.height) == (4000, 3000)
+        assert max(d.image.size) >= need.longest and min(d.image.size) >= need.shortest
+        assert d.image.width < 4000  # libjpeg scaled it
+    assert decode(data, 40_000_000, need=Need(48)).image.size == (500, 375)  # 1/8 scale
+    assert full.image.size == (4000, 3000)
+
+
+def test_reduced_scale_barely_changes_the_model_input(china):
+    data = big_jpeg(china)
+    full = decode(data, 40_000_000)
+    small = decode(data, 40_000_000, need=Need(1024))
+    a, geo_a = to_input(full.image, (48, 48))
+    b, geo_b = to_input(small.image, (48, 48), original_size=(small.width, small.height))
+    assert geo_a == geo_b
+    assert np.abs(a - b).max() < 0.05 and np.abs(a - b).mean() < 0.005
+
+
+def test_exif_rotation_reports_the_upright_original_size():
+    img = Image.new("RGB", (3000, 1000), (10, 20, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    d = decode(encode(img, "JPEG", exif=exif.tobytes()), 40_000_000, need=Need(100))
+    assert (d.width, d.height) == (1000, 3000)
+    assert d.image.width < d.image.height and d.image.height >= 100
+
+
+def test_predict_on_a_large_jpeg_reports_and_draws_at_the_right_size(model_path, china):
+    data = big_jpeg(china)
+    with make_client(model_path, STORE_IMAGE_MAX_SIZE=512) as c:
+        r = c.post("/v1/predict", content=data, headers={"content-type": "image/jpeg"})
+        assert r.status_code == 200, r.text
+        assert r.json()["image"] == {"width": 4000, "height": 3000}
+        overlay = c.get(r.json()["attention_urls"]["combined"])
+        assert Image.open(io.BytesIO(overlay.content)).size == (512, 384)
+        assert r.json()["timings_ms"]["decode_ms"] > 0

@@ -1,0 +1,99 @@
+"""Overlays as dashboards fetch them: formats, the render cache, size caps, and refusals before work."""
+
+import io
+import threading
+import time
+
+from PIL import Image
+
+from tests.serving.conftest import encode, make_client, png
+
+
+def test_formats_by_extension_and_parameter(client):
+    image = png(Image.new("RGB", (90, 60), (40, 90, 200)))
+    body = client.post("/v1/predict", content=image, headers={"content-type": "image/png"}).json()
+    base = body["attention_urls"]["combined"].removesuffix(".png")
+    for url, fmt, media in [
+        (f"{base}.webp", "WEBP", "image/webp"),
+        (f"{base}.jpeg", "JPEG", "image/jpeg"),
+        (f"{base}.jpg", "JPEG", "image/jpeg"),
+        (f"{base}.png?format=webp", "WEBP", "image/webp"),
+    ]:
+        r = client.get(url)
+        assert r.status_code == 200 and r.headers["content-type"] == media, url
+        img = Image.open(io.BytesIO(r.content))
+        assert img.format == fmt and img.size == (90, 60)
+    bad = client.get(f"{base}.gif")
+    assert bad.status_code == 400 and "extension" in bad.json()["error"]
+    att = client.post("/v1/attention?format=jpeg", content=image, headers={"content-type": "image/png"})
+    assert att.headers["content-type"] == "image/jpeg" and Image.open(io.BytesIO(att.content)).format == "JPEG"
+
+
+def test_a_rendered_overlay_is_cached_by_its_parameters(client):
+    image = png(Image.new("RGB", (64, 64), (200, 30, 30)))
+    body = client.post("/v1/predict", content=image, headers={"content-type": "image/png"}).json()
+    rt = client.app.state.runtime
+    calls = []
+    original = rt.render
+    rt.render = lambda stored, p: (calls.append(p), original(stored, p))[1]
+    try:
+        url = body["attention_urls"]["1"]
+        first, again = client.get(url, params={"alpha": 0.3}), client.get(url, params={"alpha": 0.3})
+        other = client.get(url, params={"alpha": 0.7})
+    finally:
+        rt.render = original
+    assert first.content == again.content and other.content != first.content
+    assert len(calls) == 2, "the repeated fetch came from the cache"
+
+
+def test_one_call_attention_is_capped_like_stored_overlays(model_path):
+    """A 1.5 KB lossless WebP of 16383x2400 must not come back at 16383x2400."""
+    big = encode(Image.new("RGB", (16383, 2400), (20, 120, 60)), "WEBP", lossless=True)
+    assert len(big) < 50_000
+    with make_client(model_path, STORE_IMAGE_MAX_SIZE=1024) as c:
+        r = c.post("/v1/attention", content=big, headers={"content-type": "image/webp"})
+        assert r.status_code == 200
+        assert Image.open(io.BytesIO(r.content)).size == (1024, 150)
+        small = c.post("/v1/attention?max_size=200", content=big, headers={"content-type": "image/webp"})
+        assert Image.open(io.BytesIO(small.content)).size == (200, 29)
+
+
+def test_a_full_service_refuses_before_decoding(model_path):
+    with make_client(model_path, QUEUE_SIZE=1, MAX_BATCH_SIZE=1) as c:
+        rt = c.app.state.runtime
+        gate, decodes = threading.Event(), []
+        original_prepare, original_run = rt.prepare, rt.batcher._run
+        rt.prepare = lambda *a: (decodes.append(1), original_prepare(*a))[1]
+        rt.batcher._run = lambda x: (gate.wait(5), original_run(x))[1]
+        image = png(Image.new("RGB", (16, 16)))
+        results = []
+
+        def call():
+            results.append(c.post("/v1/predict", content=image, headers={"content-type": "image/png"}))
+
+        first = threading.Thread(target=call)
+        first.start()
+        deadline = time.monotonic() + 5
+        while not decodes and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.05)  # the first request now holds the only place, waiting on the model
+        refused = c.post("/v1/predict", content=image, headers={"content-type": "image/png"})
+        gate.set()
+        first.join(10)
+        assert refused.status_code == 503 and refused.json()["code"] == "overloaded"
+        assert refused.headers["retry-after"] == "1"
+        assert len(decodes) == 1, "the refused request was never decoded"
+        assert results[0].status_code == 200
+
+
+def test_layer_names_that_are_not_ascii_digits_are_a_400(client):
+    image = png(Image.new("RGB", (32, 32)))
+    body = client.post("/v1/predict", content=image, headers={"content-type": "image/png"}).json()
+    base = body["attention_urls"]["0"].rsplit("/", 1)[0]
+    for layer in ("%C2%B2", "%D9%A1", "9" * 5000, "-1", "07"):
+        r = client.get(f"{base}/{layer}.png")
+        assert r.status_code in (400, 200) and r.headers["content-type"].startswith(("application/json", "image/"))
+        if r.status_code == 400:
+            assert r.json()["code"] == "invalid_request"
+    att = client.post("/v1/attention?layer=%C2%B2", content=image, headers={"content-type": "image/png"})
+    assert att.status_code == 400 and att.json()["code"] == "invalid_request"

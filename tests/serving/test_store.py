@@ -1,0 +1,87 @@
+"""Prediction stores: bounded by count, bytes and age, and the serialized form round-trips."""
+
+import asyncio
+import time
+
+import numpy as np
+
+from service.store import DiskStore, MemoryStore, StoredPrediction
+
+
+def sample(i: int, side: int = 8) -> StoredPrediction:
+    return StoredPrediction(
+        result={"top_k": [{"label": str(i)}]},
+        masks=[np.full((2, 4, 4), i, np.float32), np.full((2, 2, 2), -i, np.float32)],
+        maps=[np.full((4, 4), i / 16, np.float32), np.full((2, 2), i / 4, np.float32)],
+        combined=np.full((2, 2), i / 4, np.float32),
+        content=(0, 1, 4, 3),
+        image=np.full((side, side + 1, 3), i % 256, np.uint8),
+    )
+
+
+def test_serialized_prediction_round_trips():
+    s = sample(7, side=33)
+    got = StoredPrediction.from_bytes(s.to_bytes())
+    assert got.result == s.result and got.content == s.content
+    for a, b in zip([*got.masks, *got.maps, got.combined, got.image], [*s.masks, *s.maps, s.combined, s.image]):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(a, b)
+
+
+def test_disk_store_bounds_count_and_age(tmp_path):
+    async def main():
+        store = DiskStore(tmp_path, max_items=3, ttl_s=0.4, max_bytes=64 << 20)
+        for i in range(6):
+            await store.put(f"k{i}", sample(i))
+        assert [await store.get(f"k{i}") is not None for i in range(6)] == [False] * 3 + [True] * 3
+        assert (await store.get("k5")).result == {"top_k": [{"label": "5"}]}
+        time.sleep(0.5)
+        assert await store.get("k5") is None
+        await store.close()
+
+    asyncio.run(main())
+
+
+def test_disk_store_bounds_bytes(tmp_path):
+    """1,000 large predictions would hold about 3 GB; the byte bound keeps the store's volume under it."""
+
+    async def main():
+        limit = 4 << 20
+        store = DiskStore(tmp_path, max_items=1000, ttl_s=60, max_bytes=limit)
+        for i in range(40):
+            await store.put(f"k{i}", sample(i, side=256))  # about 200 KB each, 8 MB in all
+        volume = store.cache.volume()
+        kept = [i for i in range(40) if await store.get(f"k{i}") is not None]
+        await store.close()
+        return volume, kept, limit
+
+    volume, kept, limit = asyncio.run(main())
+    assert volume <= limit * 1.1, f"{volume} bytes on disk past a {limit}-byte limit"
+    assert 39 in kept and 0 not in kept and len(kept) < 40
+
+
+def test_memory_store_bounds_bytes():
+    async def main():
+        one = sample(0, side=64).nbytes
+        store = MemoryStore(max_items=100, ttl_s=60, max_bytes=3 * one)
+        for i in range(10):
+            await store.put(f"k{i}", sample(i, side=64))
+        kept = [i for i in range(10) if await store.get(f"k{i}") is not None]
+        return kept, store.bytes, one
+
+    kept, held, one = asyncio.run(main())
+    assert kept == [7, 8, 9] and held == 3 * one
+
+
+def test_two_processes_share_the_disk_store(tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import asyncio, sys; from service.store import DiskStore; from tests.serving.test_store import sample; "
+        "s = DiskStore(sys.argv[1], 10, 60, 64 << 20); asyncio.run(s.put('from-child', sample(3)))"
+    )
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True)
+    store = DiskStore(tmp_path, 10, 60, 64 << 20)
+    got = asyncio.run(store.get("from-child"))
+    assert got is not None and got.result == {"top_k": [{"label": "3"}]}

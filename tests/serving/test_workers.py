@@ -1,0 +1,58 @@
+"""Several worker processes behind one port: every overlay URL is served whichever worker answers it."""
+
+import asyncio
+import re
+
+import httpx
+from PIL import Image
+
+from tests.serving.conftest import Server, png
+
+
+def test_two_workers_share_predictions_and_metrics(model_path, tmp_path):
+    env = {
+        "WARN_MODEL_PATH": str(model_path),
+        "WARN_WORKERS": "2",
+        "WARN_STORE": "disk",
+        "WARN_STORE_DIR": str(tmp_path / "store"),
+    }
+    server = Server(env, launcher=True)
+    try:
+        server.wait_ready(90)
+        images = [png(Image.new("RGB", (40 + i, 32), (5 * i, 200 - 3 * i, 90))) for i in range(50)]
+
+        async def main():
+            limits = httpx.Limits(max_connections=8)
+            async with httpx.AsyncClient(timeout=60, limits=limits) as http:
+                sem = asyncio.Semaphore(8)
+
+                async def predict(image: bytes) -> httpx.Response:
+                    async with sem:
+                        return await http.post(
+                            f"{server.url}/v1/predict", content=image, headers={"content-type": "image/png"}
+                        )
+
+                answers = await asyncio.gather(*(predict(im) for im in images))
+                urls = [u for a in answers for u in a.json()["attention_urls"].values()]
+
+                async def fetch(url: str) -> httpx.Response:
+                    async with sem:
+                        # a fresh connection each time, so the kernel spreads them over the workers
+                        async with httpx.AsyncClient(timeout=60) as fresh:
+                            return await fresh.get(url, params={"max_size": 64})
+
+                overlays = await asyncio.gather(*(fetch(u) for u in urls))
+                metrics = (await http.get(f"{server.url}/metrics")).text
+                return answers, overlays, metrics
+
+        answers, overlays, metrics = asyncio.run(main())
+        assert [a.status_code for a in answers] == [200] * 50
+        assert len(overlays) == 50 * 4 and {o.status_code for o in overlays} == {200}
+        assert all(o.headers["content-type"] == "image/png" for o in overlays)
+        # both workers served, and /metrics adds up their counts
+        pids = set(re.findall(r"Started server process \[(\d+)\]", server.stop_and_read()))
+        assert len(pids) == 2, f"expected two workers, saw {pids}"
+        images_total = re.search(r"^warn_images_total ([\d.e+]+)$", metrics, re.M)
+        assert images_total and float(images_total.group(1)) == 50
+    finally:
+        server.stop()
