@@ -13,6 +13,7 @@ import sys
 import tempfile
 
 from service.config import Settings
+from service.store import scratch_dir
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -21,7 +22,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ["WARN_WORKERS"] = str(workers)  # each worker divides the cores by this
     made = []  # directories this run shares between its workers, removed at exit
     if settings.STORE == "disk" and settings.STORE_DIR is None:
-        made.append(tempfile.mkdtemp(prefix="warn-predictions-"))
+        made.append(scratch_dir(settings.STORE_MAX_BYTES))
         os.environ["WARN_STORE_DIR"] = made[-1]
     if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         made.append(tempfile.mkdtemp(prefix="warn-metrics-"))

@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     INTRA_OP_THREADS: int = Field(
         0, ge=0, description="onnxruntime threads per inference (0: the cores divided among the workers)"
     )
+    DECODE_THREADS: int = Field(
+        0, ge=0, description="images decoded at once per worker (0: its share of the cores, at least 2)"
+    )
     CUDA_TF32: bool = Field(False, description="TF32 matmuls and convolutions on CUDA (faster, ~1e-3 off)")
     CUDA_MEM_LIMIT_BYTES: int = Field(0, ge=0, description="cap on onnxruntime's CUDA arena (0: no cap)")
     CUDA_ARENA_EXTEND: Literal["kSameAsRequested", "kNextPowerOfTwo"] = Field(
@@ -64,7 +67,7 @@ class Settings(BaseSettings):
     STORE_DIR: Path | None = Field(
         None,
         description="the disk store's directory; unset, `python -m service` makes one for its workers "
-        "(a single process makes its own), removed at exit",
+        "(in /dev/shm where it has room, else the temp directory), removed at exit",
     )
     REDIS_URL: str = Field("redis://localhost:6379/0", description="the shared store when STORE=redis")
     STORE_MAX_ITEMS: int = Field(1000, ge=1, description="predictions kept for GET /v1/predictions/{id}")
@@ -95,6 +98,9 @@ class Settings(BaseSettings):
 
     def intra_op_threads(self) -> int:
         return self.INTRA_OP_THREADS or max(1, (os.cpu_count() or 1) // self.workers())
+
+    def decode_threads(self) -> int:
+        return self.DECODE_THREADS or max(2, (os.cpu_count() or 1) // self.workers())
 
     def cuda_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {

@@ -19,6 +19,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from service.errors import ImageTooLarge, InvalidImage, UnsupportedMedia
 
 FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM", "ICO")
+ORIENTATION = 0x0112  # the EXIF tag
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,8 @@ def decode(
             img.draft(img.mode, draft_size(width, height, need))
         drafted = img.size
         img.seek(0)  # animated: the first frame
-        img = ImageOps.exif_transpose(img) or img
+        if img.getexif().get(ORIENTATION, 1) != 1:  # exif_transpose copies even an upright image
+            img = ImageOps.exif_transpose(img)
         rgb = to_rgb(img, background)
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
         raise InvalidImage(f"corrupt or truncated {img.format} image: {e}") from None

@@ -12,6 +12,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
 import numpy as np
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
@@ -72,6 +73,8 @@ class Runtime:
             on_batch=metrics.observe_batch,
             on_depth=metrics.observe_depth,
         )
+        # Decodes at once per worker: more only thrash its cores, and each holds a decoded image in memory.
+        self.decoders = anyio.CapacityLimiter(settings.decode_threads())
         self.overlays = OverlayCache(settings.OVERLAY_CACHE_BYTES)
         self.encoding = overlay.Encoding(settings.OVERLAY_PNG_COMPRESSION, settings.OVERLAY_QUALITY)
 
@@ -98,11 +101,15 @@ class Runtime:
         x, geometry = to_input(d.image, self.info.input_size, s.RESIZE, (d.width, d.height))
         return d.image, x, geometry
 
+    async def decode(self, data: bytes, need: Need | None = None) -> tuple[Image.Image, np.ndarray, Geometry]:
+        """`prepare` in a decoding thread."""
+        return await anyio.to_thread.run_sync(self.prepare, data, need, limiter=self.decoders)
+
     async def classify(self, data: bytes, overlay_side: int = 0) -> Classified:
         """Decode and run one image; `overlay_side` is the longest side an overlay will be drawn at."""
         with self.batcher.admit():  # a full queue refuses here, before any decoding
             started = time.perf_counter()
-            img, x, geometry = await run_in_threadpool(self.prepare, data, self.need(overlay_side))
+            img, x, geometry = await self.decode(data, self.need(overlay_side))
             decoded = time.perf_counter()
             outputs = await self.batcher.submit_admitted(x[None])
             done = time.perf_counter()

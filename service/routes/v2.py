@@ -104,7 +104,7 @@ async def to_model_input(rt: Runtime, tensors: list[Tensor]) -> np.ndarray:
             raise InvalidRequest("input batch is empty")
         if len(images) > cap:
             raise BodyTooLarge(f"{len(images)} images in one request, more than the limit of {cap}")
-        arrays = await asyncio.gather(*(run_in_threadpool(rt.prepare, b) for b in images))
+        arrays = await asyncio.gather(*(rt.decode(b) for b in images))
         return np.stack([x for _, x, _ in arrays])
     if t.datatype != "FP32" or len(t.shape) != 4 or t.shape[1:] != [3, h, w]:
         raise InvalidRequest(
