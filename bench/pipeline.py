@@ -16,17 +16,17 @@ import numpy as np
 
 from service.decode import Need, decode
 from service.model import OnnxModel
-from service.preprocess import to_input
+from service.preprocess import fit, to_input
 
 
 def _loop(model_path: str, data: bytes, longest: int, threads: int, seconds: float, providers: str, out) -> None:
     model = OnnxModel(Path(model_path), providers, threads)
     size = model.info.input_size
-    need = Need(max(longest, *size))
+    need = Need(max(longest // 2 + 1, *size))  # as the service decodes for /v1/predict
 
     def once() -> None:
         d = decode(data, 40_000_000, need=need)
-        x, _ = to_input(d.image, size, "letterbox", (d.width, d.height))
+        x, _ = to_input(fit(d.image, longest), size, "letterbox", (d.width, d.height))
         model.run(x[None])
 
     for _ in range(3):

@@ -25,7 +25,7 @@ from service.errors import ModelLoadError
 from service.metrics import Metrics
 from service.model import ModelInfo, OnnxModel
 from service.overlay_cache import OverlayCache
-from service.preprocess import Geometry, thumbnail, to_input
+from service.preprocess import Geometry, fit, to_input
 from service.store import DiskStore, MemoryStore, PredictionStore, RedisStore, StoredPrediction
 
 
@@ -35,7 +35,7 @@ class Classified:
 
     outputs: dict[str, np.ndarray]
     geometry: Geometry
-    image: Image.Image  # as decoded: possibly reduced, at least as large as the stored image needs
+    image: Image.Image  # as decoded, at most the overlay side the request asked for
     timings_ms: dict[str, float]
 
 
@@ -90,26 +90,27 @@ class Runtime:
         await self.batcher.stop()
         await self.store.close()
 
-    def need(self, longest: int = 0) -> Need:
-        """How large a decode must be for the model input and an overlay image of `longest` pixels."""
-        side = max(self.info.input_size)
-        return Need(max(longest, side), side if self.settings.RESIZE == "stretch" else 0)
+    def prepare(self, data: bytes, side: int = 0) -> tuple[Image.Image, np.ndarray, Geometry]:
+        """Bytes to the image an overlay is drawn on (longest side in (side/2, side], or as small as the
+        model allows when `side` is 0) and the model input made from it."""
+        s, size = self.settings, self.info.input_size
+        model_side = max(size)
+        # JPEGs decode at a power-of-two scale; asking for just over side/2 lands the result in (side/2, side]
+        need = Need(max(side // 2 + 1, model_side), model_side if s.RESIZE == "stretch" else 0)
+        d = decode(data, s.MAX_IMAGE_PIXELS, s.ALPHA_BACKGROUND, need)
+        img = fit(d.image, max(side, model_side * 2))
+        x, geometry = to_input(img, size, s.RESIZE, (d.width, d.height))
+        return img, x, geometry
 
-    def prepare(self, data: bytes, need: Need | None = None) -> tuple[Image.Image, np.ndarray, Geometry]:
-        s = self.settings
-        d = decode(data, s.MAX_IMAGE_PIXELS, s.ALPHA_BACKGROUND, need or self.need())
-        x, geometry = to_input(d.image, self.info.input_size, s.RESIZE, (d.width, d.height))
-        return d.image, x, geometry
-
-    async def decode(self, data: bytes, need: Need | None = None) -> tuple[Image.Image, np.ndarray, Geometry]:
+    async def decode(self, data: bytes, side: int = 0) -> tuple[Image.Image, np.ndarray, Geometry]:
         """`prepare` in a decoding thread."""
-        return await anyio.to_thread.run_sync(self.prepare, data, need, limiter=self.decoders)
+        return await anyio.to_thread.run_sync(self.prepare, data, side, limiter=self.decoders)
 
     async def classify(self, data: bytes, overlay_side: int = 0) -> Classified:
         """Decode and run one image; `overlay_side` is the longest side an overlay will be drawn at."""
         with self.batcher.admit():  # a full queue refuses here, before any decoding
             started = time.perf_counter()
-            img, x, geometry = await self.decode(data, self.need(overlay_side))
+            img, x, geometry = await self.decode(data, overlay_side)
             decoded = time.perf_counter()
             outputs = await self.batcher.submit_admitted(x[None])
             done = time.perf_counter()
@@ -120,8 +121,8 @@ class Runtime:
     async def infer_tensor(self, x: np.ndarray) -> dict[str, np.ndarray]:
         return await self.batcher.submit(x)
 
-    def snapshot(self, c: Classified, result: dict[str, Any], max_side: int) -> StoredPrediction:
-        """What an overlay needs of a prediction, the image shrunk to `max_side`."""
+    def snapshot(self, c: Classified, result: dict[str, Any]) -> StoredPrediction:
+        """What an overlay needs of a prediction."""
         attended = range(self.info.attended_layers)
         return StoredPrediction(
             result=result,
@@ -129,12 +130,12 @@ class Runtime:
             maps=[c.outputs[f"attention_map_{i}"] for i in attended],
             combined=c.outputs["attention_combined"],
             content=c.geometry.content,
-            image=np.asarray(thumbnail(c.image, max_side)),
+            image=np.asarray(c.image),
         )
 
     async def remember(self, c: Classified, result: dict[str, Any]) -> str:
         key = uuid.uuid4().hex
-        stored = await run_in_threadpool(self.snapshot, c, result, self.settings.STORE_IMAGE_MAX_SIZE)
+        stored = await run_in_threadpool(self.snapshot, c, result)
         await self.store.put(key, stored)
         return key
 

@@ -89,6 +89,6 @@ async def attention(
     p = dataclasses.replace(params, layer=layer, format=params.format or "png")
 
     def draw() -> bytes:
-        return rt.render(rt.snapshot(c, {}, side), p)
+        return rt.render(rt.snapshot(c, {}), p)
 
     return Response(await run_in_threadpool(draw), media_type=FORMATS[p.format])
