@@ -62,6 +62,7 @@ class Runtime:
             settings.intra_op_threads(),
             settings.cuda_options(),
             settings.IO_BINDING,
+            spin=settings.workers() == 1,
         )
         self.info: ModelInfo = self.model.info
         self.store = store or make_store(settings)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from service.deps import IMAGE_BODY, ImageBytes, OverlayDep, RuntimeDep
@@ -53,7 +54,7 @@ async def predict(
     data: ImageBytes,
     top_k: Annotated[int | None, Query(ge=1, description="how many classes to return")] = None,
     probabilities: Annotated[bool, Query(description="include the full probability vector")] = False,
-) -> dict[str, Any]:
+) -> JSONResponse:
     """Top-k classes, gates of every attended layer, global gates, and URLs of the attention overlays."""
     started = time.perf_counter()
     c = await rt.classify(data, rt.settings.STORE_IMAGE_MAX_SIZE)
@@ -67,7 +68,7 @@ async def predict(
         attention_urls={name: f"{base}/{name}.png" for name in layers},
         timings_ms={k: round(v, 3) for k, v in c.timings_ms.items()},
     )
-    return {"id": key, **result}
+    return JSONResponse({"id": key, **result})  # already plain JSON types: no encoder pass
 
 
 @router.post(
