@@ -29,7 +29,15 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = made[-1]
     from uvicorn.main import main as uvicorn
 
-    args = ["service.main:app", "--workers", str(workers), "--timeout-graceful-shutdown", "30"]
+    args = [
+        "service.main:app",
+        "--workers",
+        str(workers),
+        "--limit-concurrency",
+        str(settings.MAX_CONNECTIONS),
+        "--timeout-graceful-shutdown",
+        str(round(settings.SHUTDOWN_TIMEOUT_S)),
+    ]
     try:
         uvicorn.main(args + list(sys.argv[1:] if argv is None else argv), standalone_mode=True)
     finally:

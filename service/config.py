@@ -49,6 +49,13 @@ class Settings(BaseSettings):
     )
 
     MAX_BODY_BYTES: int = Field(16 * 1024 * 1024, ge=1, description="request body limit (413 past it)")
+    BODY_READ_TIMEOUT_S: float = Field(30, gt=0, description="408 when a request body stalls this long")
+    MAX_CONNECTIONS: int = Field(
+        1000, ge=1, description="open connections per worker of `python -m service`; past it, 503 at once"
+    )
+    SHUTDOWN_TIMEOUT_S: float = Field(
+        10, ge=0, description="on SIGTERM, how long `python -m service` lets requests in flight finish"
+    )
     MAX_IMAGES_PER_REQUEST: int = Field(
         64, ge=1, description="images (v2 FP32 rows or BYTES elements) one request may carry (413 past it)"
     )
@@ -87,6 +94,9 @@ class Settings(BaseSettings):
 
     API_KEY: str | None = Field(
         None, description="when set, every route but health and metrics needs 'Authorization: Bearer <key>'"
+    )
+    PUBLIC_DOCS: bool = Field(
+        True, description="/docs, /redoc and /openapi.json open even with API_KEY set (false: they need the key)"
     )
     CORS_ORIGINS: list[str] = Field(
         default_factory=list, description='origins allowed by CORS, e.g. ["https://grafana.example"]'

@@ -28,6 +28,11 @@ class BodyTooLarge(ServiceError):
     status, code = 413, "body_too_large"
 
 
+class BodyTooSlow(ServiceError):
+    status, code = 408, "body_too_slow"
+    headers = {"Connection": "close"}
+
+
 class ImageTooLarge(ServiceError):
     status, code = 413, "image_too_large"
 

@@ -1,16 +1,22 @@
-"""Request body limit, enforced while the body streams in rather than after buffering it."""
+"""Request body limits, enforced while the body streams in: its size, and how slowly it may arrive."""
 
 from __future__ import annotations
 
+import asyncio
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import BodyTooLarge, error_response
+from service.errors import BodyTooLarge, BodyTooSlow, error_response
 
 
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    """413 past `max_bytes`; 408 when any one read of the body waits more than `read_timeout_s`
+    (a client trickling its upload holds a connection and a decode place for nothing)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, read_timeout_s: float = 30.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.read_timeout_s = read_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -26,7 +32,10 @@ class BodyLimitMiddleware:
 
         async def limited() -> Message:
             nonlocal seen
-            msg = await receive()
+            try:
+                msg = await asyncio.wait_for(receive(), self.read_timeout_s)
+            except TimeoutError:
+                raise BodyTooSlow(f"the request body stalled for more than {self.read_timeout_s:g} s") from None
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > limit:

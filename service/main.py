@@ -15,9 +15,10 @@ from service import __version__, errors
 from service.config import Settings
 from service.deps import require_api_key
 from service.limits import BodyLimitMiddleware
+from service.memory import return_freed_memory
 from service.metrics import Metrics, MetricsMiddleware
 from service.pipeline import Runtime
-from service.routes import health, model, predict, predictions, v2
+from service.routes import docs, health, model, predict, predictions, v2
 
 log = logging.getLogger("service")
 
@@ -29,6 +30,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        return_freed_memory()
         try:
             runtime = Runtime(settings, metrics)
         except errors.ModelLoadError as e:
@@ -46,11 +48,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
                 multiprocess.mark_process_dead(os.getpid())  # its live gauges leave the sum
 
+    closed_docs = bool(settings.API_KEY) and not settings.PUBLIC_DOCS
     app = FastAPI(
         title="WARN inference service",
         version=__version__,
         lifespan=lifespan,
         description="Attention-gated image classification (Attend and Rectify, ECCV 2018) on onnxruntime.",
+        **({"docs_url": None, "redoc_url": None, "openapi_url": None} if closed_docs else {}),
     )
     app.state.settings, app.state.metrics, app.state.runtime = settings, metrics, None
     errors.install(app)
@@ -58,7 +62,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     for r in (predict.router, predictions.router, model.router, v2.router):
         app.include_router(r, dependencies=guarded)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.MAX_BODY_BYTES)
+    if closed_docs:
+        app.include_router(docs.router(app), dependencies=guarded)
+    app.add_middleware(
+        BodyLimitMiddleware, max_bytes=settings.MAX_BODY_BYTES, read_timeout_s=settings.BODY_READ_TIMEOUT_S
+    )
     if settings.CORS_ORIGINS:
         app.add_middleware(
             CORSMiddleware,

@@ -8,7 +8,6 @@ tensor), `batcher` and `model` (tensor -> outputs), `response` (outputs -> JSON)
 from __future__ import annotations
 
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,11 +133,9 @@ class Runtime:
             image=np.asarray(c.image),
         )
 
-    async def remember(self, c: Classified, result: dict[str, Any]) -> str:
-        key = uuid.uuid4().hex
+    async def remember(self, key: str, c: Classified, result: dict[str, Any]) -> None:
         stored = await run_in_threadpool(self.snapshot, c, result)
         await self.store.put(key, stored)
-        return key
 
     def render(self, stored: StoredPrediction, p: overlay.OverlayParams) -> bytes:
         return overlay.draw(stored, p, self.info.input_size, self.encoding)

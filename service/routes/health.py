@@ -5,15 +5,22 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from service.schemas import Live, Ready
+
 router = APIRouter(tags=["health"])
 
 
-@router.get("/v2/health/live", summary="Liveness")
+@router.get("/v2/health/live", summary="Liveness", response_model=Live)
 async def live() -> dict[str, bool]:
     return {"live": True}
 
 
-@router.get("/v2/health/ready", summary="Readiness: the model is loaded and serving")
+@router.get(
+    "/v2/health/ready",
+    summary="Readiness: the model is loaded and serving",
+    response_model=Ready,
+    responses={503: {"model": Ready, "description": "not ready yet, or shutting down"}},
+)
 async def ready(request: Request) -> Response:
     ok = getattr(request.app.state, "runtime", None) is not None
     return Response(
@@ -21,6 +28,11 @@ async def ready(request: Request) -> Response:
     )
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}},
+)
 async def metrics(request: Request) -> Response:
     return Response(request.app.state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

@@ -7,11 +7,17 @@ from typing import Any
 from fastapi import APIRouter
 
 from service.deps import RuntimeDep
+from service.schemas import ModelDescription, errors
 
 router = APIRouter(prefix="/v1", tags=["model"])
 
 
-@router.get("/model", summary="Model metadata and the execution provider in use")
+@router.get(
+    "/model",
+    summary="Model metadata and the execution provider in use",
+    response_model=ModelDescription,
+    responses=errors(401, 500),
+)
 async def model(rt: RuntimeDep) -> dict[str, Any]:
     info, s = rt.info, rt.settings
     return {
@@ -23,6 +29,11 @@ async def model(rt: RuntimeDep) -> dict[str, Any]:
         "resize": s.RESIZE,
         "attended_layers": [{"index": i, "stride": st} for i, st in enumerate(info.strides)],
         "layer_names": info.layer_names,
-        "batching": {"max_batch_size": s.MAX_BATCH_SIZE, "max_wait_ms": s.MAX_WAIT_MS, "queue_size": s.QUEUE_SIZE},
+        "batching": {
+            "max_batch_size": s.MAX_BATCH_SIZE,
+            "max_wait_ms": s.MAX_WAIT_MS,
+            "queue_size": s.QUEUE_SIZE,
+            "max_images_per_request": s.MAX_IMAGES_PER_REQUEST,
+        },
         "metadata": {k: v for k, v in info.metadata.items() if k not in ("class_names",)},
     }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
@@ -13,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from service.deps import IMAGE_BODY, ImageBytes, OverlayDep, RuntimeDep
 from service.overlay import FORMATS
 from service.response import describe
+from service.schemas import Prediction, errors
 
 router = APIRouter(prefix="/v1", tags=["predict"])
 
@@ -46,7 +48,11 @@ def url_base(request: Request) -> str:
     "/predict",
     openapi_extra=IMAGE_BODY,
     summary="Classify an image",
-    responses={200: {"content": {"application/json": {"example": PREDICT_EXAMPLE}}}},
+    response_model=Prediction,
+    responses={
+        200: {"content": {"application/json": {"example": PREDICT_EXAMPLE}}},
+        **errors(400, 401, 413, 415, 422, 500, 503),
+    },
 )
 async def predict(
     request: Request,
@@ -59,16 +65,18 @@ async def predict(
     started = time.perf_counter()
     c = await rt.classify(data, rt.settings.STORE_IMAGE_MAX_SIZE)
     g = c.geometry
-    result = describe(rt.info, c.outputs, (g.width, g.height), top_k or rt.settings.TOP_K, probabilities)
-    key = await rt.remember(c, result)
+    key = uuid.uuid4().hex
     base = f"{url_base(request)}/v1/predictions/{key}/attention"
     layers = ["combined", *map(str, range(rt.info.attended_layers))]
+    result = {
+        "id": key,
+        **describe(rt.info, c.outputs, (g.width, g.height), top_k or rt.settings.TOP_K, probabilities),
+        "attention_urls": {name: f"{base}/{name}.png" for name in layers},
+    }
+    await rt.remember(key, c, result)
     c.timings_ms["total_ms"] = (time.perf_counter() - started) * 1e3
-    result.update(
-        attention_urls={name: f"{base}/{name}.png" for name in layers},
-        timings_ms={k: round(v, 3) for k, v in c.timings_ms.items()},
-    )
-    return JSONResponse({"id": key, **result})  # already plain JSON types: no encoder pass
+    result["timings_ms"] = {k: round(v, 3) for k, v in c.timings_ms.items()}
+    return JSONResponse(result)  # already plain JSON types: no encoder pass
 
 
 @router.post(
@@ -76,7 +84,10 @@ async def predict(
     openapi_extra=IMAGE_BODY,
     summary="Attention overlay of an image, in one call",
     response_class=Response,
-    responses={200: {"content": {media: {} for media in FORMATS.values()}}},
+    responses={
+        200: {"content": {media: {} for media in FORMATS.values()}, "description": "the overlay"},
+        **errors(400, 401, 413, 415, 422, 500, 503),
+    },
 )
 async def attention(
     rt: RuntimeDep,

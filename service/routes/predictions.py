@@ -10,6 +10,7 @@ from fastapi import APIRouter, Response
 from service.deps import OverlayDep, RuntimeDep
 from service.errors import InvalidRequest, NotFound
 from service.overlay import FORMATS
+from service.schemas import Prediction, errors
 from service.store import StoredPrediction
 
 router = APIRouter(prefix="/v1/predictions", tags=["predictions"])
@@ -24,9 +25,12 @@ async def lookup(rt: RuntimeDep, prediction_id: str) -> StoredPrediction:
     return stored
 
 
-@router.get("/{prediction_id}", summary="A stored prediction")
+@router.get(
+    "/{prediction_id}", summary="A stored prediction", response_model=Prediction, responses=errors(401, 404, 422, 500)
+)
 async def get_prediction(rt: RuntimeDep, prediction_id: str) -> dict[str, Any]:
-    return {"id": prediction_id, **(await lookup(rt, prediction_id)).result}
+    """The answer /v1/predict gave, without its timings."""
+    return {**(await lookup(rt, prediction_id)).result, "id": prediction_id}
 
 
 EXTENSIONS = {"png": "png", "webp": "webp", "jpeg": "jpeg", "jpg": "jpeg"}
@@ -36,7 +40,10 @@ EXTENSIONS = {"png": "png", "webp": "webp", "jpeg": "jpeg", "jpg": "jpeg"}
     "/{prediction_id}/attention/{layer}.{ext}",
     summary="Attention overlay of a stored prediction",
     response_class=Response,
-    responses={200: {"content": {media: {} for media in FORMATS.values()}}},
+    responses={
+        200: {"content": {media: {} for media in FORMATS.values()}, "description": "the overlay"},
+        **errors(400, 401, 404, 422, 500),
+    },
 )
 async def get_overlay(rt: RuntimeDep, prediction_id: str, layer: str, ext: str, params: OverlayDep) -> Response:
     """`layer` is an attended layer index (0 = shallowest) or `combined` (layers mixed by the global gates).

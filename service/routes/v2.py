@@ -14,6 +14,7 @@ from service import __version__
 from service.deps import RuntimeDep
 from service.errors import BodyTooLarge, InvalidRequest, NotFound
 from service.pipeline import Runtime
+from service.schemas import InferResponse, ModelMetadata, ModelReady, ServerMetadata, errors
 from service.tensors import (
     HEADER_LENGTH,
     Tensor,
@@ -48,7 +49,7 @@ def check_model(rt: Runtime, name: str, version: str | None = None) -> None:
         raise NotFound(f"unknown model {wanted}: this server has {rt.info.name!r} version {rt.info.version!r}")
 
 
-@router.get("", summary="Server metadata")
+@router.get("", summary="Server metadata", response_model=ServerMetadata, responses=errors(401, 500))
 async def server_metadata() -> dict[str, Any]:
     return {"name": "warn-serve", "version": __version__, "extensions": ["binary_tensor_data"]}
 
@@ -64,14 +65,18 @@ def model_metadata(rt: Runtime) -> dict[str, Any]:
     }
 
 
-@router.get("/models/{name}", summary="Model metadata")
+@router.get(
+    "/models/{name}", summary="Model metadata", response_model=ModelMetadata, responses=errors(401, 404, 422, 500)
+)
 @router.get("/models/{name}/versions/{version}", include_in_schema=False)
 async def get_model_metadata(rt: RuntimeDep, name: str, version: str | None = None) -> dict[str, Any]:
     check_model(rt, name, version)
     return model_metadata(rt)
 
 
-@router.get("/models/{name}/ready", summary="Model readiness")
+@router.get(
+    "/models/{name}/ready", summary="Model readiness", response_model=ModelReady, responses=errors(401, 404, 422, 500)
+)
 @router.get("/models/{name}/versions/{version}/ready", include_in_schema=False)
 async def model_ready(rt: RuntimeDep, name: str, version: str | None = None) -> dict[str, Any]:
     check_model(rt, name, version)
@@ -122,6 +127,11 @@ async def to_model_input(rt: Runtime, tensors: list[Tensor]) -> np.ndarray:
     "/models/{name}/infer",
     summary="Inference",
     openapi_extra={"requestBody": {"content": {"application/json": {"example": INFER_EXAMPLE}}}},
+    response_model=InferResponse,
+    responses={
+        200: {"content": {"application/octet-stream": {}}, "description": "JSON, or JSON then binary outputs"},
+        **errors(400, 401, 404, 413, 422, 500, 503),
+    },
 )
 @router.post("/models/{name}/versions/{version}/infer", include_in_schema=False)
 async def infer(request: Request, rt: RuntimeDep, name: str, version: str | None = None) -> Response:

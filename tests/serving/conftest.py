@@ -3,6 +3,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -58,20 +59,26 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         module = ["service"] if launcher else ["uvicorn", "service.main:app"]
+        # a file, not a pipe: an unread pipe fills with the access log and blocks the server
+        self.log = tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen(
             [python, "-m", *module, "--host", "127.0.0.1", "--port", str(self.port)],
             cwd=ROOT,
             env={**os.environ, **env},
-            stdout=subprocess.PIPE,
+            stdout=self.log,
             stderr=subprocess.STDOUT,
             text=True,
         )
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
 
     def wait_ready(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited {self.proc.returncode}: {self.proc.stdout.read()}")
+                raise RuntimeError(f"server exited {self.proc.returncode}: {self.output()}")
             try:
                 if httpx.get(f"{self.url}/v2/health/ready", timeout=1).status_code == 200:
                     return
@@ -83,7 +90,7 @@ class Server:
     def stop_and_read(self) -> str:
         """Stops the server; returns everything it printed."""
         self.stop()
-        return self.proc.stdout.read()
+        return self.output()
 
     def stop(self) -> None:
         if self.proc.poll() is not None:

@@ -153,3 +153,33 @@ def test_openapi_docs(client):
     assert "/v1/predict" in spec["paths"] and "/v2/models/{name}/infer" in spec["paths"]
     assert "multipart/form-data" in spec["paths"]["/v1/predict"]["post"]["requestBody"]["content"]
     assert client.get("/docs").status_code == 200
+
+
+def test_docs_are_open_by_choice_or_behind_the_key(model_path):
+    with make_client(model_path, API_KEY="s3cret") as c:  # the default: documentation stays public
+        assert c.get("/openapi.json").status_code == 200 and c.get("/docs").status_code == 200
+    with make_client(model_path, API_KEY="s3cret", PUBLIC_DOCS=False) as c:
+        for path in ("/openapi.json", "/docs"):
+            r = c.get(path)
+            assert r.status_code == 401 and r.json()["code"] == "unauthorized"
+        key = {"authorization": "Bearer s3cret"}
+        assert "/v1/predict" in c.get("/openapi.json", headers=key).json()["paths"]
+        assert c.get("/docs", headers=key).status_code == 200
+        assert c.get("/redoc").status_code == 404
+
+
+def test_every_route_documents_its_errors_and_shapes(client):
+    spec = client.get("/openapi.json").json()
+    for path, ops in spec["paths"].items():
+        for method, op in ops.items():
+            if path in ("/metrics", "/v2/health/live", "/v2/health/ready"):
+                continue
+            codes = set(op["responses"])
+            assert {"401", "500"} <= codes, f"{method} {path} documents only {codes}"
+            for code, r in op["responses"].items():
+                if code.startswith(("4", "5")):
+                    schema = r["content"]["application/json"]["schema"]
+                    assert schema == {"$ref": "#/components/schemas/ErrorBody"}, (method, path, code)
+    predict = spec["paths"]["/v1/predict"]["post"]["responses"]
+    assert predict["200"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Prediction"}
+    assert {"413", "415", "503"} <= set(predict)

@@ -115,6 +115,6 @@ def test_an_unreachable_redis_stops_startup(model_path):
     )
     try:
         assert s.proc.wait(60) != 0
-        assert "cannot reach the Redis store" in s.proc.stdout.read()
+        assert "cannot reach the Redis store" in s.output()
     finally:
         s.stop()

@@ -13,7 +13,7 @@ def test_bad_model_stops_startup(tmp_path, kind):
     s = Server({"WARN_MODEL_PATH": str(path)})
     try:
         code = s.proc.wait(60)
-        output = s.proc.stdout.read()
+        output = s.output()
     finally:
         s.stop()
     assert code != 0

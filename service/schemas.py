@@ -1,0 +1,145 @@
+"""Response bodies, declared so /docs shows their real shapes and clients can be generated."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class ErrorBody(BaseModel):
+    """Every error, as the Open Inference Protocol also specifies it."""
+
+    error: str = Field(description="what was wrong")
+    code: str = Field(description="machine-readable: invalid_request, unsupported_media_type, ...")
+    detail: list | None = Field(None, description="validation errors, where there are several")
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str
+
+
+class ClassScore(BaseModel):
+    label: str
+    index: int
+    probability: float
+
+
+class LayerResult(BaseModel):
+    name: str = Field(description="attention_<i>, or backbone")
+    global_gate: float = Field(description="the weight the global gate gives this layer")
+    top_class: ClassScore = Field(description="this layer's own hypothesis")
+    index: int | None = Field(None, description="attended layers only: 0 is the shallowest")
+    stride: int | None = Field(None, description="attended layers only")
+    gates: list[float] | None = Field(None, description="attended layers only: the layer gate over its heads")
+
+
+class ImageSize(BaseModel):
+    width: int
+    height: int
+
+
+class Prediction(BaseModel):
+    id: str
+    model: ModelRef
+    top_k: list[ClassScore]
+    global_gates: dict[str, float]
+    layers: list[LayerResult]
+    image: ImageSize
+    probabilities: dict[str, float] | None = Field(None, description="with probabilities=true")
+    attention_urls: dict[str, str] | None = Field(None, description="overlay URLs: combined and each layer")
+    timings_ms: dict[str, float] | None = None
+
+
+class AttendedLayer(BaseModel):
+    index: int
+    stride: int
+
+
+class InputSize(BaseModel):
+    height: int
+    width: int
+
+
+class Batching(BaseModel):
+    max_batch_size: int
+    max_wait_ms: float
+    queue_size: int
+    max_images_per_request: int
+
+
+class ModelDescription(BaseModel):
+    name: str
+    version: str
+    providers: list[str]
+    classes: list[str]
+    input_size: InputSize
+    resize: str
+    attended_layers: list[AttendedLayer]
+    layer_names: list[str]
+    batching: Batching
+    metadata: dict
+
+
+class Live(BaseModel):
+    live: bool
+
+
+class Ready(BaseModel):
+    ready: bool
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+
+
+class ModelReady(BaseModel):
+    name: str
+    ready: bool
+
+
+class OutputTensor(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+    data: list[float] | None = None
+    parameters: dict | None = None
+
+
+class InferResponse(BaseModel):
+    """The JSON part of an inference answer; binary outputs follow it (Inference-Header-Content-Length)."""
+
+    model_name: str
+    model_version: str
+    id: str | None = None
+    outputs: list[OutputTensor]
+
+
+def errors(*statuses: int) -> dict[int | str, dict]:
+    """OpenAPI `responses` for these error statuses, each with the error body."""
+    meaning = {
+        400: "malformed request",
+        401: "missing or wrong API key",
+        404: "unknown prediction or model",
+        413: "body, image or batch over its limit",
+        415: "not an image in a supported format",
+        422: "invalid image or parameter",
+        500: "unexpected error (logged)",
+        503: "queue full: retry after Retry-After seconds",
+    }
+    return {s: {"model": ErrorBody, "description": meaning[s]} for s in statuses}

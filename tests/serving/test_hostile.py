@@ -1,0 +1,141 @@
+"""Hostile input and load against a real server process: bounded memory, JSON errors, nothing lost."""
+
+import asyncio
+import base64
+import gzip
+import io
+import json
+import random
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from tests.serving.conftest import Server, encode, png
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a server and its worker processes."""
+    total = 0
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    for p in [pid, *map(int, children.read_text().split())]:
+        for line in Path(f"/proc/{p}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total / 1024
+
+
+@pytest.fixture(scope="module")
+def hostile_server(model_path):
+    s = Server(
+        {"WARN_MODEL_PATH": str(model_path), "WARN_WORKERS": "1", "WARN_BODY_READ_TIMEOUT_S": "1"}, launcher=True
+    )
+    try:
+        s.wait_ready()
+        yield s
+    finally:
+        s.stop()
+
+
+def test_large_images_leave_no_memory_behind(hostile_server):
+    """A 1.5 KB WebP of 16383x2400 once took 830 MB and the process kept its peak."""
+    url = hostile_server.url
+    big = encode(Image.new("RGB", (16383, 2400), (20, 120, 60)), "WEBP", lossless=True)
+    with httpx.Client(timeout=60) as c:
+        c.post(f"{url}/v1/predict", content=png(Image.new("RGB", (64, 64))), headers={"content-type": "image/png"})
+        before = rss_mb(hostile_server.proc.pid)
+        for _ in range(3):
+            r = c.post(f"{url}/v1/attention", content=big, headers={"content-type": "image/webp"})
+            assert r.status_code == 200 and max(Image.open(io.BytesIO(r.content)).size) <= 1024
+            r = c.post(f"{url}/v1/predict", content=big, headers={"content-type": "image/webp"})
+            assert r.status_code == 200
+        time.sleep(0.3)
+        after = rss_mb(hostile_server.proc.pid)
+    assert after < 1500, f"{after:.0f} MB resident"
+    assert after - before < 100, f"the process kept {after - before:.0f} MB after large images"
+
+
+def test_a_gzip_of_thousands_of_images_is_refused_cheaply(hostile_server):
+    one = base64.b64encode(png(Image.new("RGB", (1, 1)))).decode()
+    body = gzip.compress(
+        json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [8000], "data": [one] * 8000}]}).encode()
+    )
+    name = httpx.get(f"{hostile_server.url}/v1/model").json()["name"]
+    before = rss_mb(hostile_server.proc.pid)
+    r = httpx.post(
+        f"{hostile_server.url}/v2/models/{name}/infer",
+        content=body,
+        headers={"content-type": "application/json", "content-encoding": "gzip"},
+        timeout=60,
+    )
+    assert r.status_code == 413 and r.json()["code"] == "body_too_large"
+    assert rss_mb(hostile_server.proc.pid) - before < 200
+
+
+def test_a_stalled_body_is_a_408(hostile_server):
+    def trickle():
+        yield b"\x89PNG\r\n\x1a\n"
+        time.sleep(2.5)
+        yield b"rest"
+
+    r = httpx.post(
+        f"{hostile_server.url}/v1/predict", content=trickle(), headers={"content-type": "image/png"}, timeout=30
+    )
+    assert r.status_code == 408 and r.json()["code"] == "body_too_slow"
+    assert httpx.get(f"{hostile_server.url}/v2/health/ready").status_code == 200
+
+
+def test_soak_mixed_traffic_loses_nothing_and_memory_stays_flat(hostile_server):
+    """About 40 s of valid and invalid requests at 16 connections."""
+    url = hostile_server.url
+    rng = random.Random(0)
+    valid = [
+        png(Image.new("RGB", (rng.randint(20, 300), rng.randint(20, 300)), (i * 9 % 255, 40, 90))) for i in range(20)
+    ]
+    jpeg = encode(Image.effect_noise((800, 600), 40).convert("RGB"), "JPEG")
+    invalid = [
+        (b"not an image", "image/png", 415),
+        (b"", "image/png", 422),
+        (png(Image.new("RGB", (8, 8)))[:40], "image/png", 415),  # cut inside its header: not identifiable
+        (b"{}", "text/plain", 415),
+    ]
+    answers: list[tuple[int, int, str | None]] = []  # (status, expected, id)
+    samples: list[float] = []
+
+    async def client(http: httpx.AsyncClient, stop: float, seed: int):
+        r = random.Random(seed)
+        while time.monotonic() < stop:
+            if r.random() < 0.7:
+                body = jpeg if r.random() < 0.2 else r.choice(valid)
+                ctype = "image/jpeg" if body is jpeg else "image/png"
+                resp = await http.post(f"{url}/v1/predict", content=body, headers={"content-type": ctype})
+                answers.append((resp.status_code, 200, resp.json().get("id")))
+            else:
+                body, ctype, want = r.choice(invalid)
+                resp = await http.post(f"{url}/v1/predict", content=body, headers={"content-type": ctype})
+                assert resp.headers["content-type"] == "application/json"
+                answers.append((resp.status_code, want, None))
+
+    async def sampler(stop: float):
+        while time.monotonic() < stop:
+            samples.append(rss_mb(hostile_server.proc.pid))
+            await asyncio.sleep(1)
+
+    async def main():
+        stop = time.monotonic() + 40
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=16)) as http:
+            await asyncio.gather(sampler(stop), *(client(http, stop, i) for i in range(16)))
+            ids = [a[2] for a in answers if a[2]][-500:]  # the store keeps the newest 1,000 (WARN_STORE_MAX_ITEMS)
+            fetched = [(await http.get(f"{url}/v1/predictions/{i}")).status_code for i in ids]
+            return fetched
+
+    fetched = asyncio.run(main())
+    statuses = [a[0] for a in answers]
+    assert not [s for s in statuses if s >= 500], "server errors under mixed load"
+    wrong = {(got, want) for got, want, _ in answers if got != want}
+    assert not wrong, f"answers with the wrong status (got, expected): {wrong}"
+    assert len(answers) > 200 and set(fetched) == {200}, "a valid prediction was not fetchable afterwards"
+    warm = samples[len(samples) // 4 :]
+    assert max(warm) <= 1.2 * min(warm), f"RSS moved from {min(warm):.0f} to {max(warm):.0f} MB after warm-up"
