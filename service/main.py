@@ -26,7 +26,8 @@ log = logging.getLogger("service")
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = Metrics()
-    Image.MAX_IMAGE_PIXELS = settings.MAX_IMAGE_PIXELS  # Pillow's own bomb guard, process-wide
+    # Pillow refuses past twice its MAX_IMAGE_PIXELS, also inside containers (ICO, TIFF): half ours
+    Image.MAX_IMAGE_PIXELS = settings.MAX_IMAGE_PIXELS // 2
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

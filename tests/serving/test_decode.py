@@ -69,3 +69,38 @@ def test_predict_on_a_large_jpeg_reports_and_draws_at_the_right_size(model_path,
         w, h = Image.open(io.BytesIO(overlay.content)).size
         assert 256 < w <= 512 and abs(w / h - 4 / 3) < 0.01  # at most the store's side, aspect kept
         assert r.json()["timings_ms"]["decode_ms"] > 0
+
+
+def test_a_truncated_large_jpeg_is_refused_at_any_scale():
+    """A JPEG whose header promises 6000x6000 but whose data stops early is a 422, not a grey 200."""
+    from service.errors import InvalidImage
+
+    big = Image.new("RGB", (6000, 6000), (120, 30, 60))
+    for progressive in (False, True):
+        data = encode(big, "JPEG", quality=90, progressive=progressive)
+        for cut in (2000, len(data) // 2, len(data) - 50):
+            for need in (None, Need(513)):
+                with pytest.raises(InvalidImage):
+                    decode(data[:cut], 40_000_000, need=need)
+
+
+def test_an_ico_hiding_a_huge_png_is_refused_before_decoding(tmp_path):
+    """The ICO directory says 16x16; the PNG inside is 7000x7000 (49 M pixels, over the 40 M limit)."""
+    import struct
+    import subprocess
+    import sys
+
+    inner = encode(Image.new("RGB", (7000, 7000)), "PNG")
+    ico = struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 16, 16, 0, 0, 1, 32, len(inner), 22) + inner
+    (tmp_path / "x.ico").write_bytes(ico)
+    code = (
+        "import resource, sys; from service.decode import decode; from service.errors import ImageTooLarge\n"
+        "data = open(sys.argv[1], 'rb').read(); before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "try:\n    decode(data, 40_000_000)\nexcept ImageTooLarge:\n    print('refused')\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "x.ico")], capture_output=True, text=True, check=True
+    )
+    refused, grown_mb = out.stdout.split()
+    assert refused == "refused" and int(grown_mb) < 50, f"{grown_mb} MB: the inner image was decoded"
