@@ -110,3 +110,12 @@ def server(model_path):
         yield s
     finally:
         s.stop()
+
+
+@pytest.fixture(autouse=True)
+def restore_pillow_pixel_limit():
+    """create_app sets Pillow's process-wide pixel limit from its settings; tests with small limits
+    must not leave theirs to the tests after them."""
+    saved = Image.MAX_IMAGE_PIXELS
+    yield
+    Image.MAX_IMAGE_PIXELS = saved
