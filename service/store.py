@@ -85,17 +85,47 @@ class PredictionStore(Protocol):
     async def close(self) -> None: ...
 
 
+SCRATCH_PREFIX = "warn-predictions-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale(root: str) -> None:
+    """Remove scratch stores whose process is gone: a killed server cannot remove its own, and in
+    /dev/shm what it left would hold memory until the next boot."""
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return
+    for name in names:
+        pid = name.removeprefix(SCRATCH_PREFIX).split("-", 1)[0]
+        if name.startswith(SCRATCH_PREFIX) and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
 def scratch_dir(room: int) -> str:
     """A new directory for a disk store: in RAM (/dev/shm) where it has `room` bytes to spare twice
-    over, since creating files there costs half what it does on a disk; else in the temp directory."""
+    over, since creating files there costs half what it does on a disk; else in the temp directory.
+    Its name holds this process's id, so a later start can remove it if this process dies unannounced."""
+    root = tempfile.gettempdir()
     shm = "/dev/shm"
     try:
-        usage = shutil.disk_usage(shm)
-        if usage.free >= 2 * room and os.access(shm, os.W_OK):
-            return tempfile.mkdtemp(prefix="warn-predictions-", dir=shm)
+        if os.access(shm, os.W_OK):
+            sweep_stale(shm)
+            if shutil.disk_usage(shm).free >= 2 * room:
+                root = shm
     except OSError:
         pass
-    return tempfile.mkdtemp(prefix="warn-predictions-")
+    sweep_stale(root)
+    return tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=root)
 
 
 def _size(value: Any) -> int:

@@ -85,3 +85,22 @@ def test_two_processes_share_the_disk_store(tmp_path):
     store = DiskStore(tmp_path, 10, 60, 64 << 20)
     got = asyncio.run(store.get("from-child"))
     assert got is not None and got.result == {"top_k": [{"label": "3"}]}
+
+
+def test_a_dead_servers_scratch_store_is_swept_at_the_next_start(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from service.store import SCRATCH_PREFIX, sweep_stale
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f"{SCRATCH_PREFIX}{dead.pid}-abc"
+    live = tmp_path / f"{SCRATCH_PREFIX}{os.getpid()}-def"
+    other = tmp_path / "somebody-else"
+    for d in (stale, live, other):
+        d.mkdir()
+        (d / "data").write_bytes(b"x")
+    sweep_stale(str(tmp_path))
+    assert not stale.exists() and live.exists() and other.exists()
