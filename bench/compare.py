@@ -9,42 +9,18 @@ one uvicorn process) on this checkout's default model, under the same `wrk` load
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
-
-import httpx
 
 from bench.run import DEFAULT_ONNX, ROOT, Uvicorn, bench_images, wrk
 
 
-class Revision:
-    def __init__(self, checkout: Path) -> None:
-        self.port = Uvicorn.free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        launcher = (checkout / "service/__main__.py").exists()
-        module = ["service"] if launcher else ["uvicorn", "service.main:app"]
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", *module, "--port", str(self.port), "--log-level", "warning", "--no-access-log"],
-            cwd=checkout,
-            env={**os.environ, "PYTHONPATH": str(checkout), "WARN_MODEL_PATH": str(DEFAULT_ONNX)},
-        )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/v2/health/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"the service at {checkout} did not start")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(30)
+def serve(checkout: Path) -> Uvicorn:
+    """The service at `checkout`, as that revision ran it, on this checkout's default model."""
+    launcher = (checkout / "service/__main__.py").exists()
+    env = {"PYTHONPATH": str(checkout), "WARN_MODEL_PATH": str(DEFAULT_ONNX)}
+    return Uvicorn("service.main:app", env, launcher=launcher, cwd=checkout)
 
 
 def main() -> None:
@@ -59,7 +35,7 @@ def main() -> None:
     rows: dict[tuple[str, int], dict[str, dict]] = {}
     try:
         for label, checkout in (("before", base), ("after", ROOT)):
-            server = Revision(checkout)
+            server = serve(checkout)
             try:
                 for name, (path, ctype) in images.items():
                     for c in (1, 8, 32):

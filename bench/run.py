@@ -176,8 +176,9 @@ class Uvicorn:
             s.bind(("127.0.0.1", 0))
             return s.getsockname()[1]
 
-    def __init__(self, app: str, env: dict[str, str], launcher: bool = False) -> None:
-        """`launcher`: `python -m service`, as `make serve` runs it (workers and all); else uvicorn on `app`."""
+    def __init__(self, app: str, env: dict[str, str], launcher: bool = False, cwd: Path = ROOT) -> None:
+        """`launcher`: `python -m service`, as `make serve` runs it (workers and all); else uvicorn on `app`.
+        `cwd`: the checkout to run (another revision's, for bench.compare)."""
         self.port = self.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
@@ -191,7 +192,7 @@ class Uvicorn:
                 "warning",
                 "--no-access-log",
             ],
-            cwd=ROOT,
+            cwd=cwd,
             env={**os.environ, **env},
         )
         import httpx

@@ -19,7 +19,7 @@ from service.store import scratch_dir
 def main(argv: list[str] | None = None) -> None:
     settings = Settings()
     workers = settings.workers()
-    os.environ["WARN_WORKERS"] = str(workers)  # each worker divides the cores by this
+    os.environ["WARN_WORKERS"] = str(workers)  # each worker sizes its decoding pool by this
     made = []  # directories this run shares between its workers, removed at exit
     if settings.STORE == "disk" and settings.STORE_DIR is None:
         made.append(scratch_dir(settings.STORE_MAX_BYTES))

@@ -58,10 +58,6 @@ class MicroBatcher:
             await asyncio.gather(self._task, return_exceptions=True)
         self._executor.shutdown(wait=True)
 
-    @property
-    def depth(self) -> int:
-        return self.queue.qsize()
-
     def _report(self) -> None:
         if self._on_depth:
             self._on_depth(self.queue.qsize(), self.admitted)
@@ -90,18 +86,23 @@ class MicroBatcher:
         self._report()
         return await future
 
-    def _take(self, items: list[Item], rows: int) -> int:
-        """Move queued requests into `items` while they fit `max_batch`; returns the row count."""
+    def _take(self, items: list[Item], rows: int, item: Item | None = None) -> int:
+        """Add `item`, then queued requests, to `items` while they fit `max_batch`; returns the row count.
+
+        The first that does not fit waits in `_carry` for the next batch.
+        """
         while rows < self.max_batch:
-            try:
-                item = self.queue.get_nowait()
-            except asyncio.QueueEmpty:
-                break
+            if item is None:
+                try:
+                    item = self.queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    break
             if rows + len(item[0]) > self.max_batch:
                 self._carry = item
                 break
             items.append(item)
             rows += len(item[0])
+            item = None
         return rows
 
     async def _gather(self) -> list[Item]:
@@ -121,11 +122,7 @@ class MicroBatcher:
                 item = await asyncio.wait_for(self.queue.get(), left)
             except TimeoutError:
                 break
-            if rows + len(item[0]) > self.max_batch:
-                self._carry = item
-                break
-            items.append(item)
-            rows = self._take(items, rows + len(item[0]))
+            rows = self._take(items, rows, item)
         return items
 
     async def _loop(self) -> None:

@@ -32,7 +32,7 @@ class OverlayParams:
     alpha: float = 0.5
     max_size: int | None = None
     mode: str = "overlay"  # or "heatmap": the coloured map alone
-    format: str = "png"  # or "webp", "jpeg"
+    format: str | None = "png"  # or "webp", "jpeg"; None (no query parameter): the route picks
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,12 @@ def encode(img: Image.Image, fmt: str = "png", encoding: Encoding = Encoding()) 
 
 
 def render(
-    m: np.ndarray, photo: Image.Image | None, colormap: str, alpha: float, fmt: str = "png", encoding=Encoding()
+    m: np.ndarray,
+    photo: Image.Image | None,
+    colormap: str,
+    alpha: float,
+    fmt: str = "png",
+    encoding: Encoding = Encoding(),
 ) -> bytes:
     """Encoded bytes of the coloured map, blended over `photo` (same size) unless it is None.
 

@@ -42,10 +42,10 @@ def make_store(settings: Settings) -> PredictionStore:
     s = settings
     if s.STORE == "redis":
         return RedisStore(s.REDIS_URL, s.STORE_MAX_ITEMS, s.STORE_TTL_S)
-    if s.STORE == "disk":
-        if s.STORE_DIR is None:  # one process on its own: a directory of its own
-            return DiskStore(None, s.STORE_MAX_ITEMS, s.STORE_TTL_S, s.STORE_MAX_BYTES, temporary=True)
-        return DiskStore(s.STORE_DIR, s.STORE_MAX_ITEMS, s.STORE_TTL_S, s.STORE_MAX_BYTES)
+    if s.STORE == "disk":  # without a directory (one process on its own): a temporary one of its own
+        return DiskStore(
+            s.STORE_DIR, s.STORE_MAX_ITEMS, s.STORE_TTL_S, s.STORE_MAX_BYTES, temporary=s.STORE_DIR is None
+        )
     return MemoryStore(s.STORE_MAX_ITEMS, s.STORE_TTL_S, s.STORE_MAX_BYTES)
 
 
@@ -117,9 +117,6 @@ class Runtime:
         row = {k: v[0] for k, v in outputs.items()}
         timings = {"decode_ms": (decoded - started) * 1e3, "inference_ms": (done - decoded) * 1e3}
         return Classified(row, geometry, img, timings)
-
-    async def infer_tensor(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        return await self.batcher.submit(x)
 
     def snapshot(self, c: Classified, result: dict[str, Any]) -> StoredPrediction:
         """What an overlay needs of a prediction."""
