@@ -37,9 +37,11 @@ ENV PATH=/opt/venv/bin:$PATH \
     WARN_MODEL_PATH=/app/default_model/model.onnx \
     UVICORN_HOST=0.0.0.0 \
     UVICORN_PORT=8000 \
+    WARN_GRPC_PORT=8001 \
     FORWARDED_ALLOW_IPS=*
 USER 10001:10001
-EXPOSE 8000
+# HTTP (REST and the v2 protocol), and the v2 protocol over gRPC
+EXPOSE 8000 8001
 HEALTHCHECK --interval=15s --timeout=3s --start-period=30s --retries=3 \
     CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/v2/health/ready' % os.environ['UVICORN_PORT'], timeout=2)"]
 ENTRYPOINT ["python3", "-m", "service"]

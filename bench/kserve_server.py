@@ -1,4 +1,5 @@
-"""The peer for benchmark row 6: KServe's Python ModelServer serving the same ONNX file on onnxruntime.
+"""The peer for benchmark rows 6 and 11: KServe's Python ModelServer serving the same ONNX file on onnxruntime,
+over HTTP on PORT and over gRPC on PORT + 1.
 
 Runs in a venv of its own (kserve pins its own FastAPI): `make bench` builds build/kserve-venv.
 
@@ -43,6 +44,6 @@ class OnnxModel(Model):
 
 if __name__ == "__main__":
     path, name, port, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-    ModelServer(http_port=port, grpc_port=port + 1, enable_grpc=False, workers=1, enable_latency_logging=False).start(
+    ModelServer(http_port=port, grpc_port=port + 1, enable_grpc=True, workers=1, enable_latency_logging=False).start(
         [OnnxModel(name, path, threads)]
     )

@@ -16,6 +16,8 @@ Service rows (default model, `python -m service` as `make serve` runs it, on loo
   7. the naive baseline: FastAPI + PyTorch eager per request, no batching
   9. JPEG decode time at full size vs the reduced scale /v1/predict uses
  10. raw session.run at batch 1 and 32, for reference
+ 11. the Open Inference Protocol over gRPC vs over HTTP (same binary FP32 request, h2load for both,
+     8 and 32 connections), and vs KServe's ModelServer over gRPC
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from bench import protocols
 from bench.memory import measure as memory_row
 from bench.memory import per_pixel
 from export.onnx_export import _export, output_names
@@ -294,7 +297,10 @@ def kserve_python() -> str:
     return str(python)
 
 
-def kserve_row(name: str, threads: int, seconds: float, body: Path, header_length: int, ours: dict) -> dict:
+def kserve_rows(
+    name: str, threads: int, seconds: float, body: Path, header_length: int, ours: dict, ours_grpc: dict, x: np.ndarray
+) -> list[dict]:
+    """Row 6 (KServe over HTTP) and row 11's peer (KServe over gRPC), one KServe process for both."""
     import httpx
 
     port = Uvicorn.free_port()
@@ -316,22 +322,38 @@ def kserve_row(name: str, threads: int, seconds: float, body: Path, header_lengt
                 raise TimeoutError("KServe did not start")
             time.sleep(0.3)
         peer = wrk(f"{url}/v2/models/{name}/infer", 8, seconds, body, "application/octet-stream", header_length)
+        address = f"127.0.0.1:{port + 1}"
+        answer = protocols.check_grpc(address, name, x, "probabilities")
+        grpc_body = protocols.grpc_body(name, x, "probabilities")
+        peer_grpc = {c: protocols.grpc_v2(address, grpc_body, answer, c, seconds) for c in ours_grpc}
     finally:
         proc.terminate()
         proc.wait(20)
-    return {
-        "row": 6,
-        "endpoint": "v2 infer vs KServe ModelServer",
-        "connections": 8,
-        "req_s": peer["req_s"],
-        "p50_ms": peer["p50_ms"],
-        "p99_ms": peer["p99_ms"],
-        "wrk_cpu": peer["wrk_cpu"],
-        "ours_req_s": ours["req_s"],
-        "ours_p99_ms": ours["p99_ms"],
-        "ratio": ours["req_s"] / peer["req_s"],
-        "p99_ratio": ours["p99_ms"] / peer["p99_ms"],
-    }
+    rows = [
+        {
+            "row": 11,
+            "peer": "KServe ModelServer over gRPC",
+            **ours_grpc[c],
+            "peer_req_s": r["req_s"],
+            "peer_p99_ms": r["p99_ms"],
+        }
+        for c, r in peer_grpc.items()
+    ]
+    return rows + [
+        {
+            "row": 6,
+            "endpoint": "v2 infer vs KServe ModelServer",
+            "connections": 8,
+            "req_s": peer["req_s"],
+            "p50_ms": peer["p50_ms"],
+            "p99_ms": peer["p99_ms"],
+            "wrk_cpu": peer["wrk_cpu"],
+            "ours_req_s": ours["req_s"],
+            "ours_p99_ms": ours["p99_ms"],
+            "ratio": ours["req_s"] / peer["req_s"],
+            "p99_ratio": ours["p99_ms"] / peer["p99_ms"],
+        }
+    ]
 
 
 def bench_images(work: Path) -> dict[str, tuple[Path, str]]:
@@ -449,7 +471,8 @@ def service_rows(threads: int, seconds: float, quick: bool) -> list[dict]:
     }
     levels = (1, 32) if quick else (1, 8, 32)
     # as `make serve` runs it: one worker per core, every other setting at its default
-    server = Uvicorn("service", {"WARN_MODEL_PATH": str(DEFAULT_ONNX)}, launcher=True)
+    grpc_port = Uvicorn.free_port()
+    server = Uvicorn("service", {"WARN_MODEL_PATH": str(DEFAULT_ONNX), "WARN_GRPC_PORT": str(grpc_port)}, launcher=True)
     try:
         for label, (path, ctype) in images.items():
             for c in levels:
@@ -489,6 +512,24 @@ def service_rows(threads: int, seconds: float, quick: bool) -> list[dict]:
             )
             for c in (1, 8)
         }
+        # row 11: v2 over gRPC vs over HTTP, one load tool (h2load) for both
+        body = (work / "v2.bin").read_bytes()
+        address = f"127.0.0.1:{grpc_port}"
+        answer = protocols.check_grpc(address, name, x[None], "probabilities")
+        grpc_body = protocols.grpc_body(name, x[None], "probabilities")
+        ours_grpc = {}
+        for c in (8, 32):
+            over_http = protocols.http_v2(server.url, name, body, len(header), c, seconds)
+            ours_grpc[c] = protocols.grpc_v2(address, grpc_body, answer, c, seconds)
+            rows.append(
+                {
+                    "row": 11,
+                    "peer": "ours over HTTP",
+                    **ours_grpc[c],
+                    "peer_req_s": over_http["req_s"],
+                    "peer_p99_ms": over_http["p99_ms"],
+                }
+            )
         photo, photo_ctype = images["photo (640x427 JPEG)"]
         ours_photo = {
             c: wrk(server.url + "/v1/predict", c, seconds, photo, photo_ctype, server=server) for c in (1, 8, 32)
@@ -496,7 +537,7 @@ def service_rows(threads: int, seconds: float, quick: bool) -> list[dict]:
     finally:
         server.stop()
 
-    rows.append(kserve_row(name, threads, seconds, work / "v2.bin", len(header), v2[8]))
+    rows += kserve_rows(name, threads, seconds, work / "v2.bin", len(header), v2[8], ours_grpc, x[None])
 
     naive = Uvicorn("bench.naive_app:app", {"WARN_CHECKPOINT": str(DEFAULT_CKPT), "TORCH_THREADS": str(threads)})
     try:
@@ -622,6 +663,13 @@ def markdown(m: dict, rows: list[dict], command: str) -> str:
                 f"{f(r['ours_req_s'])} vs {f(r['req_s'])} req/s; p99 {f(r['ours_p99_ms'])} vs "
                 f"{f(r['p99_ms'])} ms | {r['ratio']:.2f}x (p99 {r['p99_ratio']:.2f}x) |"
             )
+        elif n == 11:
+            lines.append(
+                f"| 11 | v2 over gRPC, binary FP32, {r['connections']} conn (h2load) | ours over gRPC vs "
+                f"{r['peer']} | {f(r['req_s'])} vs {f(r['peer_req_s'])} req/s; p99 {f(r['p99_ms'])} vs "
+                f"{f(r['peer_p99_ms'])} ms | {r['req_s'] / r['peer_req_s']:.2f}x "
+                f"(p99 {r['p99_ms'] / r['peer_p99_ms']:.2f}x) |"
+            )
         elif n == 8:
             lines.append(
                 f"| 8 | {r['model']}, batch {r['batch']} | peak RSS, WARN vs backbone (fresh processes) | "
@@ -645,8 +693,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--models-only", action="store_true", help="rows 1-3 and 8 only: no servers")
     p.add_argument("--out", default=str(ROOT / "bench/results"))
     a = p.parse_args(argv)
-    if not a.models_only and not shutil.which("wrk"):
-        sys.exit("bench: wrk is missing (Debian package wrk; `make bench` installs it)")
+    missing = [tool for tool in ("wrk", "h2load") if not shutil.which(tool)]
+    if not a.models_only and missing:
+        sys.exit(f"bench: {', '.join(missing)} missing (Debian: wrk, nghttp2-client; `make bench` installs them)")
     torch.set_num_threads(a.threads)
     m = machine()
     peak = matmul_peak(a.threads, a.seconds)

@@ -27,6 +27,9 @@ def main(argv: list[str] | None = None) -> None:
     if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         made.append(tempfile.mkdtemp(prefix="warn-metrics-"))
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = made[-1]
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if settings.GRPC_HOST is None:  # gRPC listens where HTTP does
+        os.environ["WARN_GRPC_HOST"] = http_host(argv)
     from uvicorn.main import main as uvicorn
 
     args = [
@@ -39,10 +42,21 @@ def main(argv: list[str] | None = None) -> None:
         str(round(settings.SHUTDOWN_TIMEOUT_S)),
     ]
     try:
-        uvicorn.main(args + list(sys.argv[1:] if argv is None else argv), standalone_mode=True)
+        uvicorn.main(args + argv, standalone_mode=True)
     finally:
         for directory in made:
             shutil.rmtree(directory, ignore_errors=True)
+
+
+def http_host(argv: list[str]) -> str:
+    """uvicorn's --host from its arguments or UVICORN_HOST (its default, 127.0.0.1, otherwise)."""
+    host = os.environ.get("UVICORN_HOST", "127.0.0.1")
+    for i, arg in enumerate(argv):
+        if arg == "--host" and i + 1 < len(argv):
+            host = argv[i + 1]
+        elif arg.startswith("--host="):
+            host = arg.split("=", 1)[1]
+    return host
 
 
 if __name__ == "__main__":

@@ -38,6 +38,13 @@ class Settings(BaseSettings):
     )
     IO_BINDING: bool = Field(True, description="on CUDA: outputs bound to host memory, no extra copies")
 
+    GRPC_PORT: int = Field(
+        8001, ge=0, le=65535, description="port of the Open Inference Protocol over gRPC (Triton's; 0 turns it off)"
+    )
+    GRPC_HOST: str | None = Field(
+        None, description="address gRPC listens on (default: the --host of `python -m service`, else 127.0.0.1)"
+    )
+
     MAX_BATCH_SIZE: int = Field(32, ge=1, description="largest micro-batch; 1 turns batching off")
     MAX_WAIT_MS: float = Field(
         2.0,

@@ -38,11 +38,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.error("cannot start: %s", e)
             raise  # uvicorn reports the failed start-up and exits non-zero
         await runtime.start()
+        grpc = None
+        if settings.GRPC_PORT:
+            from service.grpc_v2 import GrpcServer
+
+            grpc = GrpcServer(runtime, settings, metrics)
+            try:
+                await grpc.start()
+            except OSError as e:
+                log.error("cannot start: %s", e)
+                await runtime.stop()
+                raise
         app.state.runtime = runtime
         try:
             yield
         finally:
             app.state.runtime = None
+            if grpc:
+                await grpc.stop()
             await runtime.stop()
             if metrics.multiprocess:
                 from prometheus_client import multiprocess
@@ -55,7 +68,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         lifespan=lifespan,
         description="Attention-gated image classification (Attend and Rectify, ECCV 2018) on onnxruntime.",
-        **({"docs_url": None, "redoc_url": None, "openapi_url": None} if closed_docs else {}),
+        docs_url=None,  # served by routes/docs.py, from local assets
+        redoc_url=None,
+        **({"openapi_url": None} if closed_docs else {}),
     )
     app.state.settings, app.state.metrics, app.state.runtime = settings, metrics, None
     errors.install(app)
@@ -63,8 +78,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     for r in (predict.router, predictions.router, model.router, v2.router):
         app.include_router(r, dependencies=guarded)
-    if closed_docs:
-        app.include_router(docs.router(app), dependencies=guarded)
+    docs.mount_assets(app)
+    app.include_router(docs.router(app, serve_openapi=closed_docs), dependencies=guarded if closed_docs else [])
     app.add_middleware(
         BodyLimitMiddleware, max_bytes=settings.MAX_BODY_BYTES, read_timeout_s=settings.BODY_READ_TIMEOUT_S
     )

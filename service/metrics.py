@@ -30,6 +30,10 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.grpc_requests = Counter("warn_grpc_requests", "gRPC calls", ["method", "code"], registry=r)
+        self.grpc_latency = Histogram(
+            "warn_grpc_request_duration_seconds", "gRPC call latency", ["method"], buckets=LATENCY_BUCKETS, registry=r
+        )
         self.batch_size = Histogram(
             "warn_batch_size", "Images per session.run", buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r
         )

@@ -116,6 +116,43 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def check_spec(name: Any, datatype: Any, shape: Any, max_elements: int) -> int:
+    """The element count of a well-formed input declaration; the errors name what is wrong."""
+    if not isinstance(name, str) or not isinstance(datatype, str) or not isinstance(shape, list):
+        raise InvalidRequest("each input needs a string 'name' and 'datatype' and a list 'shape'")
+    if not all(_is_int(d) for d in shape) or len(shape) > 8:
+        raise InvalidRequest(f"input {name[:64]!r}: shape must be at most 8 integers, got {str(shape)[:80]}")
+    if datatype not in DTYPES:
+        raise InvalidRequest(f"input {name[:64]!r}: unknown datatype {datatype[:20]!r}")
+    if any(d < 0 for d in shape):
+        raise InvalidRequest(f"input {name[:64]!r}: shape {shape} has a negative dimension")
+    count = math.prod(shape)
+    if count > max_elements:
+        raise BodyTooLarge(
+            f"input {name[:64]!r}: shape {shape} has {count} elements, more than the limit of {max_elements}"
+        )
+    return count
+
+
+def from_raw(name: str, datatype: str, shape: list[int], raw: memoryview | bytes) -> np.ndarray:
+    """A tensor's elements from its binary form (BYTES: each element length-prefixed), unshaped."""
+    if datatype == "BYTES":
+        elements = _bytes_elements(memoryview(raw))
+        data = np.empty(len(elements), dtype=object)
+        data[:] = elements
+        return data
+    itemsize = np.dtype(DTYPES[datatype]).itemsize
+    if len(raw) != math.prod(shape) * itemsize:
+        raise InvalidRequest(f"input {name[:64]!r}: {len(raw)} bytes do not hold shape {shape} of {datatype}")
+    return np.frombuffer(raw, dtype=DTYPES[datatype])
+
+
+def shaped(name: str, shape: list[int], data: np.ndarray) -> np.ndarray:
+    if data.size != math.prod(shape):
+        raise InvalidRequest(f"input {name[:64]!r}: {data.size} elements do not fill shape {shape}")
+    return data.reshape(shape)
+
+
 def read_inputs(header: dict[str, Any], binary: memoryview, max_elements: int) -> list[Tensor]:
     """The request's input tensors; none may hold more than `max_elements` elements."""
     inputs = header.get("inputs")
@@ -127,36 +164,15 @@ def read_inputs(header: dict[str, Any], binary: memoryview, max_elements: int) -
         if not isinstance(spec, dict):
             raise InvalidRequest("each input must be a JSON object")
         name, datatype, shape = spec.get("name"), spec.get("datatype"), spec.get("shape")
-        if not isinstance(name, str) or not isinstance(datatype, str) or not isinstance(shape, list):
-            raise InvalidRequest("each input needs a string 'name' and 'datatype' and a list 'shape'")
-        if not all(_is_int(d) for d in shape) or len(shape) > 8:
-            raise InvalidRequest(f"input {name[:64]!r}: shape must be at most 8 integers, got {str(shape)[:80]}")
-        if datatype not in DTYPES:
-            raise InvalidRequest(f"input {name[:64]!r}: unknown datatype {datatype[:20]!r}")
-        if any(d < 0 for d in shape):
-            raise InvalidRequest(f"input {name[:64]!r}: shape {shape} has a negative dimension")
-        count = math.prod(shape)
-        if count > max_elements:
-            raise BodyTooLarge(
-                f"input {name[:64]!r}: shape {shape} has {count} elements, more than the limit of {max_elements}"
-            )
+        check_spec(name, datatype, shape, max_elements)
         size = _parameters(spec, f"input {name[:64]!r}").get("binary_data_size")
         if size is not None:
             if not _is_int(size) or size < 0:
                 raise InvalidRequest(f"input {name[:64]!r}: binary_data_size must be a non-negative integer")
             if offset + size > len(binary):
                 raise InvalidRequest(f"input {name!r}: binary_data_size {size} runs past the end of the body")
-            raw = binary[offset : offset + size]
+            data = from_raw(name, datatype, shape, binary[offset : offset + size])
             offset += size
-            if datatype == "BYTES":
-                elements = _bytes_elements(raw)
-                data = np.empty(len(elements), dtype=object)
-                data[:] = elements
-            else:
-                itemsize = np.dtype(DTYPES[datatype]).itemsize
-                if size != count * itemsize:
-                    raise InvalidRequest(f"input {name!r}: {size} bytes do not hold shape {shape} of {datatype}")
-                data = np.frombuffer(raw, dtype=DTYPES[datatype])
         elif "data" in spec:
             if datatype == "BYTES":
                 if not isinstance(spec["data"], list):
@@ -174,9 +190,7 @@ def read_inputs(header: dict[str, Any], binary: memoryview, max_elements: int) -
                     raise InvalidRequest(f"input {name[:64]!r}: data is not {datatype}: {str(e)[:200]}") from None
         else:
             raise InvalidRequest(f"input {name!r} has neither 'data' nor parameters.binary_data_size")
-        if data.size != count:
-            raise InvalidRequest(f"input {name!r}: {data.size} elements do not fill shape {shape}")
-        tensors.append(Tensor(name, datatype, shape, data.reshape(shape)))
+        tensors.append(Tensor(name, datatype, shape, shaped(name, shape, data)))
     return tensors
 
 

@@ -1,7 +1,11 @@
+import os
+
 import pytest
 import torch
 
 torch.set_num_threads(2)
+# Tests that want the gRPC endpoint ask for a free port; the default (8001) may be taken on this machine.
+os.environ["WARN_GRPC_PORT"] = "0"
 
 
 @pytest.fixture(scope="session")

@@ -32,7 +32,7 @@ def test_dockerfile_shape():
     text = (ROOT / "Dockerfile").read_text()
     assert "nvidia/cuda:13" in text and "cudnn" in text
     assert text.count("FROM ") == 2 and "AS build" in text and "COPY --from=build /opt/venv" in text
-    assert "USER 10001" in text and "EXPOSE 8000" in text and "/v2/health/ready" in text
+    assert "USER 10001" in text and "EXPOSE 8000 8001" in text and "/v2/health/ready" in text
     assert 'ENTRYPOINT ["python3", "-m", "service"]' in text and "torch" not in text
     for source in ("service/", "default_model/model.onnx"):
         assert (ROOT / source).exists()
@@ -121,3 +121,7 @@ def test_compose_file_is_valid(profile):
     assert "warn" in warn["networks"]["default"]["aliases"]
     nginx = (ROOT / "docker/nginx.conf").read_text()
     assert "http://warn:8000" in nginx and "resolver 127.0.0.11" in nginx
+    # the v2 protocol over gRPC goes through nginx as HTTP/2 to every replica's port 8001
+    assert {"8000", "8001"} <= {str(p) for p in warn["expose"]}
+    assert {(int(p["published"]), p["target"]) for p in services["nginx"]["ports"]} >= {(8001, 8001)}
+    assert "grpc://warn:8001" in nginx and "http2 on;" in nginx

@@ -4,9 +4,11 @@ import asyncio
 import re
 
 import httpx
+import numpy as np
+import tritonclient.grpc as tc
 from PIL import Image
 
-from tests.serving.conftest import Server, png
+from tests.serving.conftest import Server, free_port, png
 
 
 def test_two_workers_share_predictions_and_metrics(model_path, tmp_path):
@@ -15,6 +17,7 @@ def test_two_workers_share_predictions_and_metrics(model_path, tmp_path):
         "WARN_WORKERS": "2",
         "WARN_STORE": "disk",
         "WARN_STORE_DIR": str(tmp_path / "store"),
+        "WARN_GRPC_PORT": str(free_port()),
     }
     server = Server(env, launcher=True)
     try:
@@ -46,6 +49,12 @@ def test_two_workers_share_predictions_and_metrics(model_path, tmp_path):
                 return answers, overlays, metrics
 
         answers, overlays, metrics = asyncio.run(main())
+        # the workers share the gRPC port too; fresh channels land on either
+        for _ in range(6):
+            with tc.InferenceServerClient(f"127.0.0.1:{env['WARN_GRPC_PORT']}") as client:
+                x = tc.InferInput("image", [1, 3, 48, 48], "FP32")
+                x.set_data_from_numpy(np.zeros((1, 3, 48, 48), np.float32))
+                assert client.infer("warn-cluttered-digits", [x]).as_numpy("probabilities").shape == (1, 10)
         assert [a.status_code for a in answers] == [200] * 50
         assert len(overlays) == 50 * 4 and {o.status_code for o in overlays} == {200}
         assert all(o.headers["content-type"] == "image/png" for o in overlays)

@@ -1,0 +1,230 @@
+"""The Open Inference Protocol over gRPC (`inference.GRPCInferenceService`, as Triton and KServe serve it).
+
+It runs on the HTTP app's event loop and shares its runtime: the same model, micro-batcher,
+decoding and limits. The service definition is tritonclient's generated `service_pb2`.
+Errors map to gRPC status codes as Triton maps them.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import grpc
+import numpy as np
+from starlette.concurrency import run_in_threadpool
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc
+
+from service.config import Settings
+from service.errors import (
+    BodyTooLarge,
+    ImageTooLarge,
+    InvalidImage,
+    InvalidRequest,
+    NotFound,
+    Overloaded,
+    ServiceError,
+    Unauthorized,
+    UnsupportedMedia,
+)
+from service.metrics import Metrics
+from service.pipeline import Runtime
+from service.protocol import check_model, model_metadata, select_outputs, server_metadata, to_model_input
+from service.tensors import DTYPES, Tensor, check_spec, from_raw, shaped
+
+log = logging.getLogger("service.grpc")
+
+STATUS: dict[type[ServiceError], grpc.StatusCode] = {
+    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    InvalidImage: grpc.StatusCode.INVALID_ARGUMENT,
+    UnsupportedMedia: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    Overloaded: grpc.StatusCode.UNAVAILABLE,
+    BodyTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ImageTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Unauthorized: grpc.StatusCode.UNAUTHENTICATED,
+}
+
+# Requests this small are read and answered on the event loop: a thread hop costs more than the work.
+INLINE_BYTES = 64 * 1024
+
+# InferTensorContents' field for each datatype (the protocol packs the small integers into 32 bits)
+CONTENTS = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+
+def read_inputs(request: pb.ModelInferRequest, max_elements: int) -> list[Tensor]:
+    """The request's input tensors, from raw_input_contents or typed contents (CPU work: off the loop)."""
+    if not request.inputs:
+        raise InvalidRequest("inference request needs at least one input")
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidRequest(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs: give one each, or none")
+    tensors = []
+    for i, spec in enumerate(request.inputs):
+        name, datatype, shape = spec.name, spec.datatype, list(spec.shape)
+        check_spec(name, datatype, shape, max_elements)
+        if raw:
+            data = from_raw(name, datatype, shape, raw[i])
+        elif datatype == "FP16":
+            raise InvalidRequest(f"input {name[:64]!r}: FP16 has no typed contents; send it in raw_input_contents")
+        else:
+            values = getattr(spec.contents, CONTENTS[datatype])
+            if datatype == "BYTES":
+                data = np.empty(len(values), dtype=object)
+                data[:] = list(values)
+            else:
+                try:
+                    data = np.asarray(values, dtype=DTYPES[datatype])
+                except OverflowError as e:
+                    raise InvalidRequest(f"input {name[:64]!r}: contents are not {datatype}: {e}") from None
+        tensors.append(Tensor(name, datatype, shape, shaped(name, shape, data)))
+    return tensors
+
+
+def infer_response(
+    rt: Runtime, request: pb.ModelInferRequest, names: list[str], outputs: dict[str, np.ndarray]
+) -> pb.ModelInferResponse:
+    reply = pb.ModelInferResponse(model_name=rt.info.name, model_version=rt.info.version, id=request.id[:256])
+    for name in names:
+        array = np.ascontiguousarray(outputs[name], dtype=np.float32)
+        reply.outputs.add(name=name, datatype="FP32", shape=array.shape)
+        reply.raw_output_contents.append(array.tobytes())
+    return reply
+
+
+class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
+    """The v2 calls this service supports; the rest (repository, shared memory, tracing) answer UNIMPLEMENTED."""
+
+    def __init__(self, runtime: Runtime, settings: Settings, metrics: Metrics) -> None:
+        self.rt = runtime
+        self.settings = settings
+        self.metrics = metrics
+        self.serving = True
+
+    @asynccontextmanager
+    async def _call(self, method: str, context: grpc.aio.ServicerContext, guarded: bool = True) -> AsyncIterator[None]:
+        """Checks the key, and turns the service's errors into gRPC status codes (the one place that does)."""
+        started, code = time.perf_counter(), grpc.StatusCode.OK
+        try:
+            if guarded:
+                self._authorize(context)
+            yield
+        except ServiceError as e:
+            code = STATUS.get(type(e), grpc.StatusCode.INTERNAL)
+            await context.abort(code, e.message)
+        except Exception as e:
+            if isinstance(e, grpc.aio.AbortError):
+                raise
+            code = grpc.StatusCode.INTERNAL
+            log.error("unhandled error in gRPC %s", method, exc_info=e)
+            await context.abort(code, "internal server error (logged); please report it")
+        finally:
+            self.metrics.grpc_requests.labels(method, code.name).inc()
+            self.metrics.grpc_latency.labels(method).observe(time.perf_counter() - started)
+
+    def _authorize(self, context: grpc.aio.ServicerContext) -> None:
+        key = self.settings.API_KEY
+        if not key:
+            return
+        sent = dict(context.invocation_metadata() or ()).get("authorization", "")
+        scheme, _, token = sent.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+            raise Unauthorized("missing or wrong API key: send the metadata 'authorization: Bearer <key>'")
+
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
+        async with self._call("ServerLive", context, guarded=False):
+            return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
+        async with self._call("ServerReady", context, guarded=False):
+            return pb.ServerReadyResponse(ready=self.serving)
+
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
+        async with self._call("ModelReady", context):
+            check_model(self.rt, request.name, request.version or None)
+            return pb.ModelReadyResponse(ready=self.serving)
+
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
+        async with self._call("ServerMetadata", context):
+            return pb.ServerMetadataResponse(**server_metadata())
+
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
+        async with self._call("ModelMetadata", context):
+            check_model(self.rt, request.name, request.version or None)
+            m = model_metadata(self.rt)
+            tensors = pb.ModelMetadataResponse.TensorMetadata
+            return pb.ModelMetadataResponse(
+                name=m["name"],
+                versions=m["versions"],
+                platform=m["platform"],
+                inputs=[tensors(**t) for t in m["inputs"]],
+                outputs=[tensors(**t) for t in m["outputs"]],
+            )
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        async with self._call("ModelInfer", context):
+            rt = self.rt
+            check_model(rt, request.model_name, request.model_version or None)
+            names = select_outputs([o.name for o in request.outputs], rt.model.output_names)
+            h, w = rt.info.input_size
+            limit = rt.settings.MAX_IMAGES_PER_REQUEST * 3 * h * w
+            small = request.ByteSize() <= INLINE_BYTES
+            with rt.batcher.admit():
+                if small:
+                    tensors = read_inputs(request, limit)
+                else:
+                    tensors = await run_in_threadpool(read_inputs, request, limit)
+                x = await to_model_input(rt, tensors)
+                outputs = await rt.batcher.submit_admitted(x)
+            if small:
+                return infer_response(rt, request, names, outputs)
+            return await run_in_threadpool(infer_response, rt, request, names, outputs)
+
+
+class GrpcServer:
+    """A grpc.aio server on the running event loop; `start()` in the app's lifespan, `stop()` at its end."""
+
+    def __init__(self, runtime: Runtime, settings: Settings, metrics: Metrics) -> None:
+        host = settings.GRPC_HOST or "127.0.0.1"
+        self.address = f"[{host}]:{settings.GRPC_PORT}" if ":" in host else f"{host}:{settings.GRPC_PORT}"
+        self.grace = settings.SHUTDOWN_TIMEOUT_S
+        self.servicer = Servicer(runtime, settings, metrics)
+        options = [
+            # a message past the body limit is refused with RESOURCE_EXHAUSTED before it is read whole
+            ("grpc.max_receive_message_length", settings.MAX_BODY_BYTES),
+            ("grpc.max_send_message_length", -1),
+            # the workers of `python -m service` (which sets WORKERS) share the port, as they share the HTTP one
+            ("grpc.so_reuseport", int(settings.WORKERS > 1)),
+        ]
+        self.server = grpc.aio.server(options=options, maximum_concurrent_rpcs=settings.MAX_CONNECTIONS)
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self.server)
+
+    async def start(self) -> None:
+        try:
+            self.server.add_insecure_port(self.address)
+        except RuntimeError as e:
+            raise OSError(f"cannot listen for gRPC on {self.address} (WARN_GRPC_PORT; 0 turns it off): {e}") from e
+        await self.server.start()
+        log.info("Open Inference Protocol over gRPC on %s", self.address)
+
+    async def stop(self) -> None:
+        self.servicer.serving = False
+        await self.server.stop(self.grace)

@@ -1,0 +1,76 @@
+"""The Open Inference Protocol's model semantics, shared by its HTTP routes and its gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+
+from service import __version__
+from service.errors import BodyTooLarge, InvalidRequest, NotFound
+from service.pipeline import Runtime
+from service.tensors import Tensor, finite
+
+SERVER_NAME = "warn-serve"
+EXTENSIONS = ["binary_tensor_data"]
+
+
+def server_metadata() -> dict[str, Any]:
+    return {"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS}
+
+
+def select_outputs(wanted: list[str], available: list[str]) -> list[str]:
+    """The outputs to return, in the order asked; all of them when none are named."""
+    for name in wanted:
+        if name not in available:
+            raise InvalidRequest(f"unknown output {name[:64]!r}; this model has {', '.join(available)}")
+    return wanted or list(available)
+
+
+def check_model(rt: Runtime, name: str, version: str | None = None) -> None:
+    if name != rt.info.name or (version is not None and version != rt.info.version):
+        wanted = f"{name!r}" + (f" version {version!r}" if version else "")
+        raise NotFound(f"unknown model {wanted}: this server has {rt.info.name!r} version {rt.info.version!r}")
+
+
+def model_metadata(rt: Runtime) -> dict[str, Any]:
+    info = rt.info
+    return {
+        "name": info.name,
+        "versions": [info.version],
+        "platform": "onnxruntime_onnx",
+        "inputs": [{"name": t.name, "datatype": t.datatype, "shape": t.shape} for t in info.inputs],
+        "outputs": [{"name": t.name, "datatype": t.datatype, "shape": t.shape} for t in info.outputs],
+    }
+
+
+async def to_model_input(rt: Runtime, tensors: list[Tensor]) -> np.ndarray:
+    """The model's input batch from the request's one input: FP32 pixels, or BYTES holding encoded images."""
+    spec = rt.info.inputs[0]
+    if len(tensors) != 1 or tensors[0].name != spec.name:
+        names = [t.name[:64] for t in tensors[:8]]
+        raise InvalidRequest(f"this model takes one input named {spec.name!r}, got {names}")
+    t = tensors[0]
+    h, w = rt.info.input_size
+    cap = rt.settings.MAX_IMAGES_PER_REQUEST
+    if t.datatype == "BYTES":
+        if len(t.shape) not in (1, 2) or (len(t.shape) == 2 and t.shape[1] != 1):
+            raise InvalidRequest(f"BYTES input {t.name!r} must have shape [N] or [N, 1] (one encoded image each)")
+        images = t.data.reshape(-1)
+        if len(images) == 0:
+            raise InvalidRequest("input batch is empty")
+        if len(images) > cap:
+            raise BodyTooLarge(f"{len(images)} images in one request, more than the limit of {cap}")
+        arrays = await asyncio.gather(*(rt.decode(b) for b in images))
+        return np.stack([x for _, x, _ in arrays])
+    if t.datatype != "FP32" or len(t.shape) != 4 or t.shape[1:] != [3, h, w]:
+        raise InvalidRequest(
+            f"input {t.name!r} must be FP32 of shape [N, 3, {h}, {w}] (RGB in [0, 1]) "
+            f"or BYTES of encoded images; got {t.datatype} {t.shape}"
+        )
+    if t.shape[0] == 0:
+        raise InvalidRequest("input batch is empty")
+    if t.shape[0] > cap:  # read_inputs already bounds the element count; this names the rule
+        raise BodyTooLarge(f"{t.shape[0]} images in one request, more than the limit of {cap}")
+    return finite(np.ascontiguousarray(t.data, dtype=np.float32))
