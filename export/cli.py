@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from export.onnx_export import ExportError, export
-from export.triton import write_repository
+from export.triton import version_folder, write_repository
 from models.checkpoint import CheckpointError, load
 
 
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("checkpoint")
     p.add_argument("output", nargs="?", help="default: model.onnx next to the checkpoint")
     p.add_argument("--name", help="model name (default: warn-<dataset>)")
-    p.add_argument("--version", default="1", help="model version stored in the metadata")
+    p.add_argument("--version", default="1", help="model version stored in the metadata (and Triton's version folder)")
     p.add_argument("--triton-repo", help="also write a Triton model repository here")
     p.add_argument("--max-batch-size", type=int, default=64, help="Triton's max_batch_size")
     p.add_argument(
@@ -43,6 +43,11 @@ def main(argv: list[str] | None = None) -> None:
         help="onnxruntime provider(s) to verify parity on (repeatable; default cpu). cuda runs with TF32 off",
     )
     args = p.parse_args(argv)
+    if args.triton_repo:
+        try:
+            version_folder(args.version)
+        except ValueError as e:
+            p.error(f"--triton-repo: {e}")
     output = args.output or str(Path(args.checkpoint).with_name("model.onnx"))
     try:
         model, meta = load(args.checkpoint)
@@ -55,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(result["verification"], indent=2))
     print(f"wrote {result['path']} ({name} v{args.version})")
     if args.triton_repo:
-        folder = write_repository(output, args.triton_repo, name, args.max_batch_size)
+        folder = write_repository(output, args.triton_repo, name, args.version, args.max_batch_size)
         print(f"wrote Triton model repository {folder}")
 
 

@@ -128,8 +128,11 @@ def test_triton_repository_agrees_with_the_graph(exported, tmp_path):
     from tritonclient.grpc import model_config_pb2
 
     _, out, *_ = exported
-    folder = write_repository(out, tmp_path, "warn-test", max_batch_size=32)
-    assert (folder / "1" / "model.onnx").read_bytes() == out.read_bytes()
+    folder = write_repository(out, tmp_path, "warn-test", version="3", max_batch_size=32)
+    assert [p.name for p in folder.iterdir() if p.is_dir()] == ["3"]  # the folder follows the version
+    assert (folder / "3" / "model.onnx").read_bytes() == out.read_bytes()
+    with pytest.raises(ValueError, match="positive integers"):
+        write_repository(out, tmp_path, "warn-test", version="v2")
     config = text_format.Parse((folder / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
     assert config.name == "warn-test" and config.backend == "onnxruntime" and config.max_batch_size == 32
     assert config.HasField("dynamic_batching")
