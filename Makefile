@@ -5,11 +5,12 @@ PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test lint system-deps default-model export-default eval-default figure profile docker-requirements bench
+.PHONY: serve test lint screenshot system-deps default-model export-default eval-default figure profile docker-requirements bench
 
-# Programs the tests run for real: a Redis server (the shared prediction store) and docker-compose
-# (validates the compose file without an engine). Installed from Debian's packages when missing.
-SYSTEM_TOOLS := redis-server docker-compose
+# Programs the tests run for real, as command:Debian package: a Redis server (the shared prediction
+# store), docker-compose (validates the compose file without an engine), and Chromium with its
+# driver (the viewer and /docs in a real browser). Installed from Debian's packages when missing.
+SYSTEM_TOOLS := redis-server:redis-server docker-compose:docker-compose chromium:chromium chromedriver:chromium-driver
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(PY):
@@ -30,7 +31,7 @@ serve: $(VENV)/.serve
 	$(PY) -m service --host $(HOST) --port $(PORT)
 
 system-deps:
-	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $${t%%:*} >/dev/null || missing="$$missing $${t#*:}"; done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:$$missing"; \
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
@@ -53,6 +54,10 @@ test: $(VENV)/.full system-deps build/kustomize
 
 lint: $(VENV)/.full
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+# The README's screenshots of the viewer, taken by the browser test.
+screenshot: $(VENV)/.full system-deps
+	WARN_SCREENSHOT_DIR=docs $(PY) -m pytest -q tests/serving/test_browser.py -k "shows_the_prediction or phone_width"
 
 # Reproduces the committed default model (about 30 minutes on 2 CPU cores), then exports it.
 default-model: $(VENV)/.full

@@ -28,20 +28,29 @@ def verification_images(meta: dict, input_size: tuple[int, int], count: int = 48
     return torch.rand(count, 3, *input_size, generator=torch.Generator().manual_seed(0))
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Export a WARN checkpoint to ONNX, verified against PyTorch.")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="model.pt written by warn-train")
     p.add_argument("output", nargs="?", help="default: model.onnx next to the checkpoint")
     p.add_argument("--name", help="model name (default: warn-<dataset>)")
-    p.add_argument("--version", default="1", help="model version stored in the metadata (and Triton's version folder)")
+    p.add_argument(
+        "--version",
+        default="1",
+        help="model version stored in the metadata, and Triton's version folder (default: %(default)s)",
+    )
     p.add_argument("--triton-repo", help="also write a Triton model repository here")
-    p.add_argument("--max-batch-size", type=int, default=64, help="Triton's max_batch_size")
+    p.add_argument("--max-batch-size", type=int, default=64, help="Triton's max_batch_size (default: %(default)s)")
     p.add_argument(
         "--verify-provider",
         action="append",
         choices=["cpu", "cuda"],
         help="onnxruntime provider(s) to verify parity on (repeatable; default cpu). cuda runs with TF32 off",
     )
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = parser()
     args = p.parse_args(argv)
     if args.triton_repo:
         try:

@@ -71,18 +71,22 @@ def evaluate(model: WARN, dataset: Dataset, batch_size: int = 128, window: int =
     return result
 
 
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Evaluate a WARN checkpoint: accuracy and Pointing Game.")
+    p.add_argument("checkpoint", help="model.pt written by warn-train")
+    p.add_argument("--dataset", help="dataset to evaluate on (default: the checkpoint's training dataset)")
+    p.add_argument("--data-root", default="data", help="dataset folder (default: %(default)s)")
+    p.add_argument("--seed", type=int, help="dataset seed (default: the checkpoint's)")
+    p.add_argument("--batch-size", type=int, default=128, help="images per forward pass (default: %(default)s)")
+    p.add_argument("--update-checkpoint", action="store_true", help="record these figures in the checkpoint")
+    return p
+
+
 def main(argv: list[str] | None = None) -> None:
     from models.checkpoint import load, read, save
     from models.data import build_dataset
 
-    p = argparse.ArgumentParser(description="Evaluate a WARN checkpoint: accuracy and Pointing Game.")
-    p.add_argument("checkpoint")
-    p.add_argument("--dataset", help="default: the checkpoint's training dataset")
-    p.add_argument("--data-root", default="data")
-    p.add_argument("--seed", type=int, help="dataset seed (default: the checkpoint's)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--update-checkpoint", action="store_true", help="record these figures in the checkpoint")
-    args = p.parse_args(argv)
+    args = parser().parse_args(argv)
     model, meta = load(args.checkpoint)
     train = meta.get("train", {})
     ds = build_dataset(

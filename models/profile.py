@@ -37,15 +37,19 @@ def overhead(config: WARNConfig) -> dict[str, Any]:
     }
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--depth", type=int, default=16)
-    p.add_argument("--width", type=int, default=4)
-    p.add_argument("--ad", type=int, default=3)
-    p.add_argument("--aw", type=int, default=4)
-    p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--size", type=int, default=32)
-    a = p.parse_args(argv)
+    p.add_argument("--depth", type=int, default=16, help="Wide-ResNet depth, 6n+4 (default: %(default)s)")
+    p.add_argument("--width", type=int, default=4, help="Wide-ResNet widening factor (default: %(default)s)")
+    p.add_argument("--ad", type=int, default=3, help="attention depth: attended stages (default: %(default)s)")
+    p.add_argument("--aw", type=int, default=4, help="attention width: heads per stage (default: %(default)s)")
+    p.add_argument("--classes", type=int, default=10, help="number of classes (default: %(default)s)")
+    p.add_argument("--size", type=int, default=32, help="input side in pixels (default: %(default)s)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parser().parse_args(argv)
     cfg = WARNConfig(
         depth=a.depth,
         width=a.width,

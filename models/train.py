@@ -8,15 +8,15 @@ the end: weights, the model config and the measured test figures.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
+import tyro
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -28,27 +28,50 @@ from models.warn import WARN, WARNConfig
 
 @dataclass
 class TrainConfig:
-    dataset: str = "cluttered-digits"
+    """Train WARN (Attend and Rectify) on a dataset."""
+
+    dataset: Literal["cluttered-digits", "cifar10", "cifar100", "imagefolder"] = "cluttered-digits"
+    """cluttered-digits is built in (offline); imagefolder reads DATA_ROOT/train and DATA_ROOT/val"""
     data_root: str = "data"
+    """dataset folder (imagefolder: holds train/ and val/; CIFAR: where it is downloaded)"""
     download: bool = False
+    """download CIFAR through torchvision (needs internet)"""
     depth: int = 16
+    """Wide-ResNet depth, 6n+4"""
     width: int = 2
-    attention_depth: int = 3
-    attention_width: int = 4
+    """Wide-ResNet widening factor"""
+    attention_depth: Annotated[int, tyro.conf.arg(aliases=["--ad"])] = 3
+    """attended stages, the deepest first (0..3; 0 is the plain backbone)"""
+    attention_width: Annotated[int, tyro.conf.arg(aliases=["--aw"])] = 4
+    """attention heads per attended stage"""
     dropout: float = 0.0
+    """dropout inside the residual blocks"""
     reg_weight: float = 1e-3
-    input_size: int = 48  # side for imagefolder; cluttered-digits is 48, CIFAR 32
-    train_per_scan: int = 8  # cluttered-digits: training canvases per source scan
+    """weight of the regularizer that keeps a layer's heads apart"""
+    input_size: int = 48
+    """image side for imagefolder (cluttered-digits is 48, CIFAR 32)"""
+    train_per_scan: int = 8
+    """cluttered-digits: training canvases rendered per source scan"""
     epochs: int = 30
+    """passes over the training set"""
     batch_size: int = 64
+    """images per step"""
     lr: float = 0.1
+    """peak learning rate (SGD with Nesterov momentum, cosine schedule)"""
     momentum: float = 0.9
+    """SGD momentum"""
     weight_decay: float = 5e-4
+    """L2 weight decay"""
     warmup_epochs: float = 1.0
+    """epochs of linear learning-rate warm-up"""
     seed: int = 0
-    threads: int = 0  # 0: torch's default
-    max_steps: int = 0  # stop after this many steps in all (0: no limit); for smoke runs
+    """seeds the data, the weights and the shuffling"""
+    threads: int = 0
+    """torch CPU threads (0: torch's default)"""
+    max_steps: int = 0
+    """stop after this many steps in all (0: no limit); for smoke runs"""
     out: str = "runs/warn"
+    """output folder: last.pt after every epoch (resumed from), model.pt at the end"""
 
 
 NATIVE_SIZE = {"cluttered-digits": 48, "cifar10": 32, "cifar100": 32}
@@ -124,7 +147,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         model.train()
         seen = correct = 0
         loss_sum = 0.0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}")
         for images, targets, _ in bar:
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, total, warmup, cfg.lr)
@@ -140,7 +163,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
             if cfg.max_steps and step >= cfg.max_steps:
                 break
-        print(f"epoch {epoch + 1}: loss {loss_sum / max(seen, 1):.4f} train acc {correct / max(seen, 1):.4f}")
         checkpoint.save(
             last,
             model,
@@ -159,32 +181,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     meta = {"train": asdict(cfg), "dataset": cfg.dataset, "metrics": metrics, "steps": step}
     checkpoint.save(out / "model.pt", model, **meta)
     print(json.dumps(metrics, indent=2))
+    print(f"wrote {out / 'model.pt'} (export it with: warn-export {out / 'model.pt'})")
     return meta
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    p = argparse.ArgumentParser(description="Train WARN (Attend and Rectify) on a dataset.")
-    d = TrainConfig()
-    p.add_argument("--dataset", default=d.dataset, choices=["cluttered-digits", "cifar10", "cifar100", "imagefolder"])
-    p.add_argument("--data-root", default=d.data_root, help="dataset folder (imagefolder: holds train/ and val/)")
-    p.add_argument("--download", action="store_true", help="download CIFAR through torchvision (needs internet)")
-    p.add_argument("--depth", type=int, default=d.depth, help="WRN depth, 6n+4")
-    p.add_argument("--width", type=int, default=d.width, help="WRN widening factor")
-    p.add_argument("--ad", dest="attention_depth", type=int, default=d.attention_depth, help="attention depth 0..3")
-    p.add_argument("--aw", dest="attention_width", type=int, default=d.attention_width, help="attention heads")
-    p.add_argument("--dropout", type=float, default=d.dropout)
-    p.add_argument("--reg-weight", type=float, default=d.reg_weight)
-    p.add_argument("--input-size", type=int, default=d.input_size, help="image side for imagefolder")
-    p.add_argument("--train-per-scan", type=int, default=d.train_per_scan, help="cluttered-digits canvases per scan")
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--threads", type=int, default=d.threads)
-    p.add_argument("--max-steps", type=int, default=d.max_steps)
-    p.add_argument("--out", default=d.out)
-    return TrainConfig(**vars(p.parse_args(argv)))
+    """Every option is a TrainConfig field: its type, default and docstring make the flag and its help."""
+    return tyro.cli(TrainConfig, args=argv)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -105,6 +105,7 @@ class Settings(BaseSettings):
     PUBLIC_DOCS: bool = Field(
         True, description="/docs, /redoc and /openapi.json open even with API_KEY set (false: they need the key)"
     )
+    VIEWER: bool = Field(True, description="the attention viewer page at / (it uses the API, with the key if set)")
     CORS_ORIGINS: list[str] = Field(
         default_factory=list, description='origins allowed by CORS, e.g. ["https://grafana.example"]'
     )

@@ -34,8 +34,8 @@ from service.errors import (
 )
 from service.metrics import Metrics
 from service.pipeline import Runtime
-from service.protocol import check_model, model_metadata, select_outputs, server_metadata, to_model_input
-from service.tensors import DTYPES, Tensor, check_spec, from_raw, shaped
+from service.protocol import check_model, model_metadata, server_metadata, to_model_input
+from service.tensors import DTYPES, Tensor, check_spec, from_raw, select_outputs, shaped
 
 log = logging.getLogger("service.grpc")
 

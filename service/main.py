@@ -18,13 +18,24 @@ from service.limits import BodyLimitMiddleware
 from service.memory import return_freed_memory
 from service.metrics import Metrics, MetricsMiddleware
 from service.pipeline import Runtime
-from service.routes import docs, health, model, predict, predictions, v2
+from service.routes import docs, health, model, predict, predictions, v2, viewer
 
 log = logging.getLogger("service")
 
 
+def show_service_logs() -> None:
+    """The service's own lines (model, provider, gRPC address, errors) next to uvicorn's, in its format;
+    uvicorn configures only its own loggers."""
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    show_service_logs()
     metrics = Metrics()
     # Pillow refuses past twice its MAX_IMAGE_PIXELS, also inside containers (ICO, TIFF): half ours
     Image.MAX_IMAGE_PIXELS = settings.MAX_IMAGE_PIXELS // 2
@@ -78,6 +89,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     for r in (predict.router, predictions.router, model.router, v2.router):
         app.include_router(r, dependencies=guarded)
+    if settings.VIEWER:
+        app.include_router(viewer.router)
+        viewer.mount_assets(app)
     docs.mount_assets(app)
     app.include_router(docs.router(app, serve_openapi=closed_docs), dependencies=guarded if closed_docs else [])
     app.add_middleware(

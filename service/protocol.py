@@ -20,14 +20,6 @@ def server_metadata() -> dict[str, Any]:
     return {"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS}
 
 
-def select_outputs(wanted: list[str], available: list[str]) -> list[str]:
-    """The outputs to return, in the order asked; all of them when none are named."""
-    for name in wanted:
-        if name not in available:
-            raise InvalidRequest(f"unknown output {name[:64]!r}; this model has {', '.join(available)}")
-    return wanted or list(available)
-
-
 def check_model(rt: Runtime, name: str, version: str | None = None) -> None:
     if name != rt.info.name or (version is not None and version != rt.info.version):
         wanted = f"{name!r}" + (f" version {version!r}" if version else "")

@@ -130,8 +130,39 @@ class InferResponse(BaseModel):
     outputs: list[OutputTensor]
 
 
+# What each error status looks like, as the service really answers it (tests/serving/test_api.py checks)
+ERROR_EXAMPLES: dict[int, dict] = {
+    400: {"error": "unknown output 'logits'; this model has probabilities, ...", "code": "invalid_request"},
+    401: {"error": "missing or wrong API key: send 'Authorization: Bearer <key>'", "code": "unauthorized"},
+    404: {
+        "error": "no prediction 'abc': unknown, or expired (predictions are kept 3600 s)",
+        "code": "not_found",
+    },
+    413: {"error": "request body is larger than the limit of 16777216 bytes", "code": "body_too_large"},
+    415: {
+        "error": "not an image in a supported format (PNG, JPEG, GIF, BMP, TIFF, WEBP, PPM, ICO)",
+        "code": "unsupported_media_type",
+    },
+    422: {
+        "error": "query.top_k: Input should be greater than or equal to 1",
+        "code": "invalid_request",
+        "detail": [
+            {
+                "type": "greater_than_equal",
+                "loc": ["query", "top_k"],
+                "msg": "Input should be greater than or equal to 1",
+                "input": "0",
+                "ctx": {"ge": 1},
+            }
+        ],
+    },
+    500: {"error": "internal server error (logged); please report it", "code": "internal_error"},
+    503: {"error": "the model's queue is full (256 requests in progress); retry shortly", "code": "overloaded"},
+}
+
+
 def errors(*statuses: int) -> dict[int | str, dict]:
-    """OpenAPI `responses` for these error statuses, each with the error body."""
+    """OpenAPI `responses` for these error statuses, each with the error body and a real example."""
     meaning = {
         400: "malformed request",
         401: "missing or wrong API key",
@@ -142,4 +173,11 @@ def errors(*statuses: int) -> dict[int | str, dict]:
         500: "unexpected error (logged)",
         503: "queue full: retry after Retry-After seconds",
     }
-    return {s: {"model": ErrorBody, "description": meaning[s]} for s in statuses}
+    return {
+        s: {
+            "model": ErrorBody,
+            "description": meaning[s],
+            "content": {"application/json": {"example": ERROR_EXAMPLES[s]}},
+        }
+        for s in statuses
+    }

@@ -194,6 +194,14 @@ def read_inputs(header: dict[str, Any], binary: memoryview, max_elements: int) -
     return tensors
 
 
+def select_outputs(wanted: list[str], available: list[str]) -> list[str]:
+    """The outputs to return, in the order asked; all of them when none are named."""
+    for name in wanted:
+        if name not in available:
+            raise InvalidRequest(f"unknown output {name[:64]!r}; this model has {', '.join(available)}")
+    return wanted or list(available)
+
+
 def requested_outputs(header: dict[str, Any], available: list[str]) -> list[tuple[str, bool]]:
     """(name, as binary) for each output to return; all of them when none are named."""
     binary_default = bool(_parameters(header, "request").get("binary_data_output", False))
@@ -205,8 +213,9 @@ def requested_outputs(header: dict[str, Any], available: list[str]) -> list[tupl
     out = []
     for spec in wanted:
         name = spec.get("name") if isinstance(spec, dict) else None
-        if not isinstance(name, str) or name not in available:
-            raise InvalidRequest(f"unknown output {str(name)[:64]!r}; this model has {', '.join(available)}")
+        if not isinstance(name, str):
+            raise InvalidRequest(f"each output needs a string 'name', got {str(name)[:64]!r}")
+        select_outputs([name], available)
         out.append((name, bool(_parameters(spec, f"output {name!r}").get("binary_data", binary_default))))
     return out
 

@@ -125,3 +125,14 @@ def test_compose_file_is_valid(profile):
     assert {"8000", "8001"} <= {str(p) for p in warn["expose"]}
     assert {(int(p["published"]), p["target"]) for p in services["nginx"]["ports"]} >= {(8001, 8001)}
     assert "grpc://warn:8001" in nginx and "http2 on;" in nginx
+
+
+def test_monitoring_profile_mounts_the_shipped_configs():
+    config = yaml.safe_load(compose("--profile", "cpu", "--profile", "monitoring", "config"))
+    services = config["services"]
+    assert {"prometheus", "grafana"} <= set(services)
+    for name in ("prometheus", "grafana"):
+        assert services[name]["profiles"] == ["monitoring"]
+        for volume in services[name]["volumes"]:
+            source = volume["source"] if isinstance(volume, dict) else volume.split(":")[0]
+            assert Path(source).exists(), f"{name} mounts {source}, which is missing"

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 
@@ -57,7 +59,10 @@ def test_resume_continues_from_the_last_epoch(trained, capsys):
     assert state["epoch"] == 1 and state["step"] == 3
     resumed = TrainConfig(**{**cfg.__dict__, "max_steps": 5})
     meta = train(resumed)
-    assert "resumed from" in capsys.readouterr().out
+    out_text, err_text = capsys.readouterr()
+    assert "resumed from" in out_text
+    assert out_text.rstrip().endswith(f"wrote {out / 'model.pt'} (export it with: warn-export {out / 'model.pt'})")
+    assert re.search(r"epoch 2/\d+[^\r]*\n", err_text)  # the epoch's progress bar stays on screen
     assert meta["steps"] == 5
     assert checkpoint.read(out / "last.pt")["epoch"] == 2
 

@@ -188,3 +188,32 @@ def test_every_route_documents_its_errors_and_shapes(client):
     predict = spec["paths"]["/v1/predict"]["post"]["responses"]
     assert predict["200"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Prediction"}
     assert {"413", "415", "503"} <= set(predict)
+
+
+def test_documented_error_examples_have_the_real_shape(client):
+    """/docs shows each error as the service sends it: {"error", "code"} (+ "detail" on validation)."""
+    spec = client.get("/openapi.json").json()
+    examples = {}
+    for ops in spec["paths"].values():
+        for op in ops.values():
+            for status, response in op["responses"].items():
+                body = response.get("content", {}).get("application/json", {})
+                if body.get("schema") == {"$ref": "#/components/schemas/ErrorBody"}:  # not readiness's {"ready": false}
+                    example = body["example"]
+                    assert {"error", "code"} <= set(example) <= {"error", "code", "detail"}
+                    examples[int(status)] = example
+    assert "HTTPValidationError" not in spec["components"]["schemas"]  # FastAPI's own {"detail": [...]}
+    real = {
+        422: client.post("/v1/predict?top_k=0", content=b"x", headers={"content-type": "image/png"}),
+        415: client.post("/v1/predict", content=b"not an image", headers={"content-type": "image/png"}),
+        404: client.get("/v1/predictions/abc"),
+        400: client.post("/v2/models/warn-cluttered-digits/infer", json={"inputs": "nope"}),
+    }
+    for status, answer in real.items():
+        assert answer.status_code == status
+        assert set(answer.json()) == set(examples[status]), status
+        assert answer.json()["code"] == examples[status]["code"]
+    assert real[422].json()["error"] == examples[422]["error"] and real[422].json()["detail"][0]["loc"] == [
+        "query",
+        "top_k",
+    ]

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.serving.conftest import Server
+from tests.serving.conftest import Server, free_port
 
 
 @pytest.mark.parametrize("kind", ["missing", "unreadable"])
@@ -62,3 +62,15 @@ def test_an_export_of_an_older_format_is_refused_naming_it(model_path, tmp_path)
     onnx.save(proto, str(old))
     with pytest.raises(ModelLoadError, match="warn-export format 1.*reads format 2.*Re-export"):
         OnnxModel(old)
+
+
+def test_start_up_says_which_model_and_provider_run_and_where_grpc_listens(model_path):
+    """The README promises these lines in `make serve`'s output; uvicorn alone would drop them."""
+    port = free_port()
+    s = Server({"WARN_MODEL_PATH": str(model_path), "WARN_GRPC_PORT": str(port)}, launcher=True)
+    try:
+        s.wait_ready()
+    finally:
+        output = s.stop_and_read()
+    assert f"loaded warn-cluttered-digits v1 from {model_path} on CPUExecutionProvider" in output
+    assert f"Open Inference Protocol over gRPC on 127.0.0.1:{port}" in output

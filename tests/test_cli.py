@@ -1,0 +1,37 @@
+"""Every command-line flag has help text, and --help shows what each default is."""
+
+import argparse
+import dataclasses
+
+import pytest
+
+from export.cli import parser as export_parser
+from models.evaluate import parser as eval_parser
+from models.profile import parser as profile_parser
+from models.train import TrainConfig, parse_args
+from service.client import parser as predict_parser
+
+
+@pytest.mark.parametrize("make", [export_parser, eval_parser, profile_parser, predict_parser])
+def test_argparse_flags_have_help_and_defaults(make):
+    p = make()
+    for action in p._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        assert action.help, f"{action.option_strings or action.dest} has no help text"
+        if action.option_strings and action.default not in (None, False):
+            assert "default" in action.help, f"{action.option_strings[0]} does not show its default"
+    assert "(default:" in p.format_help()
+
+
+def test_warn_train_is_derived_from_its_config(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = capsys.readouterr().out
+    for field in dataclasses.fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        assert flag in text, f"{flag} is missing from warn-train --help"
+    assert text.count("(default:") == len(dataclasses.fields(TrainConfig))
+    cfg = parse_args(["--ad", "2", "--aw", "3", "--momentum", "0.8", "--warmup-epochs", "0.5", "--download"])
+    assert (cfg.attention_depth, cfg.attention_width, cfg.momentum, cfg.warmup_epochs) == (2, 3, 0.8, 0.5)
+    assert cfg.download and parse_args([]) == TrainConfig()
