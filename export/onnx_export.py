@@ -114,6 +114,16 @@ def weights_sha256(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def pointing_game(metrics: dict[str, Any], layers: int) -> dict[str, Any]:
+    """{"layers": [per attended layer, or None], "combined": ..., "tolerance_px": ...} from warn-eval's figures."""
+    found = metrics.get("pointing_game", {})
+    return {
+        "layers": [found.get(f"layer_{i}") for i in range(layers)],
+        "combined": found.get("combined"),
+        "tolerance_px": metrics.get("pointing_game_tolerance_px"),
+    }
+
+
 def metadata(model: WARN, meta: dict[str, Any], name: str, version: str) -> dict[str, str]:
     """The metadata_props written to the ONNX file; every value is a string, JSON where structured."""
     cfg = model.config
@@ -129,9 +139,8 @@ def metadata(model: WARN, meta: dict[str, Any], name: str, version: str) -> dict
         "architecture": json.dumps(
             {
                 "name": "WARN",
-                "backbone": "wide-resnet",
-                "depth": cfg.depth,
-                "width": cfg.width,
+                "backbone": "wide-resnet" if cfg.backbone == "wrn" else cfg.backbone,
+                **({"depth": cfg.depth, "width": cfg.width} if cfg.backbone == "wrn" else {}),
                 "attention_depth": cfg.attention_depth,
                 "attention_width": cfg.attention_width,
                 "num_classes": cfg.num_classes,
@@ -142,6 +151,8 @@ def metadata(model: WARN, meta: dict[str, Any], name: str, version: str) -> dict
         "outputs": json.dumps(output_meanings(layers)),
         "dataset": str(meta.get("dataset", "")),
         "metrics": json.dumps(meta.get("metrics", {})),
+        # how often each attended layer's map (then the combined one) points at the object, where measured
+        "pointing_game": json.dumps(pointing_game(meta.get("metrics", {}), layers)),
         "weights_sha256": weights_sha256(model),
     }
 

@@ -23,7 +23,14 @@ def save(path: str | Path, model: WARN, **meta: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    payload = {"format": FORMAT, "config": model.config.to_dict(), "state_dict": state, **meta}
+    # the backbone is in the config; its attended stages' strides are recorded for readers without torch
+    payload = {
+        "format": FORMAT,
+        "config": model.config.to_dict(),
+        "strides": model.strides,
+        "state_dict": state,
+        **meta,
+    }
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:

@@ -158,6 +158,11 @@ class _WithoutBoxes(Dataset):
         return img, int(label), torch.tensor(NO_BOX)
 
 
+def rgb_image(path: str) -> Image.Image:
+    with Image.open(path) as img:
+        return img.convert("RGB")
+
+
 def build_dataset(
     name: str,
     split: str,
@@ -196,14 +201,12 @@ def build_dataset(
             )
         h, w = input_size
         aug = (
-            [transforms.RandomResizedCrop((h, w), scale=(0.5, 1.0)), transforms.RandomHorizontalFlip()]
-            if augment
-            else [transforms.Resize((h, w))]
+            [transforms.RandomResizedCrop((h, w), scale=(0.25, 1.0)), transforms.RandomHorizontalFlip()]
+            if augment  # ImageNet's fine-tuning recipe, at the model's input size
+            else [transforms.Resize(round(min(h, w) * 8 / 7)), transforms.CenterCrop((h, w))]  # 256 -> 224
         )
         ds = datasets.ImageFolder(
-            str(folder),
-            transform=transforms.Compose([*aug, transforms.ToTensor()]),
-            loader=lambda p: Image.open(p).convert("RGB"),
+            str(folder), transform=transforms.Compose([*aug, transforms.ToTensor()]), loader=rgb_image
         )
         return _WithoutBoxes(ds, list(ds.classes))
     raise DatasetError(f"unknown dataset {name!r}: choose cluttered-digits, cifar10, cifar100 or imagefolder")

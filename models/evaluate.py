@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from typing import Any
 
 import torch
@@ -71,6 +72,63 @@ def evaluate(model: WARN, dataset: Dataset, batch_size: int = 128, window: int =
     return result
 
 
+class Decision(torch.nn.Module):
+    """WARN's final answer as a plain (N, C) output, the form Grad-CAM differentiates."""
+
+    def __init__(self, model: WARN) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).log_probabilities
+
+
+def compare_gradcam(model: WARN, dataset: Dataset, batch_size: int = 32) -> dict[str, Any]:
+    """Pointing Game and cost per image of WARN's combined map against Grad-CAM (pytorch-grad-cam) on the
+    backbone's last stage for the predicted class, on the same images, with the same tolerance.
+
+    WARN's map comes with the forward pass; Grad-CAM needs a forward and a backward pass per batch.
+    """
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    model.eval()
+    found = {"warn": 0, "gradcam": 0}
+    seconds = {"warn": 0.0, "gradcam": 0.0}
+    boxed = 0
+    with GradCAM(model=Decision(model), target_layers=[model.backbone.last_stage()]) as cam:
+        for images, _, boxes in DataLoader(dataset, batch_size=batch_size):
+            keep = boxes[:, 0] >= 0
+            if not keep.any():
+                continue
+            images, boxes = images[keep], boxes[keep]
+            started = time.perf_counter()
+            with torch.inference_mode():
+                out = model(images)
+                warn_points = argmax_xy(combined_attention(out, images.shape[-2:]))
+            seconds["warn"] += time.perf_counter() - started
+            predicted = out.log_probabilities.argmax(1).tolist()
+            started = time.perf_counter()
+            heat = cam(input_tensor=images, targets=[ClassifierOutputTarget(c) for c in predicted])  # (N, H, W)
+            seconds["gradcam"] += time.perf_counter() - started
+            found["warn"] += int(hits(warn_points, boxes).sum())
+            found["gradcam"] += int(hits(argmax_xy(torch.from_numpy(heat)), boxes).sum())
+            boxed += len(images)
+    model.zero_grad(set_to_none=True)  # Grad-CAM's backward passes leave gradients behind
+    if not boxed:
+        raise ValueError("the Grad-CAM comparison needs a dataset with object boxes (cluttered-digits)")
+    per_image = {k: 1e3 * v / boxed for k, v in seconds.items()}
+    return {
+        "images": boxed,
+        "pointing_game_tolerance_px": POINTING_TOLERANCE,
+        "pointing_game": {k: v / boxed for k, v in found.items()},
+        "ms_per_image": per_image,
+        "gradcam_cost_vs_warn": per_image["gradcam"] / per_image["warn"],
+        "batch_size": batch_size,
+        "threads": torch.get_num_threads(),
+    }
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Evaluate a WARN checkpoint: accuracy and Pointing Game.")
     p.add_argument("checkpoint", help="model.pt written by warn-train")
@@ -79,6 +137,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="dataset seed (default: the checkpoint's)")
     p.add_argument("--batch-size", type=int, default=128, help="images per forward pass (default: %(default)s)")
     p.add_argument("--update-checkpoint", action="store_true", help="record these figures in the checkpoint")
+    p.add_argument(
+        "--compare",
+        choices=["gradcam"],
+        help="also localize with Grad-CAM (pytorch-grad-cam) on the same images: Pointing Game and cost per image",
+    )
     return p
 
 
@@ -97,6 +160,8 @@ def main(argv: list[str] | None = None) -> None:
         input_size=model.config.input_size,
     )
     metrics = evaluate(model, ds, args.batch_size)
+    if args.compare == "gradcam":
+        metrics["gradcam_comparison"] = compare_gradcam(model, ds, min(args.batch_size, 32))
     print(json.dumps(metrics, indent=2))
     if args.update_checkpoint:
         payload = read(args.checkpoint)

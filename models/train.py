@@ -21,9 +21,10 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from models import checkpoint
+from models.backbones import BACKBONES, backbone_parameters
 from models.data import ClutterSpec, build_dataset
 from models.evaluate import evaluate
-from models.warn import WARN, WARNConfig
+from models.warn import IMAGENET_MEAN, IMAGENET_STD, WARN, WARNConfig
 
 
 @dataclass
@@ -36,6 +37,18 @@ class TrainConfig:
     """dataset folder (imagefolder: holds train/ and val/; CIFAR: where it is downloaded)"""
     download: bool = False
     """download CIFAR through torchvision (needs internet)"""
+    backbone: Literal[tuple(BACKBONES)] = "wrn"  # type: ignore[valid-type]
+    """wrn: the CIFAR-style Wide-ResNet (from scratch); or a torchvision classifier to attach attention to"""
+    pretrained: bool = False
+    """start a torchvision backbone from torchvision's ImageNet weights (downloaded once, on your machine)"""
+    weights: str | None = None
+    """or from this file: a state dict saved from the same torchvision model (torch.save(m.state_dict(), f))"""
+    backbone_lr: float | None = None
+    """the backbone's learning rate as a fraction of --lr; None: 0.1 from pretrained weights, else 1"""
+    freeze_epochs: int = 0
+    """first epochs with the backbone frozen: only the attention modules, gates and last layer learn"""
+    workers: int = 0
+    """DataLoader worker processes (0: load in the training process)"""
     depth: int = 16
     """Wide-ResNet depth, 6n+4"""
     width: int = 2
@@ -90,9 +103,11 @@ def lr_at(step: int, total: int, warmup: int, base: float) -> float:
 
 def build_model(cfg: TrainConfig, class_names: list[str]) -> WARN:
     side = NATIVE_SIZE.get(cfg.dataset, cfg.input_size)
-    mean, std = MEAN_STD.get(cfg.dataset, ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
+    imagenet = cfg.pretrained or cfg.weights  # ImageNet weights expect ImageNet's normalization
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if imagenet else MEAN_STD.get(cfg.dataset, (IMAGENET_MEAN, IMAGENET_STD))
     return WARN(
         WARNConfig(
+            backbone=cfg.backbone,
             depth=cfg.depth,
             width=cfg.width,
             num_classes=len(class_names),
@@ -104,7 +119,9 @@ def build_model(cfg: TrainConfig, class_names: list[str]) -> WARN:
             mean=mean,
             std=std,
             class_names=class_names,
-        )
+        ),
+        pretrained=cfg.pretrained,
+        weights_file=cfg.weights,
     )
 
 
@@ -125,11 +142,24 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     test_set = build_dataset(cfg.dataset, "test", **common)
     classes = list(train_set.classes)  # type: ignore[attr-defined]
     model = build_model(cfg, classes)
-    opt = torch.optim.SGD(
-        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True
-    )
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    model.to(device, memory_format=torch.channels_last if cuda else torch.preserve_format)
+    old, new = backbone_parameters(model)
+    scale = cfg.backbone_lr if cfg.backbone_lr is not None else (0.1 if cfg.pretrained or cfg.weights else 1.0)
+    groups = [{"params": old, "lr_scale": scale}, {"params": new, "lr_scale": 1.0}]
+    opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
     gen = torch.Generator().manual_seed(cfg.seed)
-    loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True, generator=gen)
+    loader = DataLoader(
+        train_set,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        drop_last=True,
+        generator=gen,
+        num_workers=cfg.workers,
+        pin_memory=cuda,
+        persistent_workers=cfg.workers > 0,
+    )
     total = cfg.epochs * len(loader)
     warmup = int(cfg.warmup_epochs * len(loader))
 
@@ -145,14 +175,23 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
+        frozen = epoch < cfg.freeze_epochs
+        for p in old:
+            p.requires_grad_(not frozen)
+        if frozen:
+            model.backbone.eval()  # its batch-norm statistics stay as they were, too
         seen = correct = 0
         loss_sum = 0.0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}")
         for images, targets, _ in bar:
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, total, warmup, cfg.lr)
-            result = model(images)
-            loss = model.loss(result, targets)
+                group["lr"] = lr_at(step, total, warmup, cfg.lr) * group["lr_scale"]
+            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            if cuda:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):  # bf16 needs no loss scaling
+                result = model(images)
+                loss = model.loss(result, targets)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -175,6 +214,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if cfg.max_steps and step >= cfg.max_steps:
             break
 
+    model.to("cpu", memory_format=torch.contiguous_format)
     started = time.perf_counter()
     metrics = evaluate(model, test_set)
     metrics["eval_seconds"] = round(time.perf_counter() - started, 1)

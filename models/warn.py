@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.attention import AttentionModule, GlobalGate, head_overlap
-from models.wrn import WideResNet
+from models.backbones import build_backbone
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -20,10 +21,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class WARNConfig:
     """Everything needed to rebuild the network; saved (as JSON-able data) with the checkpoint."""
 
-    depth: int = 16
-    width: int = 2
+    backbone: str = "wrn"  # the CIFAR-style Wide-ResNet, or a torchvision classifier (models/backbones.py)
+    depth: int = 16  # WRN only
+    width: int = 2  # WRN only
     num_classes: int = 10
-    attention_depth: int = 3  # AD: how many of the last stages are attended (0..3)
+    attention_depth: int = 3  # AD: how many of the last stages are attended (0..3 for WRN, 0..4 torchvision)
     attention_width: int = 4  # AW: K, attention heads per attended stage
     dropout: float = 0.0
     reg_weight: float = 1e-3  # weight of the head-overlap regularizer
@@ -33,8 +35,9 @@ class WARNConfig:
     class_names: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if not 0 <= self.attention_depth <= 3:
-            raise ValueError(f"attention_depth must be 0..3 (WRN has 3 stages), got {self.attention_depth}")
+        stages = 3 if self.backbone == "wrn" else 4
+        if not 0 <= self.attention_depth <= stages:
+            raise ValueError(f"attention_depth must be 0..{stages} ({self.backbone} has {stages} stages)")
         if self.attention_width < 1:
             raise ValueError(f"attention_width must be >= 1, got {self.attention_width}")
         self.input_size = tuple(self.input_size)  # type: ignore[assignment]
@@ -47,7 +50,8 @@ class WARNConfig:
 
     @property
     def name(self) -> str:
-        return f"warn-{self.depth}-{self.width}-ad{self.attention_depth}-aw{self.attention_width}"
+        net = f"{self.depth}-{self.width}" if self.backbone == "wrn" else self.backbone
+        return f"warn-{net}-ad{self.attention_depth}-aw{self.attention_width}"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -56,7 +60,7 @@ class WARNConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> WARNConfig:
-        return cls(**d)
+        return cls(**d)  # checkpoints from before `backbone` existed get its default, "wrn"
 
 
 class WARNOutput(NamedTuple):
@@ -79,12 +83,16 @@ class WARNOutput(NamedTuple):
 class WARN(nn.Module):
     """Wide Attention Residual Network. Input: RGB in [0, 1], (N, 3, H, W); it normalizes itself."""
 
-    def __init__(self, config: WARNConfig) -> None:
+    def __init__(self, config: WARNConfig, pretrained: bool = False, weights_file: str | Path | None = None) -> None:
+        """`pretrained` / `weights_file` start a torchvision backbone from ImageNet weights (training only:
+        a checkpoint holds every weight)."""
         super().__init__()
         self.config = config
-        self.backbone = WideResNet(config.depth, config.width, config.num_classes, config.dropout)
-        ad = config.attention_depth
-        self.attended = list(range(3 - ad, 3))  # stage indices, shallowest first
+        self.backbone = build_backbone(
+            config.backbone, config.num_classes, config.depth, config.width, config.dropout, pretrained, weights_file
+        )
+        ad, stages = config.attention_depth, len(self.backbone.stage_channels)
+        self.attended = list(range(stages - ad, stages))  # stage indices, shallowest first
         self.attention = nn.ModuleList(
             AttentionModule(self.backbone.stage_channels[i], config.num_classes, config.attention_width)
             for i in self.attended

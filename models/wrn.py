@@ -75,6 +75,12 @@ class WideResNet(nn.Module):
             elif isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
 
+    def last_layer(self) -> nn.Linear:
+        return self.fc
+
+    def last_stage(self) -> nn.Module:
+        return self.stages[-1]
+
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.conv1(x)
         feats = []

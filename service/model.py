@@ -44,6 +44,15 @@ class ModelInfo:
     def attended_layers(self) -> int:
         return len(self.strides)
 
+    @property
+    def pointing_game(self) -> dict[str, Any]:
+        """Each attended layer's Pointing Game and the combined map's, as measured before export (None: not
+        measured, e.g. a dataset without boxes or a file exported before this was recorded)."""
+        found = self.metadata.get("pointing_game")
+        if not isinstance(found, dict):
+            return {"layers": [None] * self.attended_layers, "combined": None, "tolerance_px": None}
+        return found
+
 
 ORT_TO_V2 = {"tensor(float)": "FP32", "tensor(float16)": "FP16", "tensor(int64)": "INT64", "tensor(int32)": "INT32"}
 

@@ -53,6 +53,17 @@ class Prediction(BaseModel):
 class AttendedLayer(BaseModel):
     index: int
     stride: int
+    pointing_game: float | None = Field(
+        None, description="share of test images whose map's peak falls on the object (None: not measured)"
+    )
+
+
+class PointingGame(BaseModel):
+    """How often each map points at the object, measured by warn-eval before export."""
+
+    layers: list[float | None]
+    combined: float | None
+    tolerance_px: int | None
 
 
 class InputSize(BaseModel):
@@ -75,6 +86,7 @@ class ModelDescription(BaseModel):
     input_size: InputSize
     resize: str
     attended_layers: list[AttendedLayer]
+    pointing_game: PointingGame
     layer_names: list[str]
     batching: Batching
     metadata: dict

@@ -79,6 +79,8 @@ def test_outputs_and_metadata_round_trip(exported):
     assert json.loads(meta["layer_names"]) == ["attention_0", "attention_1", "attention_2", "backbone"]
     assert set(json.loads(meta["outputs"])) == set(output_names(3))
     assert json.loads(meta["metrics"]) == {"top1_accuracy": 0.5}
+    # measured on a dataset without boxes here: recorded as not measured, per layer
+    assert json.loads(meta["pointing_game"]) == {"layers": [None] * 3, "combined": None, "tolerance_px": None}
     assert meta["dataset"] == "cluttered-digits"
     assert len(meta["weights_sha256"]) == 64
 

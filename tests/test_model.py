@@ -90,3 +90,21 @@ def test_variants_and_overhead():
     r = overhead(WARNConfig(depth=10, width=1, input_size=(32, 32)))
     assert r["warn"]["params"] > r["backbone"]["params"] > 0
     assert r["warn"]["flops"] > r["backbone"]["flops"] > 0
+
+
+def test_gradcam_comparison_reports_both_maps_on_the_same_images(tiny_config):
+    from torch.utils.data import Subset
+
+    from models.data import ClutteredDigits, ClutterSpec
+    from models.evaluate import compare_gradcam
+
+    torch.manual_seed(0)
+    model = WARN(tiny_config).eval()
+    images = Subset(ClutteredDigits("test", 0, ClutterSpec(test_per_scan=1)), range(10))
+    result = compare_gradcam(model, images, batch_size=4)
+    assert result["images"] == 10 and result["pointing_game_tolerance_px"] == 2
+    assert set(result["pointing_game"]) == {"warn", "gradcam"}
+    assert all(0 <= v <= 1 for v in result["pointing_game"].values())
+    assert result["ms_per_image"]["warn"] > 0 and result["ms_per_image"]["gradcam"] > 0
+    # Grad-CAM's backward pass must not leave gradients or training mode behind
+    assert not model.training and all(p.grad is None for p in model.parameters())

@@ -27,7 +27,11 @@ async def model(rt: RuntimeDep) -> dict[str, Any]:
         "classes": info.class_names,
         "input_size": {"height": info.input_size[0], "width": info.input_size[1]},
         "resize": s.RESIZE,
-        "attended_layers": [{"index": i, "stride": st} for i, st in enumerate(info.strides)],
+        "attended_layers": [
+            {"index": i, "stride": st, "pointing_game": pg}
+            for i, (st, pg) in enumerate(zip(info.strides, info.pointing_game["layers"]))
+        ],
+        "pointing_game": info.pointing_game,
         "layer_names": info.layer_names,
         "batching": {
             "max_batch_size": s.MAX_BATCH_SIZE,

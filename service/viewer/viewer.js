@@ -2,7 +2,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { prediction: null, layer: "combined", head: null, heads: {} };
+const state = { prediction: null, layer: "combined", head: null, heads: {}, pointing: { layers: [] } };
 const pct = (p) => (100 * p).toFixed(1) + "%";
 
 function apiKey() {
@@ -85,6 +85,13 @@ async function show(img, url) {
   img.src = URL.createObjectURL(blob);
 }
 
+// Tab text: a layer's Pointing Game, where the model's metadata has it, says whether its map can be trusted
+function mapLabel(name) {
+  const pg = name === "combined" ? state.pointing.combined : state.pointing.layers[Number(name)];
+  const text = name === "combined" ? "combined" : "layer " + name;
+  return pg === null || pg === undefined ? text : text + " · " + Math.round(100 * pg) + "% on target";
+}
+
 function mapName(layer, head) {
   const where = layer === "combined" ? "combined (layers mixed by the global gates)" : "attention layer " + layer;
   return head === null ? where : where + ", head " + head;
@@ -105,7 +112,7 @@ function tabs(container, items, selected, onPick) {
 
 function renderMap() {
   const { layer, head } = state;
-  const layerItems = mapNames().map((name) => [name, name === "combined" ? "combined" : "layer " + name]);
+  const layerItems = mapNames().map((name) => [name, mapLabel(name)]);
   tabs($("layers"), layerItems, layer, (v) => { state.layer = v; state.head = null; renderMap(); });
   const headCount = layer === "combined" ? 0 : state.heads[layer] || 0;
   const headItems = headCount ? [["all", "all heads"], ...[...Array(headCount).keys()].map((k) => [String(k), "head " + k])] : [];
@@ -196,6 +203,7 @@ async function openUrl(text) {
 async function loadModel() {
   try {
     const m = await (await api("v1/model")).json();
+    state.pointing = m.pointing_game;
     $("model").textContent = m.name + " v" + m.version + " · " + m.classes.length + " classes · " +
       m.input_size.width + "x" + m.input_size.height + " · " + m.providers[0];
   } catch (e) {

@@ -89,8 +89,9 @@ def test_viewer_shows_the_prediction_and_its_maps(browser, server, tmp_path):
     assert "/attention/combined.png" in first and d.execute_script("return arguments[0].naturalWidth", overlay) > 0
     grid = d.find_elements(By.CSS_SELECTOR, "#grid img")
     assert len(grid) == 1 + 3 * (1 + 4)  # combined, and each layer mixed and per head
-    tabs = [b.get_attribute("data-value") for b in d.find_elements(By.CSS_SELECTOR, "#layers button")]
-    assert tabs == ["combined", "0", "1", "2"]
+    tabs = d.find_elements(By.CSS_SELECTOR, "#layers button")
+    assert [b.get_attribute("data-value") for b in tabs] == ["combined", "0", "1", "2"]
+    assert tabs[1].text == "layer 0 · 15% on target"  # the layer's Pointing Game, from GET /v1/model
     screenshot(d, "viewer.png", tmp_path)
     # switching layers and heads changes the image
     d.find_element(By.CSS_SELECTOR, '#layers button[data-value="1"]').click()
