@@ -64,12 +64,14 @@ class AttentionModule(nn.Module):
         in_planes: channels of the attended feature map Z.
         num_classes: C, the number of classes.
         heads: K, the attention width.
+        squash: tanh on the gate logits before their softmax, as in the paper.
     """
 
-    def __init__(self, in_planes: int, num_classes: int, heads: int) -> None:
+    def __init__(self, in_planes: int, num_classes: int, heads: int, squash: bool = True) -> None:
         super().__init__()
         self.heads = heads
         self.num_classes = num_classes
+        self.squash = squash  # the paper's tanh on the gate logits (see WARNConfig.gate_tanh)
         # Output channels [K attention | K*C output heads (head-major) | K gates], 3x3, no bias.
         self.conv = nn.Conv2d(in_planes, heads * (num_classes + 2), 3, 1, 1, bias=False)
 
@@ -87,7 +89,8 @@ class AttentionModule(nn.Module):
         mask, pooled = attend(z, self.conv.weight, self.heads)  # (N, K, h, w), (N, K, C_in*9)
         y = (pooled.unsqueeze(2) @ self.head_weights().transpose(1, 2)).squeeze(2)  # (N, K, C+1)
         hyp, gate = y.split([c, 1], dim=-1)  # o_k: (N, K, C); pooled gate logit: (N, K, 1)
-        gates = F.softmax(torch.tanh(gate.squeeze(-1)), dim=1)  # g: (N, K)
+        logits = gate.squeeze(-1)
+        gates = F.softmax(torch.tanh(logits) if self.squash else logits, dim=1)  # g: (N, K)
         mixed = (gates.unsqueeze(-1) * F.log_softmax(hyp, dim=-1)).sum(1)  # (N, C)
         return mask, gates, F.log_softmax(mixed, dim=-1)
 
@@ -101,17 +104,19 @@ class GlobalGate(nn.Module):
     Args:
         in_planes: channels of the last feature map.
         inputs: L+1, the number of hypotheses to weigh.
+        squash: tanh on the gate logits before their softmax, as in the paper.
     """
 
-    def __init__(self, in_planes: int, inputs: int) -> None:
+    def __init__(self, in_planes: int, inputs: int, squash: bool = True) -> None:
         super().__init__()
         self.inputs = inputs
+        self.squash = squash
         self.conv = nn.Conv2d(in_planes, 1 + inputs, 3, 1, 1, bias=False)
 
     def forward(self, final: torch.Tensor) -> torch.Tensor:
         _, pooled = attend(final, self.conv.weight, 1)  # (N, 1, C_in*9)
         gate = pooled[:, 0] @ self.conv.weight[1:].flatten(1).T  # (N, L+1)
-        return F.softmax(torch.tanh(gate), dim=1)  # g_O: (N, L+1)
+        return F.softmax(torch.tanh(gate) if self.squash else gate, dim=1)  # g_O: (N, L+1)
 
 
 def head_overlap(masks: torch.Tensor) -> torch.Tensor:

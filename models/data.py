@@ -31,10 +31,19 @@ class ClutterSpec:
     digit_max: int = 16
     fragments: tuple[int, int] = (3, 6)  # range of clutter fragments per canvas
     max_overlap: float = 0.15  # largest share of the digit's square a fragment may cover
-    noise: float = 0.08  # std of the background's Gaussian noise
+    noise: float = 0.08  # std of the background's Gaussian noise (the most, when noise_min is set)
+    noise_min: float | None = None  # when set, each canvas draws its noise std from [noise_min, noise]
+    inverted: float = 0.0  # share of canvases drawn as dark ink on a light background
+    empty: float = 0.0  # canvases holding clutter only, as a share of the digits; their class is "none"
     test_fraction: float = 0.2  # of source scans held out
     train_per_scan: int = 8  # canvases drawn from each source scan
     test_per_scan: int = 3
+
+
+# The rendering the robust default model trains on: digits 0.21-0.46 of the canvas, 1-8 fragments,
+# noise 0.02-0.16, a third of canvases inverted, and one clutter-only canvas per ten digits.
+ROBUST = ClutterSpec(digit_min=10, digit_max=22, fragments=(1, 8), noise=0.16, noise_min=0.02, inverted=0.33, empty=0.1)
+NONE_CLASS = "none"
 
 
 def _scans() -> tuple[np.ndarray, np.ndarray]:
@@ -70,9 +79,10 @@ def _place(rng: np.random.Generator, canvas: int, side: int) -> tuple[int, int]:
 
 
 def draw_canvas(
-    scan: np.ndarray, others: np.ndarray, rng: np.random.Generator, spec: ClutterSpec
+    scan: np.ndarray | None, others: np.ndarray, rng: np.random.Generator, spec: ClutterSpec
 ) -> tuple[np.ndarray, tuple[int, int, int, int]]:
-    """One (canvas, canvas, 3) float image with `scan` somewhere in clutter, and the digit's box."""
+    """One (canvas, canvas, 3) float image with `scan` somewhere in clutter, and the digit's box
+    (`scan` None: clutter only, and NO_BOX)."""
     c = spec.canvas
     side = int(rng.integers(spec.digit_min, spec.digit_max + 1))
     ink = np.zeros((c, c), np.float32)
@@ -95,16 +105,21 @@ def draw_canvas(
             if shared <= spec.max_overlap * side * side:
                 stamp(frag, fx, fy, palette[i + 1])
                 break
-    digit = _resize(scan, side, side)
-    region = (slice(y, y + side), slice(x, x + side))
-    ink[region] = np.maximum(ink[region] * (digit < 0.05), digit)
-    colour[region] = np.where((digit >= 0.05)[..., None], palette[0], colour[region])
-    ys, xs = np.nonzero(digit >= 0.05)
-    box = (x + int(xs.min()), y + int(ys.min()), x + int(xs.max()) + 1, y + int(ys.max()) + 1)
+    box = NO_BOX
+    if scan is not None:
+        digit = _resize(scan, side, side)
+        region = (slice(y, y + side), slice(x, x + side))
+        ink[region] = np.maximum(ink[region] * (digit < 0.05), digit)
+        colour[region] = np.where((digit >= 0.05)[..., None], palette[0], colour[region])
+        ys, xs = np.nonzero(digit >= 0.05)
+        box = (x + int(xs.min()), y + int(ys.min()), x + int(xs.max()) + 1, y + int(ys.max()) + 1)
 
     background = rng.uniform(0.0, 0.35, size=3).astype(np.float32)
+    if spec.inverted and rng.random() < spec.inverted:  # dark ink on a light background
+        background, colour = 1 - background, (1 - colour) * 0.6
     img = background * (1 - ink[..., None]) + colour * ink[..., None]
-    img += rng.normal(0, spec.noise, size=img.shape).astype(np.float32)
+    noise = spec.noise if spec.noise_min is None else rng.uniform(spec.noise_min, spec.noise)
+    img += rng.normal(0, noise, size=img.shape).astype(np.float32)
     return img.clip(0, 1), box
 
 
@@ -115,12 +130,16 @@ class ClutteredDigits(Dataset):
     split is cut only from that split's scans.
     """
 
-    classes = [str(i) for i in range(10)]
-
-    def __init__(self, split: str = "train", seed: int = 0, spec: ClutterSpec = ClutterSpec()) -> None:
+    def __init__(
+        self, split: str = "train", seed: int = 0, spec: ClutterSpec = ClutterSpec(), none_class: bool = False
+    ) -> None:
+        """`none_class`: an 11th class, "none", for canvases without a digit (drawn when `spec.empty` > 0)."""
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        if spec.empty and not none_class:
+            raise ValueError("clutter-only canvases (spec.empty > 0) need none_class=True")
         self.spec = spec
+        self.classes = [str(i) for i in range(10)] + ([NONE_CLASS] if none_class else [])
         scans, labels = _scans()
         self.scan_ids = split_scans(len(scans), seed, spec.test_fraction)[split]
         rng = np.random.default_rng([seed, 0 if split == "train" else 1])
@@ -133,6 +152,12 @@ class ClutteredDigits(Dataset):
                 targets.append(labels[sid])
                 boxes.append(box)
                 sources.append(sid)
+        for _ in range(round(len(targets) * spec.empty)):
+            img, box = draw_canvas(None, pool, rng, spec)
+            images.append(img)
+            targets.append(10)
+            boxes.append(box)
+            sources.append(-1)
         self.images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W)
         self.targets = torch.tensor(targets)
         self.boxes = torch.tensor(boxes)
@@ -173,10 +198,11 @@ def build_dataset(
     input_size: tuple[int, int] = (32, 32),
     augment: bool = False,
     clutter: ClutterSpec = ClutterSpec(),
+    none_class: bool = False,
 ) -> Dataset:
     """Build a dataset by name: cluttered-digits, cifar10, cifar100 or imagefolder (at `root`)."""
     if name == "cluttered-digits":
-        return ClutteredDigits(split, seed, clutter)
+        return ClutteredDigits(split, seed, clutter, none_class)
 
     from torchvision import datasets, transforms
 

@@ -7,6 +7,7 @@ import json
 import time
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
@@ -129,6 +130,68 @@ def compare_gradcam(model: WARN, dataset: Dataset, batch_size: int = 32) -> dict
     }
 
 
+def renderings() -> dict[str, Any]:
+    """The test split's scans drawn differently from training: the robustness report's inputs."""
+    from models.data import ClutterSpec
+
+    base = ClutterSpec()
+    return {
+        "standard": base,
+        "digits x0.8 (10-13 px)": ClutterSpec(digit_min=10, digit_max=13),
+        "digits x1.3 (16-21 px)": ClutterSpec(digit_min=16, digit_max=21),
+        "clutter 6-10 fragments": ClutterSpec(fragments=(6, 10)),
+        "noise 0.16": ClutterSpec(noise=0.16),
+        "inverted (dark ink on light)": ClutterSpec(inverted=1.0),
+    }
+
+
+def sample_photos(size: tuple[int, int]) -> torch.Tensor:
+    """scikit-learn's two sample photos (no digit in them), letterboxed to `size`: (2, 3, H, W)."""
+    from PIL import Image, ImageOps
+    from sklearn.datasets import load_sample_images
+
+    photos = []
+    for array in load_sample_images().images:
+        img = Image.fromarray(array)
+        fill = tuple(int(c) for c in array.reshape(-1, 3).mean(0))
+        img = ImageOps.pad(img, (size[1], size[0]), color=fill)
+        photos.append(torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1))
+    return torch.stack(photos)
+
+
+@torch.inference_mode()
+def robustness(model: WARN, seed: int = 0) -> dict[str, Any]:
+    """Top-1 and Pointing Game on shifted renderings of the test split, and what the model answers when
+    there is no digit at all (clutter-only canvases, real photos)."""
+    import numpy as np
+
+    from models.data import ClutteredDigits, ClutterSpec, _scans, draw_canvas, split_scans
+
+    model.eval()
+    has_none = "none" in model.config.class_names
+    report: dict[str, Any] = {}
+    for name, spec in renderings().items():
+        r = evaluate(model, ClutteredDigits("test", seed, spec, none_class=has_none))
+        report[name] = {"top1_accuracy": r["top1_accuracy"], "pointing_game": r["pointing_game"]["combined"]}
+    scans, _ = _scans()
+    pool = scans[split_scans(len(scans), seed, ClutterSpec().test_fraction)["test"]]
+    rng = np.random.default_rng([seed, 2])
+    empty = np.stack([draw_canvas(None, pool, rng, ClutterSpec())[0] for _ in range(300)])
+    for name, images in (
+        ("clutter only (300 canvases)", torch.from_numpy(empty).permute(0, 3, 1, 2).contiguous()),
+        ("scikit-learn sample photos (2)", sample_photos(model.config.input_size)),
+    ):
+        p = model(images).probabilities
+        answer = {"top_probability_mean": float(p.max(1).values.mean())}
+        if has_none:
+            answer["answered_none"] = float((p.argmax(1) == model.config.class_names.index("none")).float().mean())
+        else:  # the model has no way to say so: what it says instead
+            labels = [model.config.class_names[i] for i in p.argmax(1).tolist()]
+            answer["most_common_answer"] = max(set(labels), key=labels.count)
+        report[name] = answer
+    return report
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Evaluate a WARN checkpoint: accuracy and Pointing Game.")
     p.add_argument("checkpoint", help="model.pt written by warn-train")
@@ -137,6 +200,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="dataset seed (default: the checkpoint's)")
     p.add_argument("--batch-size", type=int, default=128, help="images per forward pass (default: %(default)s)")
     p.add_argument("--update-checkpoint", action="store_true", help="record these figures in the checkpoint")
+    p.add_argument(
+        "--robustness",
+        action="store_true",
+        help="cluttered-digits: accuracy and Pointing Game on shifted renderings; answers on images without digits",
+    )
     p.add_argument(
         "--compare",
         choices=["gradcam"],
@@ -158,8 +226,11 @@ def main(argv: list[str] | None = None) -> None:
         root=args.data_root,
         seed=args.seed if args.seed is not None else train.get("seed", 0),
         input_size=model.config.input_size,
+        none_class="none" in model.config.class_names,
     )
     metrics = evaluate(model, ds, args.batch_size)
+    if args.robustness:
+        metrics["robustness"] = robustness(model, args.seed if args.seed is not None else train.get("seed", 0))
     if args.compare == "gradcam":
         metrics["gradcam_comparison"] = compare_gradcam(model, ds, min(args.batch_size, 32))
     print(json.dumps(metrics, indent=2))

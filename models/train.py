@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from models import checkpoint
 from models.backbones import BACKBONES, backbone_parameters
-from models.data import ClutterSpec, build_dataset
+from models.data import ROBUST, ClutterSpec, build_dataset
 from models.evaluate import evaluate
 from models.warn import IMAGENET_MEAN, IMAGENET_STD, WARN, WARNConfig
 
@@ -61,6 +61,11 @@ class TrainConfig:
     """dropout inside the residual blocks"""
     reg_weight: float = 1e-3
     """weight of the regularizer that keeps a layer's heads apart"""
+    gate_tanh: bool = True
+    """the paper's softmax(tanh(logits)) gates; --no-gate-tanh: softmax(logits), which can vary per image"""
+    rendering: Literal["standard", "robust"] = "standard"
+    """cluttered-digits training canvases: standard, or robust (digits 0.21-0.46 of the canvas, 1-8
+    fragments, noise 0.02-0.16, a third inverted, and a "none" class of clutter-only canvases)"""
     input_size: int = 48
     """image side for imagefolder (cluttered-digits is 48, CIFAR 32)"""
     train_per_scan: int = 8
@@ -115,6 +120,7 @@ def build_model(cfg: TrainConfig, class_names: list[str]) -> WARN:
             attention_width=cfg.attention_width,
             dropout=cfg.dropout,
             reg_weight=cfg.reg_weight,
+            gate_tanh=cfg.gate_tanh,
             input_size=(side, side),
             mean=mean,
             std=std,
@@ -131,15 +137,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
+    robust = cfg.rendering == "robust"
     common = dict(
-        root=cfg.data_root,
-        seed=cfg.seed,
-        download=cfg.download,
-        input_size=(cfg.input_size,) * 2,
-        clutter=ClutterSpec(train_per_scan=cfg.train_per_scan),
+        root=cfg.data_root, seed=cfg.seed, download=cfg.download, input_size=(cfg.input_size,) * 2, none_class=robust
     )
-    train_set = build_dataset(cfg.dataset, "train", augment=True, **common)
-    test_set = build_dataset(cfg.dataset, "test", **common)
+    rendering = replace(ROBUST if robust else ClutterSpec(), train_per_scan=cfg.train_per_scan)
+    train_set = build_dataset(cfg.dataset, "train", augment=True, clutter=rendering, **common)
+    test_set = build_dataset(cfg.dataset, "test", **common)  # always the standard rendering
     classes = list(train_set.classes)  # type: ignore[attr-defined]
     model = build_model(cfg, classes)
     cuda = torch.cuda.is_available()

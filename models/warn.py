@@ -29,6 +29,10 @@ class WARNConfig:
     attention_width: int = 4  # AW: K, attention heads per attended stage
     dropout: float = 0.0
     reg_weight: float = 1e-3  # weight of the head-overlap regularizer
+    # The paper's gates are softmax(tanh(logits)): tanh caps any two gates' ratio at e^2, and a model that
+    # wants more drives its logits far past +-1, where tanh is flat and the gates stop depending on the
+    # image. False: softmax(logits).
+    gate_tanh: bool = True
     input_size: tuple[int, int] = (48, 48)  # (H, W) the model is trained at
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.25, 0.25, 0.25)
@@ -94,10 +98,12 @@ class WARN(nn.Module):
         ad, stages = config.attention_depth, len(self.backbone.stage_channels)
         self.attended = list(range(stages - ad, stages))  # stage indices, shallowest first
         self.attention = nn.ModuleList(
-            AttentionModule(self.backbone.stage_channels[i], config.num_classes, config.attention_width)
+            AttentionModule(
+                self.backbone.stage_channels[i], config.num_classes, config.attention_width, config.gate_tanh
+            )
             for i in self.attended
         )
-        self.global_gate = GlobalGate(self.backbone.stage_channels[-1], ad + 1) if ad else None
+        self.global_gate = GlobalGate(self.backbone.stage_channels[-1], ad + 1, config.gate_tanh) if ad else None
         self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(config.std).view(1, 3, 1, 1), persistent=False)
 

@@ -17,7 +17,8 @@ def attention_module(m: AttentionModule, z: torch.Tensor) -> tuple[torch.Tensor,
     att, out, gate = y.split([k, k * c, k], dim=1)
     mask = spatial_softmax(att)  # (N, K, hw)
     hyp = torch.einsum("nkcs,nks->nkc", out.reshape(n, k, c, h * w), mask)  # (N, K, C)
-    gates = F.softmax(torch.tanh((gate * mask).sum(-1)), dim=1)
+    logits = (gate * mask).sum(-1)
+    gates = F.softmax(torch.tanh(logits) if m.squash else logits, dim=1)
     mixed = (gates.unsqueeze(-1) * F.log_softmax(hyp, dim=-1)).sum(1)
     return mask.reshape(n, k, h, w), gates, F.log_softmax(mixed, dim=-1)
 
@@ -26,4 +27,5 @@ def global_gate(g: GlobalGate, final: torch.Tensor) -> torch.Tensor:
     y = g.conv(final).flatten(2)
     att, gate = y.split([1, g.inputs], dim=1)
     mask = spatial_softmax(att)
-    return F.softmax(torch.tanh((gate * mask).sum(-1)), dim=1)
+    logits = (gate * mask).sum(-1)
+    return F.softmax(torch.tanh(logits) if g.squash else logits, dim=1)

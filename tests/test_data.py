@@ -75,3 +75,24 @@ def test_imagefolder(tmp_path):
     img, label, box = ds[1]
     assert ds.classes == ["cat", "dog"] and label == 1
     assert img.shape == (3, 24, 24) and box.tolist() == [-1, -1, -1, -1]
+
+
+def test_robust_rendering_adds_inverted_canvases_and_a_none_class():
+    from dataclasses import replace
+
+    from models.data import NO_BOX, ROBUST
+
+    ds = ClutteredDigits("test", seed=3, spec=replace(ROBUST, test_per_scan=1), none_class=True)
+    assert ds.classes[-1] == "none" and len(ds.classes) == 11
+    empty = ds.targets == 10
+    assert int(empty.sum()) == round(ROBUST.empty * int((~empty).sum()))
+    assert (ds.boxes[empty] == torch.tensor(NO_BOX)).all() and (ds.boxes[~empty, 0] >= 0).all()
+    sides = (ds.boxes[~empty, 2:] - ds.boxes[~empty, :2]).max(1).values
+    assert sides.max() > 16  # digits larger than the standard rendering's 12-16 px
+    # dark ink on a light background: about a third of the canvases are mostly light
+    light = ds.images.mean(dim=(1, 2, 3)) > 0.5
+    assert 0.2 < float(light.float().mean()) < 0.45
+    inverted = ClutteredDigits("test", seed=3, spec=ClutterSpec(test_per_scan=1, inverted=1.0))
+    assert float(inverted.images.mean()) > 0.5 > float(ClutteredDigits("test", 3, SMALL).images.mean())
+    with pytest.raises(ValueError, match="none_class"):
+        ClutteredDigits("test", seed=3, spec=replace(ROBUST, test_per_scan=1))

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -108,3 +109,59 @@ def test_gradcam_comparison_reports_both_maps_on_the_same_images(tiny_config):
     assert result["ms_per_image"]["warn"] > 0 and result["ms_per_image"]["gradcam"] > 0
     # Grad-CAM's backward pass must not leave gradients or training mode behind
     assert not model.training and all(p.grad is None for p in model.parameters())
+
+
+def test_gates_without_tanh_are_a_plain_softmax_and_old_configs_keep_tanh(tiny_config):
+    from dataclasses import replace
+
+    torch.manual_seed(0)
+    plain = WARN(replace(tiny_config, gate_tanh=False)).eval()
+    paper = WARN(tiny_config).eval()
+    paper.load_state_dict(plain.state_dict())  # the same weights, read two ways
+    x = torch.rand(3, 3, 48, 48)
+    with torch.no_grad():
+        a, b = plain(x), paper(x)
+    # same masks; tanh only squeezes the gate logits, so the paper's gates are never sharper
+    torch.testing.assert_close(a.attention[0], b.attention[0])
+    assert (a.global_gates.max(1).values >= b.global_gates.max(1).values - 1e-6).all()
+    assert b.global_gates.max(1).values.max() <= torch.e**2 / (torch.e**2 + b.global_gates.shape[1] - 1) + 1e-6
+    config = tiny_config.to_dict()
+    del config["gate_tanh"]  # a checkpoint written before the option existed
+    assert WARNConfig.from_dict(config).gate_tanh is True
+
+
+def test_robustness_report_covers_shifted_renderings_and_images_without_digits(tiny_config):
+    from models.evaluate import renderings, robustness
+
+    torch.manual_seed(0)
+    report = robustness(WARN(tiny_config).eval())
+    for name in renderings():
+        assert 0 <= report[name]["top1_accuracy"] <= 1 and 0 <= report[name]["pointing_game"] <= 1
+    for name in ("clutter only (300 canvases)", "scikit-learn sample photos (2)"):
+        assert 0 < report[name]["top_probability_mean"] <= 1
+        assert report[name]["most_common_answer"] in tiny_config.class_names  # no "none" class to answer with
+
+
+def test_the_default_model_says_something_with_its_gates_and_knows_when_there_is_no_digit():
+    """Its global gates differ from image to image (they were pinned at softmax(+-1) before), and
+    clutter without a digit is answered "none"."""
+    from pathlib import Path
+
+    from models.checkpoint import load
+    from models.data import ClutteredDigits, ClutterSpec, _scans, draw_canvas, split_scans
+
+    model, _ = load(Path(__file__).resolve().parents[1] / "default_model/model.pt")
+    ds = ClutteredDigits("test", 0, ClutterSpec(test_per_scan=1), none_class=True)
+    with torch.no_grad():
+        gates = model(ds.images).global_gates  # (N, L+1)
+    assert gates.std(0).max() > 0.05
+    entropy = -(gates * gates.clamp_min(1e-12).log()).sum(1)
+    assert entropy.std() > 0.1
+    scans, _ = _scans()
+    pool = scans[split_scans(len(scans), 0, 0.2)["test"]]
+    rng = np.random.default_rng(7)
+    canvases = [draw_canvas(None, pool, rng, ClutterSpec())[0] for _ in range(60)]
+    empty = torch.from_numpy(np.stack(canvases)).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        answers = model(empty).probabilities.argmax(1)
+    assert float((answers == model.config.class_names.index("none")).float().mean()) > 0.85

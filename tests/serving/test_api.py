@@ -33,8 +33,8 @@ def test_predict_raw_body(client, photo):
     assert len(attended) == len(info["attended_layers"])
     # the default model's measured Pointing Game, per layer, as warn-eval recorded it before export
     pg = [layer["pointing_game"] for layer in info["attended_layers"]]
-    assert pg == info["pointing_game"]["layers"] and pg[2] > 0.9 and pg[0] < 0.5
-    assert info["pointing_game"]["combined"] > 0.9 and info["pointing_game"]["tolerance_px"] == 2
+    assert pg == info["pointing_game"]["layers"] and min(pg) > 0.7 and max(pg) > 0.95
+    assert info["pointing_game"]["combined"] > 0.95 and info["pointing_game"]["tolerance_px"] == 2
     for layer in attended:
         assert sum(layer["gates"]) == pytest.approx(1, abs=1e-4)
         assert layer["top_class"]["label"] in info["classes"]

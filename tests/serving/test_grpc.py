@@ -111,7 +111,7 @@ def test_bytes_images_and_output_selection(grpc_client, http_client, served):
     over_http = http_client.infer(MODEL, [bytes_input(th, images)]).as_numpy("probabilities")
     np.testing.assert_allclose(probs, over_http, rtol=1e-6, atol=1e-6)
     rest = httpx.post(f"{served[0].url}/v1/predict", content=DIGIT, headers={"content-type": "image/png"}).json()
-    assert probs.shape == (2, 10) and int(probs[0].argmax()) == rest["top_k"][0]["index"] == 5
+    assert probs.shape == (2, 11) and int(probs[0].argmax()) == rest["top_k"][0]["index"] == 5
 
 
 def test_typed_contents_match_raw(served, grpc_client):
@@ -123,14 +123,14 @@ def test_typed_contents_match_raw(served, grpc_client):
         request.inputs.add(name="image", datatype="FP32", shape=x.shape).contents.fp32_contents.extend(x.ravel())
         request.outputs.add(name="probabilities")
         reply = stub.ModelInfer(request)
-        typed = np.frombuffer(reply.raw_output_contents[0], np.float32).reshape(1, 10)
+        typed = np.frombuffer(reply.raw_output_contents[0], np.float32).reshape(1, 11)
         request = pb.ModelInferRequest(model_name=MODEL)
         request.inputs.add(name="image", datatype="BYTES", shape=[1]).contents.bytes_contents.append(DIGIT)
         request.outputs.add(name="probabilities")
         digit = np.frombuffer(stub.ModelInfer(request).raw_output_contents[0], np.float32)
     raw = grpc_client.infer(MODEL, [fp32_input(tc, x)]).as_numpy("probabilities")
     np.testing.assert_allclose(typed, raw, rtol=1e-6, atol=1e-6)
-    assert digit.shape == (10,) and abs(digit.sum() - 1) < 1e-5
+    assert digit.shape == (11,) and abs(digit.sum() - 1) < 1e-5
 
 
 def test_bad_requests_get_their_status_codes_and_the_server_stays_up(grpc_client, served):
@@ -158,7 +158,7 @@ def test_bad_requests_get_their_status_codes_and_the_server_stays_up(grpc_client
     assert code_of(lambda: grpc_client.infer(MODEL, [many])) == grpc.StatusCode.RESOURCE_EXHAUSTED
     wide = io.BytesIO()
     Image.new("L", (1, 1)).save(wide, "PNG")
-    assert grpc_client.infer(MODEL, [bytes_input(tc, [wide.getvalue()])]).as_numpy("probabilities").shape == (1, 10)
+    assert grpc_client.infer(MODEL, [bytes_input(tc, [wide.getvalue()])]).as_numpy("probabilities").shape == (1, 11)
     assert grpc_client.is_server_live() and served[0].proc.poll() is None
     assert httpx.get(f"{served[0].url}/v2/health/ready").status_code == 200
     metrics = httpx.get(f"{served[0].url}/metrics").text
@@ -177,7 +177,7 @@ def test_api_key_is_required_except_for_health(model_path):
         assert code_of(lambda: client.infer(MODEL, [good], headers=wrong)) == grpc.StatusCode.UNAUTHENTICATED
         assert code_of(lambda: client.get_model_metadata(MODEL)) == grpc.StatusCode.UNAUTHENTICATED
         right = {"authorization": "Bearer s3cret"}
-        assert client.infer(MODEL, [good], headers=right).as_numpy("probabilities").shape == (1, 10)
+        assert client.infer(MODEL, [good], headers=right).as_numpy("probabilities").shape == (1, 11)
         client.close()
     finally:
         server.stop()
@@ -202,7 +202,7 @@ def test_full_queue_answers_unavailable_and_the_rest_are_served(model_path):
         served = [r for r in results if not isinstance(r, BaseException)]
         assert refused and served, results
         assert {status(r) for r in refused} == {grpc.StatusCode.UNAVAILABLE}
-        assert all(r.as_numpy("probabilities").shape == (1, 10) for r in served)
+        assert all(r.as_numpy("probabilities").shape == (1, 11) for r in served)
     finally:
         server.stop()
 

@@ -103,7 +103,7 @@ def test_json_request_with_base64_bytes_and_plain_json(server):
     r = httpx.post(f"{server.url}/v2/models/{name}/infer", json=body)
     assert r.status_code == 200 and r.headers["content-type"] == "application/json"
     out = {o["name"]: o for o in r.json()["outputs"]}
-    assert out["probabilities"]["shape"] == [1, 10] and len(out["probabilities"]["data"]) == 10
+    assert out["probabilities"]["shape"] == [1, 11] and len(out["probabilities"]["data"]) == 11
 
     x, _ = to_input(Image.open(__import__("io").BytesIO(image)).convert("RGB"), (48, 48))
     body = {

@@ -54,7 +54,7 @@ def test_two_workers_share_predictions_and_metrics(model_path, tmp_path):
             with tc.InferenceServerClient(f"127.0.0.1:{env['WARN_GRPC_PORT']}") as client:
                 x = tc.InferInput("image", [1, 3, 48, 48], "FP32")
                 x.set_data_from_numpy(np.zeros((1, 3, 48, 48), np.float32))
-                assert client.infer("warn-cluttered-digits", [x]).as_numpy("probabilities").shape == (1, 10)
+                assert client.infer("warn-cluttered-digits", [x]).as_numpy("probabilities").shape == (1, 11)
         assert [a.status_code for a in answers] == [200] * 50
         assert len(overlays) == 50 * 4 and {o.status_code for o in overlays} == {200}
         assert all(o.headers["content-type"] == "image/png" for o in overlays)
