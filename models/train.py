@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -21,10 +21,10 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from models import checkpoint
-from models.backbones import BACKBONES, backbone_parameters
+from models.backbones import backbone_parameters
 from models.data import ROBUST, ClutterSpec, build_dataset
 from models.evaluate import evaluate
-from models.warn import IMAGENET_MEAN, IMAGENET_STD, WARN, WARNConfig
+from models.warn import IMAGENET_MEAN, IMAGENET_STD, WARN, Architecture, WARNConfig
 
 
 @dataclass
@@ -37,8 +37,8 @@ class TrainConfig:
     """dataset folder (imagefolder: holds train/ and val/; CIFAR: where it is downloaded)"""
     download: bool = False
     """download CIFAR through torchvision (needs internet)"""
-    backbone: Literal[tuple(BACKBONES)] = "wrn"  # type: ignore[valid-type]
-    """wrn: the CIFAR-style Wide-ResNet (from scratch); or a torchvision classifier to attach attention to"""
+    arch: Annotated[Architecture, tyro.conf.OmitArgPrefixes] = field(default_factory=Architecture)
+    """the network: its flags are declared once, in models.warn.Architecture"""
     pretrained: bool = False
     """start a torchvision backbone from torchvision's ImageNet weights (downloaded once, on your machine)"""
     weights: str | None = None
@@ -49,20 +49,6 @@ class TrainConfig:
     """first epochs with the backbone frozen: only the attention modules, gates and last layer learn"""
     workers: int = 0
     """DataLoader worker processes (0: load in the training process)"""
-    depth: int = 16
-    """Wide-ResNet depth, 6n+4"""
-    width: int = 2
-    """Wide-ResNet widening factor"""
-    attention_depth: Annotated[int, tyro.conf.arg(aliases=["--ad"])] = 3
-    """attended stages, the deepest first (0..3; 0 is the plain backbone)"""
-    attention_width: Annotated[int, tyro.conf.arg(aliases=["--aw"])] = 4
-    """attention heads per attended stage"""
-    dropout: float = 0.0
-    """dropout inside the residual blocks"""
-    reg_weight: float = 1e-3
-    """weight of the regularizer that keeps a layer's heads apart"""
-    gate_tanh: bool = True
-    """the paper's softmax(tanh(logits)) gates; --no-gate-tanh: softmax(logits), which can vary per image"""
     rendering: Literal["standard", "robust"] = "standard"
     """cluttered-digits training canvases: standard, or robust (digits 0.21-0.46 of the canvas, 1-8
     fragments, noise 0.02-0.16, a third inverted, and a "none" class of clutter-only canvases)"""
@@ -112,15 +98,8 @@ def build_model(cfg: TrainConfig, class_names: list[str]) -> WARN:
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if imagenet else MEAN_STD.get(cfg.dataset, (IMAGENET_MEAN, IMAGENET_STD))
     return WARN(
         WARNConfig(
-            backbone=cfg.backbone,
-            depth=cfg.depth,
-            width=cfg.width,
+            **asdict(cfg.arch),
             num_classes=len(class_names),
-            attention_depth=cfg.attention_depth,
-            attention_width=cfg.attention_width,
-            dropout=cfg.dropout,
-            reg_weight=cfg.reg_weight,
-            gate_tanh=cfg.gate_tanh,
             input_size=(side, side),
             mean=mean,
             std=std,

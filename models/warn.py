@@ -4,35 +4,49 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
+import tyro
 from torch import nn
 
 from models.attention import AttentionModule, GlobalGate, head_overlap
-from models.backbones import build_backbone
+from models.backbones import BACKBONES, build_backbone
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
-class WARNConfig:
+class Architecture:
+    """The network a user chooses: warn-train's model flags are these fields (tyro reads the docstrings)."""
+
+    backbone: Literal[tuple(BACKBONES)] = "wrn"  # type: ignore[valid-type]
+    """wrn: the CIFAR-style Wide-ResNet (from scratch); or a torchvision classifier to attach attention to"""
+    depth: int = 16
+    """Wide-ResNet depth, 6n+4 (wrn only)"""
+    width: int = 2
+    """Wide-ResNet widening factor (wrn only)"""
+    attention_depth: Annotated[int, tyro.conf.arg(aliases=["--ad"])] = 3
+    """AD: attended stages, the deepest first (0 is the plain backbone; up to 3 for wrn, 4 for torchvision)"""
+    attention_width: Annotated[int, tyro.conf.arg(aliases=["--aw"])] = 4
+    """AW: K, attention heads per attended stage"""
+    dropout: float = 0.0
+    """dropout inside the residual blocks (wrn only)"""
+    reg_weight: float = 1e-3
+    """weight of the regularizer that keeps a layer's heads apart"""
+    # tanh caps any two gates' ratio at e^2; a model that wants more drives its logits far past +-1, where
+    # tanh is flat and the gates stop depending on the image (README: "Gates that say something")
+    gate_tanh: bool = True
+    """the paper's softmax(tanh(logits)) gates; --no-gate-tanh: softmax(logits), free to vary per image"""
+
+
+@dataclass
+class WARNConfig(Architecture):
     """Everything needed to rebuild the network; saved (as JSON-able data) with the checkpoint."""
 
-    backbone: str = "wrn"  # the CIFAR-style Wide-ResNet, or a torchvision classifier (models/backbones.py)
-    depth: int = 16  # WRN only
-    width: int = 2  # WRN only
     num_classes: int = 10
-    attention_depth: int = 3  # AD: how many of the last stages are attended (0..3 for WRN, 0..4 torchvision)
-    attention_width: int = 4  # AW: K, attention heads per attended stage
-    dropout: float = 0.0
-    reg_weight: float = 1e-3  # weight of the head-overlap regularizer
-    # The paper's gates are softmax(tanh(logits)): tanh caps any two gates' ratio at e^2, and a model that
-    # wants more drives its logits far past +-1, where tanh is flat and the gates stop depending on the
-    # image. False: softmax(logits).
-    gate_tanh: bool = True
     input_size: tuple[int, int] = (48, 48)  # (H, W) the model is trained at
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.25, 0.25, 0.25)

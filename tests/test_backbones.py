@@ -16,7 +16,7 @@ from export.onnx_export import export
 from models import checkpoint
 from models.backbones import backbone_parameters
 from models.train import TrainConfig, train
-from models.warn import WARN, WARNConfig
+from models.warn import WARN, Architecture, WARNConfig
 from service.config import Settings
 from service.main import create_app
 
@@ -102,11 +102,10 @@ def test_fine_tune_export_and_serve(shapes_folder, tmp_path):
     cfg = TrainConfig(
         dataset="imagefolder",
         data_root=str(shapes_folder),
-        backbone="resnet18",
+        arch=Architecture(backbone="resnet18", attention_depth=2),
         weights=str(weights),
         freeze_epochs=1,
         input_size=64,
-        attention_depth=2,
         epochs=1,
         batch_size=8,
         lr=0.05,

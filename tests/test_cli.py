@@ -9,6 +9,7 @@ from export.cli import parser as export_parser
 from models.evaluate import parser as eval_parser
 from models.profile import parser as profile_parser
 from models.train import TrainConfig, parse_args
+from models.warn import Architecture, WARNConfig
 from service.client import parser as predict_parser
 
 
@@ -28,10 +29,13 @@ def test_warn_train_is_derived_from_its_config(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--help"])
     text = capsys.readouterr().out
-    for field in dataclasses.fields(TrainConfig):
+    # every option is declared once: the training fields, and the architecture's (no prefix on the flags)
+    options = [f for f in dataclasses.fields(TrainConfig) if f.name != "arch"] + list(dataclasses.fields(Architecture))
+    for field in options:
         flag = "--" + field.name.replace("_", "-")
         assert flag in text, f"{flag} is missing from warn-train --help"
-    assert text.count("(default:") == len(dataclasses.fields(TrainConfig))
+    assert text.count("(default:") == len(options)
+    assert {f.name for f in dataclasses.fields(Architecture)} <= {f.name for f in dataclasses.fields(WARNConfig)}
     cfg = parse_args(["--ad", "2", "--aw", "3", "--momentum", "0.8", "--warmup-epochs", "0.5", "--download"])
-    assert (cfg.attention_depth, cfg.attention_width, cfg.momentum, cfg.warmup_epochs) == (2, 3, 0.8, 0.5)
+    assert (cfg.arch.attention_depth, cfg.arch.attention_width, cfg.momentum, cfg.warmup_epochs) == (2, 3, 0.8, 0.5)
     assert cfg.download and parse_args([]) == TrainConfig()

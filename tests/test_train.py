@@ -6,7 +6,7 @@ import torch
 from models import checkpoint
 from models.data import ClutteredDigits, ClutterSpec
 from models.train import TrainConfig, build_model, train
-from models.warn import WARN
+from models.warn import WARN, Architecture
 
 
 def test_a_few_steps_lower_the_loss(tiny_config):
@@ -28,9 +28,8 @@ def test_a_few_steps_lower_the_loss(tiny_config):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    cfg = TrainConfig(
-        depth=10, width=1, attention_width=2, epochs=2, batch_size=16, max_steps=3, train_per_scan=1, out=str(out)
-    )
+    arch = Architecture(depth=10, width=1, attention_width=2)
+    cfg = TrainConfig(arch=arch, epochs=2, batch_size=16, max_steps=3, train_per_scan=1, out=str(out))
     meta = train(cfg)
     return cfg, out, meta
 
