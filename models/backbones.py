@@ -28,7 +28,7 @@ BACKBONES = ["wrn", *TORCHVISION]
 
 
 def family(name: str) -> str:
-    return next(f for f in sorted(STAGE_NODES, key=len, reverse=True) if name.startswith(f))
+    return next(f for f in STAGE_NODES if name.startswith(f))
 
 
 class TorchvisionBackbone(nn.Module):

@@ -123,6 +123,15 @@ def draw_canvas(
     return img.clip(0, 1), box
 
 
+def clutter_only(count: int, seed: int = 0, spec: ClutterSpec = ClutterSpec()) -> torch.Tensor:
+    """`count` canvases of clutter cut from the test split's scans, with no digit: (N, 3, H, W)."""
+    scans, _ = _scans()
+    pool = scans[split_scans(len(scans), seed, spec.test_fraction)["test"]]
+    rng = np.random.default_rng([seed, 2])  # a stream of its own: the splits use 0 and 1
+    canvases = [draw_canvas(None, pool, rng, spec)[0] for _ in range(count)]
+    return torch.from_numpy(np.stack(canvases)).permute(0, 3, 1, 2).contiguous()
+
+
 class ClutteredDigits(Dataset):
     """Handwritten digits from scikit-learn, each placed at random on a cluttered RGB canvas.
 
@@ -155,7 +164,7 @@ class ClutteredDigits(Dataset):
         for _ in range(round(len(targets) * spec.empty)):
             img, box = draw_canvas(None, pool, rng, spec)
             images.append(img)
-            targets.append(10)
+            targets.append(self.classes.index(NONE_CLASS))
             boxes.append(box)
             sources.append(-1)
         self.images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W)

@@ -163,9 +163,8 @@ def sample_photos(size: tuple[int, int]) -> torch.Tensor:
 def robustness(model: WARN, seed: int = 0) -> dict[str, Any]:
     """Top-1 and Pointing Game on shifted renderings of the test split, and what the model answers when
     there is no digit at all (clutter-only canvases, real photos)."""
-    import numpy as np
 
-    from models.data import ClutteredDigits, ClutterSpec, _scans, draw_canvas, split_scans
+    from models.data import ClutteredDigits, clutter_only
 
     model.eval()
     has_none = "none" in model.config.class_names
@@ -173,12 +172,8 @@ def robustness(model: WARN, seed: int = 0) -> dict[str, Any]:
     for name, spec in renderings().items():
         r = evaluate(model, ClutteredDigits("test", seed, spec, none_class=has_none))
         report[name] = {"top1_accuracy": r["top1_accuracy"], "pointing_game": r["pointing_game"]["combined"]}
-    scans, _ = _scans()
-    pool = scans[split_scans(len(scans), seed, ClutterSpec().test_fraction)["test"]]
-    rng = np.random.default_rng([seed, 2])
-    empty = np.stack([draw_canvas(None, pool, rng, ClutterSpec())[0] for _ in range(300)])
     for name, images in (
-        ("clutter only (300 canvases)", torch.from_numpy(empty).permute(0, 3, 1, 2).contiguous()),
+        ("clutter only (300 canvases)", clutter_only(300, seed)),
         ("scikit-learn sample photos (2)", sample_photos(model.config.input_size)),
     ):
         p = model(images).probabilities

@@ -22,7 +22,7 @@ def server_metadata() -> dict[str, Any]:
 
 def check_model(rt: Runtime, name: str, version: str | None = None) -> None:
     if name != rt.info.name or (version is not None and version != rt.info.version):
-        wanted = f"{name!r}" + (f" version {version!r}" if version else "")
+        wanted = f"{name[:64]!r}" + (f" version {version[:64]!r}" if version else "")  # echoed back: bounded
         raise NotFound(f"unknown model {wanted}: this server has {rt.info.name!r} version {rt.info.version!r}")
 
 

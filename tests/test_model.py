@@ -1,4 +1,3 @@
-import numpy as np
 import pytest
 import torch
 
@@ -148,7 +147,7 @@ def test_the_default_model_says_something_with_its_gates_and_knows_when_there_is
     from pathlib import Path
 
     from models.checkpoint import load
-    from models.data import ClutteredDigits, ClutterSpec, _scans, draw_canvas, split_scans
+    from models.data import ClutteredDigits, ClutterSpec, clutter_only
 
     model, _ = load(Path(__file__).resolve().parents[1] / "default_model/model.pt")
     ds = ClutteredDigits("test", 0, ClutterSpec(test_per_scan=1), none_class=True)
@@ -157,11 +156,7 @@ def test_the_default_model_says_something_with_its_gates_and_knows_when_there_is
     assert gates.std(0).max() > 0.05
     entropy = -(gates * gates.clamp_min(1e-12).log()).sum(1)
     assert entropy.std() > 0.1
-    scans, _ = _scans()
-    pool = scans[split_scans(len(scans), 0, 0.2)["test"]]
-    rng = np.random.default_rng(7)
-    canvases = [draw_canvas(None, pool, rng, ClutterSpec())[0] for _ in range(60)]
-    empty = torch.from_numpy(np.stack(canvases)).permute(0, 3, 1, 2)
+    empty = clutter_only(60)
     with torch.no_grad():
         answers = model(empty).probabilities.argmax(1)
     assert float((answers == model.config.class_names.index("none")).float().mean()) > 0.85

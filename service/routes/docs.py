@@ -20,6 +20,12 @@ def mount_assets(app: FastAPI) -> None:
     app.mount(ASSETS, StaticFiles(directory=str(files("fastapi_offline") / "static")), name="docs-assets")
 
 
+def urls(request: Request) -> tuple[str, str]:
+    """/openapi.json and the assets' folder, under the proxy's path prefix if there is one."""
+    base = request.scope.get("root_path", "")
+    return f"{base}/openapi.json", f"{base}{ASSETS}"
+
+
 def router(app: FastAPI, serve_openapi: bool) -> APIRouter:
     r = APIRouter(include_in_schema=False)
 
@@ -31,23 +37,23 @@ def router(app: FastAPI, serve_openapi: bool) -> APIRouter:
 
     @r.get("/docs")
     async def docs(request: Request) -> HTMLResponse:
-        base = request.scope.get("root_path", "")
+        spec, assets = urls(request)
         return get_swagger_ui_html(
-            openapi_url=f"{base}/openapi.json",
+            openapi_url=spec,
             title=f"{app.title} - Swagger UI",
-            swagger_js_url=f"{base}{ASSETS}/swagger-ui-bundle.js",
-            swagger_css_url=f"{base}{ASSETS}/swagger-ui.css",
-            swagger_favicon_url=f"{base}{ASSETS}/favicon.png",
+            swagger_js_url=f"{assets}/swagger-ui-bundle.js",
+            swagger_css_url=f"{assets}/swagger-ui.css",
+            swagger_favicon_url=f"{assets}/favicon.png",
         )
 
     @r.get("/redoc")
     async def redoc(request: Request) -> HTMLResponse:
-        base = request.scope.get("root_path", "")
+        spec, assets = urls(request)
         return get_redoc_html(
-            openapi_url=f"{base}/openapi.json",
+            openapi_url=spec,
             title=f"{app.title} - ReDoc",
-            redoc_js_url=f"{base}{ASSETS}/redoc.standalone.js",
-            redoc_favicon_url=f"{base}{ASSETS}/favicon.png",
+            redoc_js_url=f"{assets}/redoc.standalone.js",
+            redoc_favicon_url=f"{assets}/favicon.png",
             with_google_fonts=False,
         )
 

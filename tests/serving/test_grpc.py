@@ -143,6 +143,9 @@ def test_bad_requests_get_their_status_codes_and_the_server_stays_up(grpc_client
     assert code_of(lambda: grpc_client.infer("nope", [good])) == grpc.StatusCode.NOT_FOUND
     assert code_of(lambda: grpc_client.infer(MODEL, [good], model_version="7")) == grpc.StatusCode.NOT_FOUND
     assert code_of(lambda: grpc_client.get_model_metadata("nope")) == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(InferenceServerException) as long_name:  # a name is echoed back, bounded
+        grpc_client.infer("é" * 100_000, [good])
+    assert status(long_name.value) == grpc.StatusCode.NOT_FOUND and len(long_name.value.message()) < 300
     unknown = [tc.InferRequestedOutput("logits_of_nothing")]
     assert code_of(lambda: grpc_client.infer(MODEL, [good], outputs=unknown)) == grpc.StatusCode.INVALID_ARGUMENT
     not_an_image = bytes_input(tc, [b"GIF89a but not really"])
