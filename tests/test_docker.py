@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from packaging.requirements import Requirement
 
 from tests.serving.conftest import Server
 
@@ -44,10 +45,9 @@ def test_image_requirements_match_the_project():
     assert gpu == cpu
     assert "torch" not in cpu
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    for dep in project:
-        name, version = dep.split("==")
-        name = name.split("[")[0].lower()
-        assert requirements("cpu")[name] == version, f"{name} differs between pyproject.toml and the image"
+    for dep in map(Requirement, project):
+        name, (pin,) = dep.name.lower().replace("_", "-"), dep.specifier
+        assert pin.operator == "==" and requirements("cpu")[name] == pin.version, f"{name} differs from the image"
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """Overlay maths: maps sum to 1, cropping and scaling keep attention on the right pixels."""
 
 import io
+import platform
 
 import numpy as np
 from PIL import Image
@@ -43,6 +44,20 @@ def test_render_png_and_colormaps():
     assert overlay.output_size(640, 400, 320) == (320, 200) and overlay.output_size(10, 10, 320) == (10, 10)
     flat = np.asarray(overlay.colorize(np.zeros((3, 3), np.float32), "turbo").convert("RGB"))
     assert (flat == flat[0, 0]).all()
+
+
+def test_every_png_level_writes_the_same_pixels():
+    """Level 1 (fpng on x86-64) and the zlib levels differ in speed and size, never in pixels."""
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 256, (96, 128, 3), dtype=np.uint8))
+    fast = overlay.encode(photo, "png", overlay.Encoding(png_compress_level=1))
+    for level in (0, 6, 9):
+        other = overlay.encode(photo, "png", overlay.Encoding(png_compress_level=level))
+        assert other != fast
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(other))), np.asarray(photo))
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(fast))), np.asarray(photo))
+    if platform.machine() == "x86_64":
+        assert overlay.fpng_ext is not None, "fpng is a dependency on x86-64"
 
 
 def test_memory_store_bounds_count_and_age():
