@@ -59,10 +59,11 @@ lint: $(VENV)/.full
 screenshot: $(VENV)/.full system-deps
 	WARN_SCREENSHOT_DIR=docs $(PY) -m pytest -q tests/serving/test_browser.py -k "shows_the_prediction or phone_width"
 
-# Reproduces the committed default model (about 20 minutes on 2 CPU cores), then exports it.
+# Reproduces the committed default model (about 32 minutes on 2 CPU cores), then exports it.
 default-model: $(VENV)/.full
 	$(VENV)/bin/warn-train --dataset cluttered-digits --depth 10 --width 2 --ad 3 --aw 4 \
-		--rendering robust --no-gate-tanh --epochs 8 --seed 0 --out runs/default
+		--rendering robust --no-gate-tanh --aux-weight 0.5 --gate-decay 0.01 \
+		--epochs 9 --train-per-scan 12 --seed 0 --out runs/default
 	cp runs/default/model.pt default_model/model.pt
 	$(VENV)/bin/warn-eval default_model/model.pt --update-checkpoint --robustness
 	$(MAKE) export-default

@@ -35,14 +35,18 @@ class ClutterSpec:
     noise_min: float | None = None  # when set, each canvas draws its noise std from [noise_min, noise]
     inverted: float = 0.0  # share of canvases drawn as dark ink on a light background
     empty: float = 0.0  # canvases holding clutter only, as a share of the digits; their class is "none"
+    scenes: float = 0.0  # share of canvases drawn on a scene-like background (smooth colour fields and shapes)
     test_fraction: float = 0.2  # of source scans held out
     train_per_scan: int = 8  # canvases drawn from each source scan
     test_per_scan: int = 3
 
 
 # The rendering the robust default model trains on: digits 0.21-0.46 of the canvas, 1-8 fragments,
-# noise 0.02-0.16, a third of canvases inverted, and one clutter-only canvas per ten digits.
-ROBUST = ClutterSpec(digit_min=10, digit_max=22, fragments=(1, 8), noise=0.16, noise_min=0.02, inverted=0.33, empty=0.1)
+# noise 0.02-0.16, a third of canvases inverted, a third on scene-like backgrounds, and three
+# clutter-only canvases per twenty digits.
+ROBUST = ClutterSpec(
+    digit_min=10, digit_max=22, fragments=(1, 8), noise=0.16, noise_min=0.02, inverted=0.33, empty=0.15, scenes=0.33
+)
 NONE_CLASS = "none"
 
 
@@ -76,6 +80,28 @@ def _fragment(scan: np.ndarray, rng: np.random.Generator, side: int) -> np.ndarr
 
 def _place(rng: np.random.Generator, canvas: int, side: int) -> tuple[int, int]:
     return int(rng.integers(0, canvas - side + 1)), int(rng.integers(0, canvas - side + 1))
+
+
+def _scene(rng: np.random.Generator, c: int) -> np.ndarray:
+    """A (c, c, 3) background that is not flat: a smooth random colour field with a few solid shapes.
+
+    Digits and "none" canvases both get these, so a textured image says nothing about the class.
+    Kept below the ink's brightness (0.45-1.0) so a digit stays visible on it.
+    """
+    g = int(rng.integers(2, 7))
+    grid = rng.uniform(0.0, 0.4, size=(g, g, 3)).astype(np.float32)
+    field = np.stack([_resize(np.ascontiguousarray(grid[..., i]), c, c) for i in range(3)], axis=-1)
+    yy, xx = np.mgrid[:c, :c]
+    for _ in range(int(rng.integers(0, 4))):
+        x0, y0 = rng.integers(0, c, size=2)
+        rx, ry = rng.integers(3, c // 2, size=2)
+        shape = (
+            ((xx - x0) / rx) ** 2 + ((yy - y0) / ry) ** 2 <= 1
+            if rng.random() < 0.5
+            else ((abs(xx - x0) <= rx) & (abs(yy - y0) <= ry))
+        )
+        field[shape] = rng.uniform(0.0, 0.4, size=3)
+    return field
 
 
 def draw_canvas(
@@ -115,6 +141,8 @@ def draw_canvas(
         box = (x + int(xs.min()), y + int(ys.min()), x + int(xs.max()) + 1, y + int(ys.max()) + 1)
 
     background = rng.uniform(0.0, 0.35, size=3).astype(np.float32)
+    if spec.scenes and rng.random() < spec.scenes:
+        background = _scene(rng, c)
     if spec.inverted and rng.random() < spec.inverted:  # dark ink on a light background
         background, colour = 1 - background, (1 - colour) * 0.6
     img = background * (1 - ink[..., None]) + colour * ink[..., None]

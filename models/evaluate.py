@@ -50,10 +50,13 @@ def evaluate(model: WARN, dataset: Dataset, batch_size: int = 128, window: int =
     correct = total = 0
     pg: dict[str, int] = {}
     boxed = 0
+    gates: dict[str, list[torch.Tensor]] = {}
     for images, targets, boxes in DataLoader(dataset, batch_size=batch_size):
         out = model(images)
         correct += int((out.log_probabilities.argmax(1) == targets).sum())
         total += len(targets)
+        for name, g in [("global", out.global_gates), *((f"layer_{i}", g) for i, g in enumerate(out.gates))]:
+            gates.setdefault(name, []).append(g)
         has_box = boxes[:, 0] >= 0
         if not out.attention or not has_box.any():
             continue
@@ -65,12 +68,26 @@ def evaluate(model: WARN, dataset: Dataset, batch_size: int = 128, window: int =
             pg[k] = pg.get(k, 0) + int(hits(pts[has_box], boxes[has_box]).sum())
         boxed += int(has_box.sum())
     result: dict[str, Any] = {"images": total, "top1_accuracy": correct / max(total, 1)}
+    if model.attention:
+        result["gates"] = {name: gate_statistics(torch.cat(g)) for name, g in gates.items()}
     if boxed:
         result["pointing_game"] = {k: v / boxed for k, v in pg.items()}
         result["pointing_game_tolerance_px"] = POINTING_TOLERANCE
         best = max(v for k, v in result["pointing_game"].items() if k.startswith("baseline_"))
         result["pointing_game_margin"] = result["pointing_game"]["combined"] - best
     return result
+
+
+def gate_statistics(gates: torch.Tensor) -> dict[str, Any]:
+    """How much gates (N, G) vary from image to image: each gate's mean and standard deviation, and the
+    entropy of the gates of an image (nats; log G when all are equal, 0 when one takes all)."""
+    entropy = -(gates * gates.clamp_min(1e-12).log()).sum(1)
+    return {
+        "mean": [round(v, 4) for v in gates.mean(0).tolist()],
+        "std": [round(v, 4) for v in gates.std(0).tolist()],
+        "entropy_mean": round(float(entropy.mean()), 4),
+        "entropy_std": round(float(entropy.std()), 4),
+    }
 
 
 class Decision(torch.nn.Module):
@@ -145,18 +162,43 @@ def renderings() -> dict[str, Any]:
     }
 
 
+def _letterboxed(img: Any, size: tuple[int, int]) -> torch.Tensor:
+    from PIL import ImageOps
+
+    array = np.asarray(img)
+    fill = tuple(int(c) for c in array.reshape(-1, 3).mean(0))
+    img = ImageOps.pad(img, (size[1], size[0]), color=fill)
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)
+
+
 def sample_photos(size: tuple[int, int]) -> torch.Tensor:
     """scikit-learn's two sample photos (no digit in them), letterboxed to `size`: (2, 3, H, W)."""
-    from PIL import Image, ImageOps
+    from PIL import Image
     from sklearn.datasets import load_sample_images
 
-    photos = []
-    for array in load_sample_images().images:
-        img = Image.fromarray(array)
-        fill = tuple(int(c) for c in array.reshape(-1, 3).mean(0))
-        img = ImageOps.pad(img, (size[1], size[0]), color=fill)
-        photos.append(torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1))
-    return torch.stack(photos)
+    return torch.stack([_letterboxed(Image.fromarray(a), size) for a in load_sample_images().images])
+
+
+def photo_crops(size: tuple[int, int]) -> torch.Tensor:
+    """20 pictures with no digit, made by other hands: scikit-learn's two photos, matplotlib's portrait
+    and gift icon, each whole and as its four quadrants, letterboxed to `size`: (20, 3, H, W)."""
+    import matplotlib.cbook
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    pictures = [Image.fromarray(a) for a in load_sample_images().images]
+    for name in ("grace_hopper.jpg", "Minduka_Present_Blue_Pack.png"):
+        with Image.open(matplotlib.cbook.get_sample_data(name)) as img:
+            rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        pictures.append(Image.alpha_composite(white, rgba).convert("RGB"))
+    crops = []
+    for img in pictures:
+        w, h = img.size
+        cx, cy = w // 2, h // 2
+        boxes = [(0, 0, w, h), (0, 0, cx, cy), (cx, 0, w, cy), (0, cy, cx, h), (cx, cy, w, h)]
+        crops += [_letterboxed(img.crop(b), size) for b in boxes]
+    return torch.stack(crops)
 
 
 @torch.inference_mode()
@@ -175,6 +217,7 @@ def robustness(model: WARN, seed: int = 0) -> dict[str, Any]:
     for name, images in (
         ("clutter only (300 canvases)", clutter_only(300, seed)),
         ("scikit-learn sample photos (2)", sample_photos(model.config.input_size)),
+        ("photos and their quadrants (20)", photo_crops(model.config.input_size)),
     ):
         p = model(images).probabilities
         answer = {"top_probability_mean": float(p.max(1).values.mean())}

@@ -51,7 +51,8 @@ class TrainConfig:
     """DataLoader worker processes (0: load in the training process)"""
     rendering: Literal["standard", "robust"] = "standard"
     """cluttered-digits training canvases: standard, or robust (digits 0.21-0.46 of the canvas, 1-8
-    fragments, noise 0.02-0.16, a third inverted, and a "none" class of clutter-only canvases)"""
+    fragments, noise 0.02-0.16, a third inverted, a third on scene-like backgrounds, and a "none" class
+    of clutter-only canvases)"""
     input_size: int = 48
     """image side for imagefolder (cluttered-digits is 48, CIFAR 32)"""
     train_per_scan: int = 8

@@ -36,6 +36,14 @@ class Architecture:
     """dropout inside the residual blocks (wrn only)"""
     reg_weight: float = 1e-3
     """weight of the regularizer that keeps a layer's heads apart"""
+    # without it the global gate can settle on the backbone alone early in training; the attended
+    # layers then get almost no gradient and their maps stop meaning anything (README: "Gates that say something")
+    aux_weight: float = 0.0
+    """weight of each attended layer's own classification loss, added to the final output's (0: the paper's loss)"""
+    # softmax gates drift to one-hot (one head, one layer for every image) as their logits grow; this
+    # keeps the logits where the softmax still responds to the image (z-loss, as MoE routers use)
+    gate_decay: float = 0.0
+    """weight of a penalty on the gates' logits, centred (their spread): keeps gates from saturating"""
     # tanh caps any two gates' ratio at e^2; a model that wants more drives its logits far past +-1, where
     # tanh is flat and the gates stop depending on the image (README: "Gates that say something")
     gate_tanh: bool = True
@@ -143,12 +151,26 @@ class WARN(nn.Module):
         return WARNOutput(logp, logp.exp(), masks, gates, layers, g, maps, combine_layers(maps, g))
 
     def loss(self, out: WARNOutput, target: torch.Tensor) -> torch.Tensor:
-        """Negative log-likelihood plus the weighted head-overlap regularizer."""
-        nll = F.nll_loss(out.log_probabilities, target)
-        if not out.attention or self.config.reg_weight == 0:
-            return nll
-        reg = sum(head_overlap(m) for m in out.attention)
-        return nll + self.config.reg_weight * reg
+        """Negative log-likelihood, the attended layers' own (weighted by `aux_weight`), the gates' spread
+        (weighted by `gate_decay`) and the weighted head-overlap regularizer."""
+        loss = F.nll_loss(out.log_probabilities, target)
+        if not out.attention:
+            return loss
+        if self.config.aux_weight:
+            layers = out.layer_log_probabilities[:, :-1]  # (N, L, C), the backbone's own output left out
+            aux = F.nll_loss(layers.flatten(0, 1), target.repeat_interleave(layers.shape[1]))
+            loss = loss + self.config.aux_weight * aux
+        if self.config.gate_decay:
+            loss = loss + self.config.gate_decay * sum(gate_spread(g) for g in (*out.gates, out.global_gates))
+        if self.config.reg_weight:
+            loss = loss + self.config.reg_weight * sum(head_overlap(m) for m in out.attention)
+        return loss
+
+
+def gate_spread(gates: torch.Tensor) -> torch.Tensor:
+    """Mean squared centred log-gate of (N, G) softmax gates: the centred logits' spread, whatever their shift."""
+    log_gates = gates.clamp_min(1e-30).log()
+    return (log_gates - log_gates.mean(1, keepdim=True)).pow(2).mean()
 
 
 def mix_heads(mask: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:

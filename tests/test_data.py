@@ -96,3 +96,16 @@ def test_robust_rendering_adds_inverted_canvases_and_a_none_class():
     assert float(inverted.images.mean()) > 0.5 > float(ClutteredDigits("test", 3, SMALL).images.mean())
     with pytest.raises(ValueError, match="none_class"):
         ClutteredDigits("test", seed=3, spec=replace(ROBUST, test_per_scan=1))
+
+
+def test_scene_backgrounds_are_not_flat():
+    """With no clutter and no noise, a plain canvas's background is one colour; a scene's varies."""
+    spec = ClutterSpec(test_per_scan=1, fragments=(0, 0), noise=0.0)
+    for scenes, varies in ((0.0, False), (1.0, True)):
+        ds = ClutteredDigits("test", seed=3, spec=ClutterSpec(**{**spec.__dict__, "scenes": scenes}))
+        spreads = []
+        for img, (x0, y0, x1, y1) in zip(ds.images[:50], ds.boxes[:50].tolist()):
+            outside = torch.ones(img.shape[1:], dtype=torch.bool)
+            outside[y0:y1, x0:x1] = False
+            spreads.append(float(img[:, outside].std(dim=1).max()))
+        assert (min(spreads) > 0.03) if varies else (max(spreads) < 0.01)  # faint ink lies outside the box
