@@ -39,11 +39,16 @@ def per_pixel():
         AttentionModule.forward, GlobalGate.forward = saved
 
 
-def peak_rss_mb(path: Path, batch: int, threads: int, runs: int = 3) -> float:
-    """Peak RSS of a fresh process that loads `path` and runs it `runs` times at `batch`."""
+def peak_rss_mb(path: Path, batch: int, threads: int, runs: int = 3, level: str = "ORT_ENABLE_ALL") -> float:
+    """Peak RSS of a fresh process that loads `path` and runs it `runs` times at `batch`.
+
+    `level`: onnxruntime's graph optimization level; ORT_ENABLE_EXTENDED leaves out the blocked (NCHWc)
+    convolution layout, which copies each attended stage back to NCHW for the pooling product.
+    """
     code = (
         "import sys, numpy as np, onnxruntime as ort\n"
         "so = ort.SessionOptions(); so.intra_op_num_threads = int(sys.argv[3])\n"
+        "so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, sys.argv[4])\n"
         "s = ort.InferenceSession(sys.argv[1], so, providers=['CPUExecutionProvider'])\n"
         "shape = [int(sys.argv[2])] + s.get_inputs()[0].shape[1:]\n"
         "x = np.random.rand(*shape).astype(np.float32)\n"
@@ -52,7 +57,10 @@ def peak_rss_mb(path: Path, batch: int, threads: int, runs: int = 3) -> float:
         "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')))\n"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code, str(path), str(batch), str(threads)], capture_output=True, text=True, check=True
+        [sys.executable, "-c", code, str(path), str(batch), str(threads), level],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return int(out.stdout.strip().splitlines()[-1]) / 1024  # VmHWM is in KiB
 
@@ -69,7 +77,11 @@ def measure(batch: int = 8, threads: int = 2) -> dict:
             _export(warn, Path(tmp) / "per_pixel.onnx")
         for name in ("warn", "plain", "per_pixel"):
             results[f"{name}_peak_mb"] = peak_rss_mb(Path(tmp) / f"{name}.onnx", batch, threads)
+        for name in ("warn", "plain"):
+            path = Path(tmp) / f"{name}.onnx"
+            results[f"{name}_unblocked_peak_mb"] = peak_rss_mb(path, batch, threads, level="ORT_ENABLE_EXTENDED")
     results["ratio"] = results["warn_peak_mb"] / results["plain_peak_mb"]
+    results["unblocked_ratio"] = results["warn_unblocked_peak_mb"] / results["plain_unblocked_peak_mb"]
     results["per_pixel_ratio"] = results["per_pixel_peak_mb"] / results["plain_peak_mb"]
     return results
 

@@ -674,7 +674,9 @@ def markdown(m: dict, rows: list[dict], command: str) -> str:
             lines.append(
                 f"| 8 | {r['model']}, batch {r['batch']} | peak RSS, WARN vs backbone (fresh processes) | "
                 f"{f(r['warn_peak_mb'], 0)} vs {f(r['plain_peak_mb'], 0)} MB; before (per-pixel): "
-                f"{f(r['per_pixel_peak_mb'], 0)} MB ({r['per_pixel_ratio']:.1f}x) | {r['ratio']:.2f}x |"
+                f"{f(r['per_pixel_peak_mb'], 0)} MB ({r['per_pixel_ratio']:.1f}x); without the NCHWc layout "
+                f"(ORT_ENABLE_EXTENDED): {f(r['warn_unblocked_peak_mb'], 0)} vs "
+                f"{f(r['plain_unblocked_peak_mb'], 0)} MB ({r['unblocked_ratio']:.2f}x) | {r['ratio']:.2f}x |"
             )
         elif n == 7:
             lines.append(

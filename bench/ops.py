@@ -1,0 +1,78 @@
+"""Where a model's time goes in onnxruntime (CPU): kernel time per node, from onnxruntime's profiler.
+
+    python -m bench.ops                              # the default model and its AD=0 backbone, batch 32
+    python -m bench.ops --model m.onnx --batch 1
+
+Prints each session's kernel time per run and the costliest nodes of the WARN graph, so the attention's
+share (mask convolutions, the NCHW copies of attended stages, the pooling products) can be read off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from export.onnx_export import _export
+from models import checkpoint
+from models.warn import WARN, WARNConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def kernel_ms(path: Path, batch: int, threads: int, runs: int) -> tuple[float, Counter]:
+    """(kernel ms per run, ms per run by (op type, node name))."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.enable_profiling = True
+    with tempfile.TemporaryDirectory() as tmp:
+        so.profile_file_prefix = str(Path(tmp) / "ort")
+        session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        shape = [batch, *session.get_inputs()[0].shape[1:]]
+        x = np.random.default_rng(0).random(shape, dtype=np.float32)
+        for _ in range(3):  # warm-up, profiled too: dropped below by counting only the last `runs`
+            session.run(None, {"image": x})
+        for _ in range(runs):
+            session.run(None, {"image": x})
+        events = json.loads(Path(session.end_profiling()).read_text())
+    nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    per_run = len(nodes) // (runs + 3)
+    by_node: Counter = Counter()
+    for e in nodes[-per_run * runs :]:
+        by_node[(e["args"]["op_name"], e["name"].removesuffix("_kernel_time"))] += e["dur"] / 1e3 / runs
+    return sum(by_node.values()), by_node
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", default=str(ROOT / "default_model/model.pt"))
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--top", type=int, default=15)
+    a = p.parse_args(argv)
+    model, _ = checkpoint.load(a.checkpoint)
+    plain = WARN(WARNConfig(**{**model.config.to_dict(), "attention_depth": 0})).eval()
+    plain.backbone.load_state_dict(model.backbone.state_dict())
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {"warn": Path(tmp) / "warn.onnx", "backbone": Path(tmp) / "plain.onnx"}
+        _export(model.eval(), paths["warn"])
+        _export(plain, paths["backbone"])
+        totals = {}
+        for name, path in paths.items():
+            totals[name], by_node = kernel_ms(path, a.batch, a.threads, a.runs)
+            if name == "warn":
+                top = by_node.most_common(a.top)
+    print(f"kernel time per run at batch {a.batch}: WARN {totals['warn']:.2f} ms, backbone {totals['backbone']:.2f} ms")
+    print(f"backbone / WARN: {totals['backbone'] / totals['warn']:.2f}x")
+    for (op, node), ms in top:
+        print(f"{ms:8.3f} ms {ms / totals['warn']:6.1%}  {op:16s} {node}")
+
+
+if __name__ == "__main__":
+    main()
