@@ -14,13 +14,13 @@ from functools import cache
 
 import imagecodecs
 import numpy as np
+from matplotlib import colormaps
+from PIL import Image
 
 try:  # fpng: a PNG writer built for speed (SIMD deflate, one fixed filter); x86-64 wheels only
     from fpng import fpng_ext
 except ImportError:
     fpng_ext = None
-from matplotlib import colormaps
-from PIL import Image
 
 from service.errors import InvalidRequest
 from service.store import StoredPrediction
@@ -44,7 +44,7 @@ class OverlayParams:
 class Encoding:
     """Encoder settings from the service's Settings: speed over size by default."""
 
-    png_compress_level: int = 1  # 1: fpng where it is installed; 2-9: zlib at that level (smaller, slower)
+    png_compress_level: int = 1  # 1: fpng where it is installed; 0, 2-9: zlib at that level
     quality: int = 85  # WebP and JPEG
 
 
