@@ -90,7 +90,8 @@ docker-requirements: $(PY)
 	rm -rf build/reqvenv && $(PYTHON) -m venv build/reqvenv && build/reqvenv/bin/pip install -q .
 	{ echo "# The service's runtime requirements in the CPU image: 'pip install .' resolved and frozen."; \
 	  echo "# Regenerate with: make docker-requirements. tests/test_docker.py installs this set in a fresh venv."; \
-	  build/reqvenv/bin/pip freeze --exclude warn-serve; } > docker/requirements-cpu.txt
+	  build/reqvenv/bin/pip freeze --exclude warn-serve | \
+	  sed -E "s/^(fpng|lazy-loader)==(.*)/\1==\2; platform_machine == 'x86_64'/"; } > docker/requirements-cpu.txt
 	{ echo "# The GPU image: the CPU set with onnxruntime-gpu in place of onnxruntime (same release)."; \
 	  echo "# onnxruntime-gpu 1.31.1 is built for CUDA 13 and cuDNN 9 (its 'cuda' and 'cudnn' extras ask for cu13 wheels)."; \
 	  sed -n '3,$$p' docker/requirements-cpu.txt | sed 's/^onnxruntime==/onnxruntime-gpu==/'; } > docker/requirements-gpu.txt

@@ -19,8 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def requirements(variant: str) -> dict[str, str]:
     lines = (ROOT / f"docker/requirements-{variant}.txt").read_text().splitlines()
-    pins = [line.split("==") for line in lines if line and not line.startswith("#")]
-    return {name.lower().replace("_", "-"): version for name, version in pins}
+    pins = [Requirement(line) for line in lines if line and not line.startswith("#")]
+    assert all(len(r.specifier) == 1 and next(iter(r.specifier)).operator == "==" for r in pins), "pins only"
+    return {r.name.lower().replace("_", "-"): next(iter(r.specifier)).version for r in pins}
 
 
 def test_hadolint_passes():
