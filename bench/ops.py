@@ -20,7 +20,7 @@ import onnxruntime as ort
 
 from export.onnx_export import _export
 from models import checkpoint
-from models.warn import WARN, WARNConfig
+from models.warn import plain_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,8 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--top", type=int, default=15)
     a = p.parse_args(argv)
     model, _ = checkpoint.load(a.checkpoint)
-    plain = WARN(WARNConfig(**{**model.config.to_dict(), "attention_depth": 0})).eval()
-    plain.backbone.load_state_dict(model.backbone.state_dict())
+    plain = plain_backbone(model)
     with tempfile.TemporaryDirectory() as tmp:
         paths = {"warn": Path(tmp) / "warn.onnx", "backbone": Path(tmp) / "plain.onnx"}
         _export(model.eval(), paths["warn"])

@@ -47,7 +47,7 @@ from bench.memory import per_pixel
 from export.onnx_export import _export, output_names
 from models.checkpoint import load
 from models.profile import count
-from models.warn import WARN, WARNConfig
+from models.warn import WARN, WARNConfig, plain_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CKPT = ROOT / "default_model/model.pt"
@@ -119,8 +119,7 @@ def model_rows(name: str, model: WARN, path: Path, threads: int, seconds: float,
             }
         )
 
-    plain = WARN(WARNConfig(**{**model.config.to_dict(), "attention_depth": 0})).eval()
-    plain.backbone.load_state_dict(model.backbone.state_dict())
+    plain = plain_backbone(model)
     with tempfile.TemporaryDirectory() as tmp:
         _export(plain, Path(tmp) / "plain.onnx")
         with per_pixel():

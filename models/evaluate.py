@@ -171,17 +171,9 @@ def _letterboxed(img: Any, size: tuple[int, int]) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)
 
 
-def sample_photos(size: tuple[int, int]) -> torch.Tensor:
-    """scikit-learn's two sample photos (no digit in them), letterboxed to `size`: (2, 3, H, W)."""
-    from PIL import Image
-    from sklearn.datasets import load_sample_images
-
-    return torch.stack([_letterboxed(Image.fromarray(a), size) for a in load_sample_images().images])
-
-
-def photo_crops(size: tuple[int, int]) -> torch.Tensor:
-    """20 pictures with no digit, made by other hands: scikit-learn's two photos, matplotlib's portrait
-    and gift icon, each whole and as its four quadrants, letterboxed to `size`: (20, 3, H, W)."""
+def _pictures() -> list[Any]:
+    """Pictures with no digit, made by other hands: scikit-learn's two sample photos first, then
+    matplotlib's portrait and gift icon (on white), as RGB PIL images."""
     import matplotlib.cbook
     from PIL import Image
     from sklearn.datasets import load_sample_images
@@ -192,8 +184,18 @@ def photo_crops(size: tuple[int, int]) -> torch.Tensor:
             rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         pictures.append(Image.alpha_composite(white, rgba).convert("RGB"))
+    return pictures
+
+
+def sample_photos(size: tuple[int, int]) -> torch.Tensor:
+    """scikit-learn's two sample photos (no digit in them), letterboxed to `size`: (2, 3, H, W)."""
+    return torch.stack([_letterboxed(img, size) for img in _pictures()[:2]])
+
+
+def photo_crops(size: tuple[int, int]) -> torch.Tensor:
+    """The 4 pictures of `_pictures`, each whole and as its four quadrants, letterboxed to `size`: (20, 3, H, W)."""
     crops = []
-    for img in pictures:
+    for img in _pictures():
         w, h = img.size
         cx, cy = w // 2, h // 2
         boxes = [(0, 0, w, h), (0, 0, cx, cy), (cx, 0, w, cy), (0, cy, cx, h), (cx, cy, w, h)]
@@ -206,10 +208,10 @@ def robustness(model: WARN, seed: int = 0) -> dict[str, Any]:
     """Top-1 and Pointing Game on shifted renderings of the test split, and what the model answers when
     there is no digit at all (clutter-only canvases, real photos)."""
 
-    from models.data import ClutteredDigits, clutter_only
+    from models.data import NONE_CLASS, ClutteredDigits, clutter_only
 
     model.eval()
-    has_none = "none" in model.config.class_names
+    has_none = NONE_CLASS in model.config.class_names
     report: dict[str, Any] = {}
     for name, spec in renderings().items():
         r = evaluate(model, ClutteredDigits("test", seed, spec, none_class=has_none))
@@ -222,7 +224,7 @@ def robustness(model: WARN, seed: int = 0) -> dict[str, Any]:
         p = model(images).probabilities
         answer = {"top_probability_mean": float(p.max(1).values.mean())}
         if has_none:
-            answer["answered_none"] = float((p.argmax(1) == model.config.class_names.index("none")).float().mean())
+            answer["answered_none"] = float((p.argmax(1) == model.config.class_names.index(NONE_CLASS)).float().mean())
         else:  # the model has no way to say so: what it says instead
             labels = [model.config.class_names[i] for i in p.argmax(1).tolist()]
             answer["most_common_answer"] = max(set(labels), key=labels.count)
@@ -253,22 +255,23 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     from models.checkpoint import load, read, save
-    from models.data import build_dataset
+    from models.data import NONE_CLASS, build_dataset
 
     args = parser().parse_args(argv)
     model, meta = load(args.checkpoint)
     train = meta.get("train", {})
+    seed = args.seed if args.seed is not None else train.get("seed", 0)
     ds = build_dataset(
         args.dataset or train.get("dataset", "cluttered-digits"),
         "test",
         root=args.data_root,
-        seed=args.seed if args.seed is not None else train.get("seed", 0),
+        seed=seed,
         input_size=model.config.input_size,
-        none_class="none" in model.config.class_names,
+        none_class=NONE_CLASS in model.config.class_names,
     )
     metrics = evaluate(model, ds, args.batch_size)
     if args.robustness:
-        metrics["robustness"] = robustness(model, args.seed if args.seed is not None else train.get("seed", 0))
+        metrics["robustness"] = robustness(model, seed)
     if args.compare == "gradcam":
         metrics["gradcam_comparison"] = compare_gradcam(model, ds, min(args.batch_size, 32))
     print(json.dumps(metrics, indent=2))

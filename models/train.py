@@ -78,6 +78,11 @@ class TrainConfig:
     out: str = "runs/warn"
     """output folder: last.pt after every epoch (resumed from), model.pt at the end"""
 
+    @property
+    def from_imagenet(self) -> bool:
+        """The backbone starts from ImageNet weights (torchvision's or a file)."""
+        return self.pretrained or self.weights is not None
+
 
 NATIVE_SIZE = {"cluttered-digits": 48, "cifar10": 32, "cifar100": 32}
 MEAN_STD = {
@@ -95,8 +100,10 @@ def lr_at(step: int, total: int, warmup: int, base: float) -> float:
 
 def build_model(cfg: TrainConfig, class_names: list[str]) -> WARN:
     side = NATIVE_SIZE.get(cfg.dataset, cfg.input_size)
-    imagenet = cfg.pretrained or cfg.weights  # ImageNet weights expect ImageNet's normalization
-    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if imagenet else MEAN_STD.get(cfg.dataset, (IMAGENET_MEAN, IMAGENET_STD))
+    # ImageNet weights expect ImageNet's normalization
+    mean, std = (
+        (IMAGENET_MEAN, IMAGENET_STD) if cfg.from_imagenet else MEAN_STD.get(cfg.dataset, (IMAGENET_MEAN, IMAGENET_STD))
+    )
     return WARN(
         WARNConfig(
             **asdict(cfg.arch),
@@ -130,7 +137,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     device = torch.device("cuda" if cuda else "cpu")
     model.to(device, memory_format=torch.channels_last if cuda else torch.preserve_format)
     old, new = backbone_parameters(model)
-    scale = cfg.backbone_lr if cfg.backbone_lr is not None else (0.1 if cfg.pretrained or cfg.weights else 1.0)
+    scale = cfg.backbone_lr if cfg.backbone_lr is not None else (0.1 if cfg.from_imagenet else 1.0)
     groups = [{"params": old, "lr_scale": scale}, {"params": new, "lr_scale": 1.0}]
     opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
     gen = torch.Generator().manual_seed(cfg.seed)

@@ -167,6 +167,13 @@ class WARN(nn.Module):
         return loss
 
 
+def plain_backbone(model: WARN) -> WARN:
+    """The same network with AD=0 (no attention modules), holding a copy of `model`'s backbone weights."""
+    plain = WARN(WARNConfig(**{**model.config.to_dict(), "attention_depth": 0}))
+    plain.backbone.load_state_dict(model.backbone.state_dict())
+    return plain.eval()
+
+
 def gate_spread(gates: torch.Tensor) -> torch.Tensor:
     """Mean squared centred log-gate of (N, G) softmax gates: the centred logits' spread, whatever their shift."""
     log_gates = gates.clamp_min(1e-30).log()
