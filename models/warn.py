@@ -66,6 +66,9 @@ class WARNConfig(Architecture):
             raise ValueError(f"attention_depth must be 0..{stages} ({self.backbone} has {stages} stages)")
         if self.attention_width < 1:
             raise ValueError(f"attention_width must be >= 1, got {self.attention_width}")
+        for name in ("reg_weight", "aux_weight", "gate_decay"):
+            if not getattr(self, name) >= 0:  # NaN included: it would silently poison every step
+                raise ValueError(f"{name} must be a number >= 0, got {getattr(self, name)}")
         self.input_size = tuple(self.input_size)  # type: ignore[assignment]
         self.mean = tuple(self.mean)  # type: ignore[assignment]
         self.std = tuple(self.std)  # type: ignore[assignment]

@@ -80,6 +80,13 @@ def test_aux_weight_adds_each_attended_layers_own_loss(tiny_config):
     assert WARNConfig.from_dict({k: v for k, v in tiny_config.to_dict().items() if k != "aux_weight"}).aux_weight == 0
 
 
+@pytest.mark.parametrize("name", ["reg_weight", "aux_weight", "gate_decay"])
+def test_loss_weights_must_be_non_negative_numbers(tiny_config, name):
+    for bad in (-0.1, float("nan")):
+        with pytest.raises(ValueError, match=name):
+            WARNConfig(**{**tiny_config.to_dict(), name: bad})
+
+
 def test_gate_decay_penalizes_saturated_gates_only_by_their_spread():
     from models.warn import gate_spread
 
