@@ -1,6 +1,7 @@
 """ONNX export: parity with PyTorch, metadata, dynamic batch, atomic writes, Triton repository."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -179,6 +180,31 @@ def test_no_tensor_grows_with_classes_times_pixels_and_batch_64_runs(tmp_path):
         want = model(torch.from_numpy(x))
     np.testing.assert_allclose(out["probabilities"], want.probabilities.numpy(), atol=1e-5)
     np.testing.assert_allclose(out["attention_combined"], want.combined_attention.numpy(), atol=1e-5)
+
+
+def test_each_attention_module_runs_as_soon_as_its_stage_is_done(tmp_path):
+    """Otherwise onnxruntime holds the full-resolution stage until the whole backbone has run (peak memory)."""
+    from export.onnx_export import _export
+
+    torch.manual_seed(0)
+    model = WARN(WARNConfig(depth=10, width=1, num_classes=20, attention_width=4, input_size=(24, 24))).eval()
+    _export(model, tmp_path / "m.onnx")
+    so = ort.SessionOptions()
+    so.enable_profiling, so.profile_file_prefix = True, str(tmp_path / "profile")
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), so, providers=["CPUExecutionProvider"])
+    session.run(None, {"image": np.random.rand(2, 3, 24, 24).astype(np.float32)})
+    events = json.loads(Path(session.end_profiling()).read_text())
+    shapes = [
+        next(iter(e["args"]["output_type_shape"][0].values()))
+        for e in events
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["args"].get("output_type_shape")
+    ]
+    channels, sizes = model.backbone.stage_channels, (24, 12, 6)
+    for stage in range(2):
+        pooled = shapes.index([2, channels[stage], 4 * 9])  # this stage's Z pooled through its 4 masks
+        size = sizes[stage + 1]
+        next_stage = next(i for i, s in enumerate(shapes) if s[1:] == [channels[stage + 1], size, size])
+        assert pooled < next_stage, f"stage {stage}'s attention waits for stage {stage + 1}"
 
 
 def test_maps_are_graph_outputs_equal_to_pytorch(exported):
