@@ -36,16 +36,25 @@ class ClutterSpec:
     inverted: float = 0.0  # share of canvases drawn as dark ink on a light background
     empty: float = 0.0  # canvases holding clutter only, as a share of the digits; their class is "none"
     scenes: float = 0.0  # share of canvases drawn on a scene-like background (smooth colour fields and shapes)
+    blobs: float = 0.0  # share of canvases with 1-2 solid shaded shapes as bright as ink (objects that are not strokes)
     test_fraction: float = 0.2  # of source scans held out
     train_per_scan: int = 8  # canvases drawn from each source scan
     test_per_scan: int = 3
 
 
 # The rendering the robust default model trains on: digits 0.21-0.46 of the canvas, 1-8 fragments,
-# noise 0.02-0.16, a third of canvases inverted, a third on scene-like backgrounds, and three
-# clutter-only canvases per twenty digits.
+# noise 0.02-0.16, a third of canvases inverted, a third on scene-like backgrounds, a quarter with
+# solid shapes as bright as ink, and three clutter-only canvases per twenty digits.
 ROBUST = ClutterSpec(
-    digit_min=10, digit_max=22, fragments=(1, 8), noise=0.16, noise_min=0.02, inverted=0.33, empty=0.15, scenes=0.33
+    digit_min=10,
+    digit_max=22,
+    fragments=(1, 8),
+    noise=0.16,
+    noise_min=0.02,
+    inverted=0.33,
+    empty=0.15,
+    scenes=0.33,
+    blobs=0.25,
 )
 NONE_CLASS = "none"
 
@@ -104,6 +113,21 @@ def _scene(rng: np.random.Generator, c: int) -> np.ndarray:
     return field
 
 
+def _blob(rng: np.random.Generator, c: int) -> tuple[np.ndarray, np.ndarray]:
+    """A solid, shaded shape (disc, ellipse or box) up to half the canvas: its alpha (h, w) and colour (h, w, 3).
+
+    Photos are full of filled objects as bright as ink (a flower, a ball, a face); digits are strokes.
+    Shaded from its centre, darker or lighter, so it is not one flat colour.
+    """
+    h, w = (int(v) for v in rng.integers(8, c // 2 + 1, size=2))
+    yy, xx = np.mgrid[:h, :w]
+    d = np.sqrt(((xx + 0.5) / w * 2 - 1) ** 2 + ((yy + 0.5) / h * 2 - 1) ** 2)  # 0 at the centre, 1 at the rim
+    alpha = np.ones((h, w), np.float32) if rng.random() < 0.3 else np.clip((1 - d) * min(h, w) / 3, 0, 1)
+    shade = 0.6 + 0.4 * (d if rng.random() < 0.5 else 1 - d.clip(0, 1))
+    colour = rng.uniform(0.45, 1.0, size=3).astype(np.float32) * shade[..., None].astype(np.float32)
+    return alpha.astype(np.float32), colour.clip(0, 1)
+
+
 def draw_canvas(
     scan: np.ndarray | None, others: np.ndarray, rng: np.random.Generator, spec: ClutterSpec
 ) -> tuple[np.ndarray, tuple[int, int, int, int]]:
@@ -131,6 +155,16 @@ def draw_canvas(
             if shared <= spec.max_overlap * side * side:
                 stamp(frag, fx, fy, palette[i + 1])
                 break
+    if spec.blobs and rng.random() < spec.blobs:
+        for _ in range(int(rng.integers(1, 3))):
+            alpha, shaded = _blob(rng, c)
+            bh, bw = alpha.shape
+            for _ in range(20):  # like fragments, they may touch the digit but not cover it
+                bx, by = int(rng.integers(0, c - bw + 1)), int(rng.integers(0, c - bh + 1))
+                shared = max(0, min(bx + bw, x + side) - max(bx, x)) * max(0, min(by + bh, y + side) - max(by, y))
+                if scan is None or shared <= spec.max_overlap * side * side:
+                    stamp(alpha, bx, by, shaded)
+                    break
     box = NO_BOX
     if scan is not None:
         digit = _resize(scan, side, side)

@@ -109,3 +109,18 @@ def test_scene_backgrounds_are_not_flat():
             outside[y0:y1, x0:x1] = False
             spreads.append(float(img[:, outside].std(dim=1).max()))
         assert (min(spreads) > 0.03) if varies else (max(spreads) < 0.01)  # faint ink lies outside the box
+
+
+def test_blobs_are_solid_shapes_beside_the_digit():
+    """With no clutter and no noise, whatever differs from the flat background outside the digit's box is
+    a blob: none without them, and with them at least one per canvas, larger than a stroke's width."""
+    spec = ClutterSpec(test_per_scan=1, fragments=(0, 0), noise=0.0)
+    for blobs in (0.0, 1.0):
+        ds = ClutteredDigits("test", seed=3, spec=ClutterSpec(**{**spec.__dict__, "blobs": blobs}))
+        for img, (x0, y0, x1, y1) in zip(ds.images[:50], ds.boxes[:50].tolist()):
+            grey = img.mean(0)
+            outside = torch.ones_like(grey, dtype=torch.bool)
+            outside[y0:y1, x0:x1] = False
+            background = grey[outside].median()
+            marked = int(((grey - background).abs() > 0.1)[outside].sum())
+            assert marked >= 32 if blobs else marked == 0

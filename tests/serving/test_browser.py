@@ -15,6 +15,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
+from models import checkpoint
 from tests.serving.conftest import ROOT, Server
 
 DIGIT = ROOT / "docs" / "digit.png"
@@ -91,7 +92,8 @@ def test_viewer_shows_the_prediction_and_its_maps(browser, server, tmp_path):
     assert len(grid) == 1 + 3 * (1 + 4)  # combined, and each layer mixed and per head
     tabs = d.find_elements(By.CSS_SELECTOR, "#layers button")
     assert [b.get_attribute("data-value") for b in tabs] == ["combined", "0", "1", "2"]
-    assert tabs[1].text == "layer 0 · 98% on target"  # the layer's Pointing Game, from GET /v1/model
+    measured = checkpoint.read(ROOT / "default_model/model.pt")["metrics"]["pointing_game"]["layer_0"]
+    assert tabs[1].text == f"layer 0 · {round(100 * measured)}% on target"  # its Pointing Game, via GET /v1/model
     screenshot(d, "viewer.png", tmp_path)
     # switching layers and heads changes the image
     d.find_element(By.CSS_SELECTOR, '#layers button[data-value="1"]').click()
