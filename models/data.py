@@ -91,6 +91,19 @@ def _place(rng: np.random.Generator, canvas: int, side: int) -> tuple[int, int]:
     return int(rng.integers(0, canvas - side + 1)), int(rng.integers(0, canvas - side + 1))
 
 
+def _beside(
+    rng: np.random.Generator, canvas: int, h: int, w: int, digit: tuple[int, int, int], limit: float
+) -> tuple[int, int] | None:
+    """A place for an h x w stamp that covers at most `limit` pixels of the digit's square (x, y, side),
+    or None after 20 tries: it may touch the digit but not hide it."""
+    x, y, side = digit
+    for _ in range(20):
+        bx, by = int(rng.integers(0, canvas - w + 1)), int(rng.integers(0, canvas - h + 1))
+        if max(0, min(bx + w, x + side) - max(bx, x)) * max(0, min(by + h, y + side) - max(by, y)) <= limit:
+            return bx, by
+    return None
+
+
 def _scene(rng: np.random.Generator, c: int) -> np.ndarray:
     """A (c, c, 3) background that is not flat: a smooth random colour field with a few solid shapes.
 
@@ -148,23 +161,14 @@ def draw_canvas(
     x, y = _place(rng, c, side)
     for i in range(int(rng.integers(spec.fragments[0], spec.fragments[1] + 1))):
         frag = _fragment(others[rng.integers(len(others))], rng, side)
-        # Fragments may touch the digit but not cover it: at most `max_overlap` of its square.
-        for _ in range(20):
-            fx, fy = _place(rng, c, side)
-            shared = max(0, side - abs(fx - x)) * max(0, side - abs(fy - y))
-            if shared <= spec.max_overlap * side * side:
-                stamp(frag, fx, fy, palette[i + 1])
-                break
+        if (at := _beside(rng, c, side, side, (x, y, side), spec.max_overlap * side * side)) is not None:
+            stamp(frag, *at, palette[i + 1])
     if spec.blobs and rng.random() < spec.blobs:
+        limit = spec.max_overlap * side * side if scan is not None else np.inf
         for _ in range(int(rng.integers(1, 3))):
             alpha, shaded = _blob(rng, c)
-            bh, bw = alpha.shape
-            for _ in range(20):  # like fragments, they may touch the digit but not cover it
-                bx, by = int(rng.integers(0, c - bw + 1)), int(rng.integers(0, c - bh + 1))
-                shared = max(0, min(bx + bw, x + side) - max(bx, x)) * max(0, min(by + bh, y + side) - max(by, y))
-                if scan is None or shared <= spec.max_overlap * side * side:
-                    stamp(alpha, bx, by, shaded)
-                    break
+            if (at := _beside(rng, c, *alpha.shape, (x, y, side), limit)) is not None:
+                stamp(alpha, *at, shaded)
     box = NO_BOX
     if scan is not None:
         digit = _resize(scan, side, side)

@@ -150,8 +150,8 @@ class WARN(nn.Module):
         # to the graph last first. Adding the shallowest layer's row last runs each attention module as
         # soon as its stage is done, so the full-resolution stage is not held through the rest of the
         # backbone (peak memory of a 1000-class 112x112 WRN-16-4: 1.39x its backbone's before, 1.26x after).
-        rows = {i: h.unsqueeze(1) for i, h in reversed(list(enumerate([*hyps, net])))}
-        layers = torch.cat([rows[i] for i in range(len(rows))], dim=1)  # (N, L+1, C)
+        rows = [h.unsqueeze(1) for h in reversed([*hyps, net])]
+        layers = torch.cat(rows[::-1], dim=1)  # (N, L+1, C)
         g = self.global_gate(final)  # (N, L+1)
         # The gated sum of log-probabilities is renormalized so exp() is a distribution.
         logp = F.log_softmax((g.unsqueeze(-1) * layers).sum(1), dim=-1)
