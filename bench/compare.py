@@ -4,14 +4,20 @@
 
 Each revision's service runs as that revision ran it (`python -m service` where it has one, else
 one uvicorn process) on this checkout's default model, under the same `wrk` load as `make bench`.
+Both run at once (idle workers do not spin) and take turns under load, `--rounds` turns each, so
+drift in this machine's speed falls on both alike; each figure is the median of its turns.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import subprocess
 import tempfile
+import time
 from pathlib import Path
+
+import numpy as np
 
 from bench.run import DEFAULT_ONNX, ROOT, Uvicorn, bench_images, wrk
 
@@ -19,42 +25,74 @@ from bench.run import DEFAULT_ONNX, ROOT, Uvicorn, bench_images, wrk
 def serve(checkout: Path) -> Uvicorn:
     """The service at `checkout`, as that revision ran it, on this checkout's default model."""
     launcher = (checkout / "service/__main__.py").exists()
-    env = {"PYTHONPATH": str(checkout), "WARN_MODEL_PATH": str(DEFAULT_ONNX)}
+    env = {"PYTHONPATH": str(checkout), "WARN_MODEL_PATH": str(DEFAULT_ONNX), "WARN_GRPC_PORT": "0"}
     return Uvicorn("service.main:app", env, launcher=launcher, cwd=checkout)
+
+
+def paced(url: str, seconds: float, body: Path, ctype: str, gap: float = 0.03) -> dict:
+    """One request at a time with `gap` seconds between them, as a dashboard sends them: the latency of
+    a service that is not saturated (wrk's one connection sends the next request the moment one ends)."""
+    import httpx
+
+    data = body.read_bytes()
+    latencies = []
+    with httpx.Client(timeout=30) as http:
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            started = time.perf_counter()
+            http.post(url, content=data, headers={"content-type": ctype}).raise_for_status()
+            latencies.append(time.perf_counter() - started)
+            time.sleep(gap)
+    p50, p99 = (float(np.percentile(latencies, q)) * 1e3 for q in (50, 99))
+    return {"req_s": len(latencies) / seconds, "p50_ms": p50, "p99_ms": p99}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("base", help="the revision to compare against, e.g. 70ccc02")
     p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--rounds", type=int, default=3, help="turns of each server under each load")
+    p.add_argument(
+        "--connections", default="paced,1,8,32", help="comma-separated load levels; paced: one request every 30 ms"
+    )
     a = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="warn-compare-"))
     images = bench_images(work)
     base = work / "base"
     subprocess.run(["git", "worktree", "add", "-q", "--detach", str(base), a.base], cwd=ROOT, check=True)
-    rows: dict[tuple[str, int], dict[str, dict]] = {}
+    levels = a.connections.split(",")
+    loads = [(name, path, ctype, c) for name, (path, ctype) in images.items() for c in levels]
+    loads.append(("/v1/attention, digit.png", *images["digit.png (640x400 PNG)"], "8"))
+    turns: dict[tuple[str, str], dict[str, list[dict]]] = {}
+    servers: dict[str, Uvicorn] = {}
     try:
-        for label, checkout in (("before", base), ("after", ROOT)):
-            server = serve(checkout)
-            try:
-                for name, (path, ctype) in images.items():
-                    for c in (1, 8, 32):
-                        rows.setdefault((name, c), {})[label] = wrk(
-                            f"{server.url}/v1/predict", c, a.seconds, path, ctype
-                        )
-                path, ctype = images["digit.png (640x400 PNG)"]
-                att = wrk(f"{server.url}/v1/attention?max_size=512", 8, a.seconds, path, ctype)
-                rows.setdefault(("/v1/attention, digit.png", 8), {})[label] = att
-            finally:
-                server.stop()
+        servers["before"] = serve(base)
+        servers["after"] = serve(ROOT)
+        for name, path, ctype, c in loads:
+            route = "/v1/attention?max_size=512" if name.startswith("/v1/attention") else "/v1/predict"
+            for _ in range(a.rounds):
+                for label, server in servers.items():
+                    url = f"{server.url}{route}"
+                    r = paced(url, a.seconds, path, ctype) if c == "paced" else wrk(url, int(c), a.seconds, path, ctype)
+                    turns.setdefault((name, c), {}).setdefault(label, []).append(r)
     finally:
+        for server in servers.values():
+            server.stop()
         subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=ROOT, check=False)
-    print(f"| request | connections | before ({a.base}) req/s, p99 | after req/s, p99 | ratio |")
+    rows = {
+        key: {
+            label: {k: statistics.median(r[k] for r in rs) for k in ("req_s", "p50_ms", "p99_ms")}
+            for label, rs in by.items()
+        }
+        for key, by in turns.items()
+    }
+    print(f"| request | connections | before ({a.base}) req/s, p50, p99 | after req/s, p50, p99 | ratio |")
     print("|---|---|---|---|---|")
     for (name, c), r in rows.items():
         b, n = r["before"], r["after"]
         print(
-            f"| {name} | {c} | {b['req_s']:.1f}, {b['p99_ms']:.0f} ms | {n['req_s']:.1f}, {n['p99_ms']:.0f} ms | "
+            f"| {name} | {c} | {b['req_s']:.1f}, {b['p50_ms']:.1f} ms, {b['p99_ms']:.0f} ms "
+            f"| {n['req_s']:.1f}, {n['p50_ms']:.1f} ms, {n['p99_ms']:.0f} ms | "
             f"{n['req_s'] / b['req_s']:.2f}x |"
         )
 
