@@ -89,6 +89,15 @@ class Settings(BaseSettings):
         512 * 1024 * 1024, ge=1 << 20, description="bytes the disk or memory store may hold; oldest go first"
     )
     STORE_TTL_S: float = Field(3600, gt=0, description="seconds a stored prediction lives")
+    STORE_PENDING_WRITES: int = Field(
+        8,
+        ge=0,
+        description="stores that may finish after their answer, per worker; past it a request waits for "
+        "its own (0: every answer waits)",
+    )
+    STORE_WRITE_WAIT_S: float = Field(
+        2.0, ge=0, description="how long a GET of a just-made id waits for its store to finish, before 404"
+    )
     STORE_IMAGE_MAX_SIZE: int = Field(1024, ge=16, description="longest side of the image kept for overlays")
 
     OVERLAY_ALPHA: float = Field(0.5, ge=0, le=1, description="heatmap opacity over the photo")

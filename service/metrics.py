@@ -50,6 +50,9 @@ class Metrics:
             multiprocess_mode="livesum",
         )
         self.images = Counter("warn_images", "Images classified", registry=r)
+        self.store_failures = Counter(
+            "warn_store_write_failures", "Predictions answered but not stored (their URLs answer 404)", registry=r
+        )
 
     def observe_depth(self, queued: int, admitted: int) -> None:
         self.queue_depth.set(queued)

@@ -7,6 +7,8 @@ tensor), `batcher` and `model` (tensor -> outputs), `response` (outputs -> JSON)
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +27,9 @@ from service.metrics import Metrics
 from service.model import ModelInfo, OnnxModel
 from service.overlay_cache import OverlayCache
 from service.preprocess import Geometry, fit, to_input
-from service.store import DiskStore, MemoryStore, PredictionStore, RedisStore, StoredPrediction
+from service.store import DiskStore, MemoryStore, PredictionStore, RedisStore, StoredPrediction, key_time
+
+log = logging.getLogger("service")
 
 
 @dataclass
@@ -75,6 +79,7 @@ class Runtime:
         )
         # Decodes at once per worker: more only thrash its cores, and each holds a decoded image in memory.
         self.decoders = anyio.CapacityLimiter(settings.decode_threads())
+        self.writes: dict[str, asyncio.Task[None]] = {}  # stores still under way, by prediction id
         self.overlays = OverlayCache(settings.OVERLAY_CACHE_BYTES)
         self.encoding = overlay.Encoding(settings.OVERLAY_PNG_COMPRESSION, settings.OVERLAY_QUALITY)
 
@@ -88,6 +93,7 @@ class Runtime:
 
     async def stop(self) -> None:
         await self.batcher.stop()
+        await asyncio.gather(*self.writes.values(), return_exceptions=True)  # answered ids stay fetchable
         await self.store.close()
 
     def prepare(self, data: bytes, side: int = 0) -> tuple[Image.Image, np.ndarray, Geometry]:
@@ -131,8 +137,38 @@ class Runtime:
         )
 
     async def remember(self, key: str, c: Classified, result: dict[str, Any]) -> None:
-        stored = await run_in_threadpool(self.snapshot, c, result)
-        await self.store.put(key, stored)
+        """Store a prediction for its overlay URLs. The write finishes after the answer is sent, unless
+        `STORE_PENDING_WRITES` are already under way: then this request waits for its own."""
+        write = asyncio.create_task(self._write(key, c, dict(result)))  # the caller adds its timings
+        self.writes[key] = write
+        write.add_done_callback(lambda _: self.writes.pop(key, None))
+        if len(self.writes) > self.settings.STORE_PENDING_WRITES:
+            await asyncio.shield(write)  # a client that gives up does not cancel the write
+
+    async def _write(self, key: str, c: Classified, result: dict[str, Any]) -> None:
+        try:
+            stored = await run_in_threadpool(self.snapshot, c, result)
+            await self.store.put(key, stored)
+        except Exception as e:  # the answer is out; its URLs will answer 404
+            self.metrics.store_failures.inc()
+            log.warning("storing prediction %s failed: %r", key, e)
+
+    async def find(self, key: str) -> StoredPrediction | None:
+        """A stored prediction. An id made in the last `STORE_WRITE_WAIT_S` seconds may still be being
+        written, by this worker or another, so a miss is retried until then."""
+        if (write := self.writes.get(key)) is not None:
+            await asyncio.shield(write)
+        stored = await self.store.get(key)
+        made = key_time(key)
+        if stored is not None or made is None:
+            return stored
+        deadline = min(made + self.settings.STORE_WRITE_WAIT_S, time.time() + self.settings.STORE_WRITE_WAIT_S)
+        pause = 0.002
+        while stored is None and (left := deadline - time.time()) > 0:
+            await asyncio.sleep(min(pause, left))
+            pause = min(pause * 2, 0.1)
+            stored = await self.store.get(key)
+        return stored
 
     def render(self, stored: StoredPrediction, p: overlay.OverlayParams) -> bytes:
         return overlay.draw(stored, p, self.info.input_size, self.encoding)

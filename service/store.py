@@ -12,6 +12,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
+import secrets
 import shutil
 import tempfile
 import threading
@@ -25,6 +27,25 @@ import numpy as np
 from starlette.concurrency import run_in_threadpool
 
 MAGIC = b"WARNSP2\n"  # format 2: raw arrays (format 1 was an npz)
+
+
+UUID7 = re.compile(r"[0-9a-f]{12}7[0-9a-f]{3}[89ab][0-9a-f]{15}")
+
+
+def new_key(now: float | None = None) -> str:
+    """A prediction id: a UUIDv7 (RFC 9562) in hex, its creation time in milliseconds then 74 random bits,
+    so a reader can tell an id whose write may still be under way from one that is gone."""
+    ms = int((time.time() if now is None else now) * 1000) & (1 << 48) - 1
+    rand = secrets.randbits(74)
+    value = ms << 80 | 0x7 << 76 | (rand >> 62) << 64 | 0b10 << 62 | rand & (1 << 62) - 1
+    return f"{value:032x}"
+
+
+def key_time(key: str) -> float | None:
+    """When `new_key` made `key` (seconds since the epoch), or None for anything else."""
+    if not UUID7.fullmatch(key):
+        return None
+    return int(key[:12], 16) / 1000
 
 
 @dataclass

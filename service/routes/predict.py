@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
@@ -15,11 +14,12 @@ from service.deps import IMAGE_BODY, ImageBytes, OverlayDep, RuntimeDep
 from service.overlay import FORMATS
 from service.response import describe
 from service.schemas import Prediction, errors
+from service.store import new_key
 
 router = APIRouter(prefix="/v1", tags=["predict"])
 
 PREDICT_EXAMPLE = {
-    "id": "3f2c0b7e9a1d4c5e8f6a7b8c9d0e1f2a",
+    "id": "019ac1d2e3f47a5b9c6d7e8f9a0b1c2d",
     "model": {"name": "warn-cluttered-digits", "version": "1"},
     "top_k": [{"label": "3", "index": 3, "probability": 0.981}],
     "global_gates": {"attention_0": 0.21, "attention_1": 0.33, "attention_2": 0.31, "backbone": 0.15},
@@ -34,7 +34,7 @@ PREDICT_EXAMPLE = {
         }
     ],
     "image": {"width": 640, "height": 400},
-    "attention_urls": {"combined": "http://localhost:8000/v1/predictions/3f2c.../attention/combined.png"},
+    "attention_urls": {"combined": "http://localhost:8000/v1/predictions/019ac1d2.../attention/combined.png"},
     "timings_ms": {"decode_ms": 1.9, "inference_ms": 6.2, "total_ms": 8.8},
 }
 
@@ -65,7 +65,7 @@ async def predict(
     started = time.perf_counter()
     c = await rt.classify(data, rt.settings.STORE_IMAGE_MAX_SIZE)
     g = c.geometry
-    key = uuid.uuid4().hex
+    key = new_key()
     base = f"{url_base(request)}/v1/predictions/{key}/attention"
     layers = ["combined", *map(str, range(rt.info.attended_layers))]
     result = {

@@ -17,7 +17,7 @@ router = APIRouter(prefix="/v1/predictions", tags=["predictions"])
 
 
 async def lookup(rt: RuntimeDep, prediction_id: str) -> StoredPrediction:
-    stored = await rt.store.get(prediction_id)
+    stored = await rt.find(prediction_id)
     if stored is None:
         raise NotFound(
             f"no prediction {prediction_id!r}: unknown, or expired (predictions are kept {rt.settings.STORE_TTL_S:g} s)"

@@ -99,16 +99,16 @@ def test_attention_in_one_call(client, photo):
 
 def test_unknown_and_expired_predictions(model_path, photo):
     assert_unknown = lambda c, key: c.get(f"/v1/predictions/{key}").status_code == 404  # noqa: E731
-    with make_client(model_path, STORE_TTL_S=0.2, STORE_MAX_ITEMS=2) as c:
+    with make_client(model_path, STORE_TTL_S=0.5, STORE_MAX_ITEMS=2, STORE_WRITE_WAIT_S=0.05) as c:
         assert assert_unknown(c, "nope")
         r = c.get("/v1/predictions/nope/attention/combined.png")
         assert r.status_code == 404 and r.json()["code"] == "not_found"
         ids = [
             c.post("/v1/predict", content=photo, headers={"content-type": "image/png"}).json()["id"] for _ in range(3)
         ]
-        assert assert_unknown(c, ids[0])  # evicted: only 2 are kept
         assert c.get(f"/v1/predictions/{ids[2]}").status_code == 200
-        time.sleep(0.3)
+        assert assert_unknown(c, ids[0])  # evicted: only 2 are kept
+        time.sleep(0.6)
         assert assert_unknown(c, ids[2])  # expired
 
 

@@ -1,0 +1,119 @@
+"""Predictions are stored after their answer is sent, and their URLs still answer at once."""
+
+import threading
+import time
+import uuid
+
+import anyio
+import numpy as np
+from PIL import Image
+
+from service.store import DiskStore, key_time, new_key
+from tests.serving.conftest import make_client, png
+
+IMAGE = png(Image.fromarray(np.random.default_rng(1).integers(0, 255, (60, 90, 3), dtype=np.uint8)))
+PNG = {"content-type": "image/png"}
+
+
+class GatedStore:
+    """A store whose writes wait until the test opens the gate (and then fail, if told to)."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.gate = threading.Event()
+        self.fail = False
+        self.gets = 0
+
+    async def put(self, key, value) -> None:
+        await anyio.to_thread.run_sync(self.gate.wait)
+        if self.fail:
+            raise ConnectionError("the store is down")
+        await self.inner.put(key, value)
+
+    async def get(self, key):
+        self.gets += 1
+        return await self.inner.get(key)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+def gate(client) -> GatedStore:
+    rt = client.app.state.runtime
+    rt.store = GatedStore(rt.store)
+    return rt.store
+
+
+def open_later(store: GatedStore, seconds: float) -> None:
+    threading.Timer(seconds, store.gate.set).start()
+
+
+def test_ids_carry_their_creation_time():
+    now = time.time()
+    key = new_key(now)
+    assert uuid.UUID(key).version == 7 and uuid.UUID(key).hex == key
+    assert abs(key_time(key) - now) < 0.001
+    assert len({new_key(now) for _ in range(1000)}) == 1000  # the random part differs within one millisecond
+    for other in (uuid.uuid4().hex, "nope", key.upper(), key[:-1], key + "0", " " + key[1:]):
+        assert key_time(other) is None
+
+
+def test_the_answer_does_not_wait_for_the_store_and_its_urls_wait_for_the_write(model_path):
+    with make_client(model_path, STORE_WRITE_WAIT_S=10) as c:
+        store = gate(c)
+        open_later(store, 10)  # only if the answer waited for its write, which fails below
+        r = c.post("/v1/predict", content=IMAGE, headers=PNG)
+        assert r.status_code == 200
+        key = r.json()["id"]
+        assert key in c.app.state.runtime.writes, "the answer waited for its store"
+        open_later(store, 0.2)
+        assert c.get(f"/v1/predictions/{key}").json()["top_k"] == r.json()["top_k"]
+        assert c.get(r.json()["attention_urls"]["combined"]).status_code == 200
+        assert not c.app.state.runtime.writes
+
+
+def test_another_worker_waits_for_a_young_id_but_not_for_an_old_one(model_path, tmp_path):
+    shared = {"STORE": "disk", "STORE_DIR": tmp_path, "STORE_WRITE_WAIT_S": 10, "GRPC_PORT": 0}
+    with make_client(model_path, **shared) as a, make_client(model_path, **shared) as b:
+        store = gate(a)
+        key = a.post("/v1/predict", content=IMAGE, headers=PNG).json()["id"]
+        open_later(store, 0.3)
+        assert b.get(f"/v1/predictions/{key}").status_code == 200  # written by `a` while `b` waited
+        reader = gate(b)
+        reader.gate.set()
+        assert b.get(f"/v1/predictions/{new_key(time.time() - 60)}").status_code == 404
+        assert b.get(f"/v1/predictions/{uuid.uuid4().hex}").status_code == 404
+        assert reader.gets == 2, "an id that cannot be under way was looked up more than once"
+
+
+def test_a_failed_store_keeps_the_answer_and_is_counted(model_path):
+    with make_client(model_path, STORE_WRITE_WAIT_S=0.1) as c:
+        store = gate(c)
+        store.fail = True
+        store.gate.set()
+        r = c.post("/v1/predict", content=IMAGE, headers=PNG)
+        assert r.status_code == 200
+        deadline = time.monotonic() + 10
+        while c.app.state.runtime.writes and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert "warn_store_write_failures_total 1.0" in c.get("/metrics").text
+        assert c.get(f"/v1/predictions/{r.json()['id']}").status_code == 404
+
+
+def test_past_the_pending_limit_the_answer_waits_for_its_write(model_path):
+    with make_client(model_path, STORE_PENDING_WRITES=0) as c:
+        store = gate(c)
+        open_later(store, 0.3)
+        key = c.post("/v1/predict", content=IMAGE, headers=PNG).json()["id"]
+        assert key not in c.app.state.runtime.writes
+        assert c.portal.call(store.inner.get, key) is not None
+
+
+def test_shutdown_finishes_the_writes_under_way(model_path, tmp_path):
+    with make_client(model_path, STORE="disk", STORE_DIR=tmp_path, GRPC_PORT=0) as c:
+        store = gate(c)
+        key = c.post("/v1/predict", content=IMAGE, headers=PNG).json()["id"]
+        assert key in c.app.state.runtime.writes
+        open_later(store, 0.3)
+    kept = DiskStore(tmp_path, 10, 60, 64 << 20)
+    assert anyio.run(kept.get, key) is not None
