@@ -93,7 +93,8 @@ class Runtime:
 
     async def stop(self) -> None:
         await self.batcher.stop()
-        await asyncio.gather(*self.writes.values(), return_exceptions=True)  # answered ids stay fetchable
+        if self.writes:  # answered ids stay fetchable, unless the store hangs
+            await asyncio.wait(list(self.writes.values()), timeout=self.settings.SHUTDOWN_TIMEOUT_S)
         await self.store.close()
 
     def prepare(self, data: bytes, side: int = 0) -> tuple[Image.Image, np.ndarray, Geometry]:
@@ -160,9 +161,9 @@ class Runtime:
             await asyncio.shield(write)
         stored = await self.store.get(key)
         made = key_time(key)
-        if stored is not None or made is None:
+        if stored is not None or made is None or made > time.time() + 1:  # 1 s: clock skew between hosts
             return stored
-        deadline = min(made + self.settings.STORE_WRITE_WAIT_S, time.time() + self.settings.STORE_WRITE_WAIT_S)
+        deadline = made + self.settings.STORE_WRITE_WAIT_S
         pause = 0.002
         while stored is None and (left := deadline - time.time()) > 0:
             await asyncio.sleep(min(pause, left))
