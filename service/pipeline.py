@@ -159,6 +159,7 @@ class Runtime:
         written, by this worker or another, so a miss is retried until then."""
         if (write := self.writes.get(key)) is not None:
             await asyncio.shield(write)
+            return await self.store.get(key)  # written, or failed: nothing left to wait for
         stored = await self.store.get(key)
         made = key_time(key)
         if stored is not None or made is None or made > time.time() + 1:  # 1 s: clock skew between hosts
