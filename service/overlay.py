@@ -2,8 +2,8 @@
 
 The maps themselves come from the model's graph (`attention_map_<i>`, `attention_combined`, and the
 raw per-head masks `attention_<i>`), on the attended layer's grid. Here a map is only upsampled to
-the model input (bilinear), cropped to the box that holds the image, scaled to the output size,
-normalized to [0, 1], coloured, alpha-blended over the photo and encoded.
+the model input (bilinear), cropped to the box that holds the image, normalized to 8-bit levels,
+scaled to the output size, coloured, alpha-blended over the photo and encoded.
 """
 
 from __future__ import annotations
@@ -52,14 +52,31 @@ def _resize(a: np.ndarray, width: int, height: int) -> np.ndarray:
     return np.asarray(Image.fromarray(a.astype(np.float32), "F").resize((width, height), Image.BILINEAR))
 
 
+def levels(m: np.ndarray) -> np.ndarray:
+    """A map as 8-bit levels from its own minimum (0) to its maximum (255); a flat map is all 0."""
+    lo, hi = float(m.min()), float(m.max())
+    if hi <= lo:
+        return np.zeros(m.shape, np.uint8)
+    return ((m - lo) * (255.0 / (hi - lo)) + 0.5).astype(np.uint8)
+
+
 def to_image_grid(
     grid_map: np.ndarray, input_size: tuple[int, int], content: tuple[int, int, int, int], width: int, height: int
-) -> np.ndarray:
-    """A map on a layer's grid (h, w), upsampled to the model input (H, W), cropped to the image's box
-    and scaled to `width` x `height`."""
+) -> Image.Image:
+    """A map on a layer's grid (h, w), upsampled to the model input (H, W), cropped to the image's box,
+    as 8-bit levels scaled to `width` x `height` (an "L" image).
+
+    The last scaling is done on bytes, several times faster than on floats at 512x512, and stretched
+    back to the full range when scaling narrowed it (shrinking averages peaks away): no pixel ends more
+    than 4 of 255 levels from normalizing the scaled floats (2.2 when enlarging, as overlays mostly do).
+    """
     x0, y0, x1, y1 = content
     on_input = _resize(grid_map, input_size[1], input_size[0])
-    return _resize(on_input[y0:y1, x0:x1], width, height)
+    heat = Image.fromarray(levels(on_input[y0:y1, x0:x1]), "L").resize((width, height), Image.BILINEAR)
+    lo, hi = heat.getextrema()
+    if 0 < hi - lo < 255:
+        heat = heat.point([min(255, max(0, round((v - lo) * 255 / (hi - lo)))) for v in range(256)])
+    return heat
 
 
 def output_size(width: int, height: int, max_size: int | None) -> tuple[int, int]:
@@ -74,14 +91,12 @@ def _palette(name: str) -> bytes:
     return (colormaps[name](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8).tobytes()  # 256 RGB triples
 
 
-def colorize(m: np.ndarray, colormap: str) -> Image.Image:
-    """A map, normalized to its own min and max, as a palette image in the colormap's colours."""
+def colorize(heat: Image.Image, colormap: str) -> Image.Image:
+    """8-bit levels ("L") as a palette image in the colormap's colours."""
     if colormap not in COLORMAPS:
         raise InvalidRequest(f"colormap must be one of {', '.join(COLORMAPS)}, got {colormap!r}")
-    lo, hi = float(m.min()), float(m.max())
-    scaled = (m - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(m)
-    img = Image.fromarray(scaled.astype(np.uint8), "L")
-    img.putpalette(_palette(colormap))  # turns the grey levels into palette indices
+    img = heat.copy()
+    img.putpalette(_palette(colormap))  # turns the levels into palette indices
     return img
 
 
@@ -106,21 +121,22 @@ def encode(img: Image.Image, fmt: str = "png", encoding: Encoding = Encoding()) 
 
 
 def render(
-    m: np.ndarray,
+    heat: Image.Image,
     photo: Image.Image | None,
     colormap: str,
     alpha: float,
     fmt: str = "png",
     encoding: Encoding = Encoding(),
 ) -> bytes:
-    """Encoded bytes of the coloured map, blended over `photo` (same size) unless it is None.
+    """Encoded bytes of the coloured map (`to_image_grid`'s levels), blended over `photo` (same size)
+    unless it is None.
 
     A bare heatmap stays a palette PNG (a byte per pixel), which encodes about 5x faster than RGB.
     """
-    heat = colorize(m, colormap)
+    coloured = colorize(heat, colormap)
     if photo is not None:
-        heat = Image.blend(photo, heat.convert("RGB"), alpha)
-    return encode(heat, fmt, encoding)
+        coloured = Image.blend(photo, coloured.convert("RGB"), alpha)
+    return encode(coloured, fmt, encoding)
 
 
 def layer_grid(stored: StoredPrediction, layer: str, head: int | None) -> np.ndarray:

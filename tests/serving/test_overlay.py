@@ -14,12 +14,12 @@ from service.store import MemoryStore
 def test_maps_are_upsampled_cropped_and_scaled():
     grid = np.zeros((4, 4), np.float32)
     grid[3, 0] = 1  # bottom-left cell of a layer's grid
-    heat = overlay.to_image_grid(grid, (16, 16), (0, 0, 16, 16), 32, 32)
+    heat = np.asarray(overlay.to_image_grid(grid, (16, 16), (0, 0, 16, 16), 32, 32))
     y, x = np.unravel_index(heat.argmax(), heat.shape)
     assert heat.shape == (32, 32) and x < 8 and y >= 24
     # letterboxed: the image fills rows 4..12 of the input, so that box is what is scaled to the image
     band = overlay.to_image_grid(grid, (16, 16), (0, 4, 16, 12), 64, 32)
-    assert band.shape == (32, 64)
+    assert band.size == (64, 32)
 
 
 def test_letterbox_geometry_maps_back_to_the_image():
@@ -28,7 +28,7 @@ def test_letterbox_geometry_maps_back_to_the_image():
     x, geo = to_input(img, (48, 48), "letterbox")
     assert geo.content == letterbox_box(640, 400, (48, 48), "letterbox") == (0, 9, 48, 39)
     grid = x.mean(0)  # use the input itself as the "attention map"
-    back = overlay.to_image_grid(grid, (48, 48), geo.content, 640, 400)
+    back = np.asarray(overlay.to_image_grid(grid, (48, 48), geo.content, 640, 400))
     y, xx = np.unravel_index(back.argmax(), back.shape)
     assert 490 <= xx <= 550 and 290 <= y <= 350
     _, stretched = to_input(img, (48, 48), "stretch")
@@ -36,14 +36,34 @@ def test_letterbox_geometry_maps_back_to_the_image():
 
 
 def test_render_png_and_colormaps():
-    m = np.linspace(0, 1, 200 * 100, dtype=np.float32).reshape(100, 200)
+    m = Image.fromarray(np.linspace(0, 255, 200 * 100).reshape(100, 200).astype(np.uint8), "L")
     photo = Image.new("RGB", (200, 100), (255, 0, 0))
     a = Image.open(io.BytesIO(overlay.render(m, photo, "viridis", 0.5)))
     b = Image.open(io.BytesIO(overlay.render(m, None, "jet", 0.5)))
     assert a.size == b.size == (200, 100) and a.format == "PNG"
     assert overlay.output_size(640, 400, 320) == (320, 200) and overlay.output_size(10, 10, 320) == (10, 10)
-    flat = np.asarray(overlay.colorize(np.zeros((3, 3), np.float32), "turbo").convert("RGB"))
+    flat = np.asarray(overlay.colorize(Image.fromarray(overlay.levels(np.ones((3, 3)))), "turbo").convert("RGB"))
     assert (flat == flat[0, 0]).all()
+
+
+def test_scaling_levels_matches_scaling_the_map_itself():
+    """The overlay scales 8-bit levels, not floats: within 4 of 255 levels of normalizing after scaling."""
+    rng = np.random.default_rng(0)
+    peaked = np.zeros((12, 12), np.float32)
+    peaked[3, 8] = 1
+    for grid in (rng.random((12, 12), dtype=np.float32), rng.random((48, 48), dtype=np.float32) ** 4, peaked):
+        for content, (w, h) in (
+            ((0, 0, 48, 48), (512, 512)),
+            ((0, 9, 48, 39), (640, 400)),
+            ((0, 0, 48, 48), (20, 20)),
+            ((0, 0, 48, 48), (16, 16)),
+        ):
+            x0, y0, x1, y1 = content
+            floats = overlay._resize(overlay._resize(grid, 48, 48)[y0:y1, x0:x1], w, h)
+            lo, hi = floats.min(), floats.max()
+            reference = (floats - lo) / (hi - lo) * 255
+            got = np.asarray(overlay.to_image_grid(grid, (48, 48), content, w, h)).astype(np.float64)
+            assert got.shape == (h, w) and np.abs(got - reference).max() <= 4
 
 
 def test_every_png_level_writes_the_same_pixels():
