@@ -75,7 +75,7 @@ def to_image_grid(
     heat = Image.fromarray(levels(on_input[y0:y1, x0:x1]), "L").resize((width, height), Image.BILINEAR)
     lo, hi = heat.getextrema()
     if 0 < hi - lo < 255:
-        heat = heat.point([min(255, max(0, round((v - lo) * 255 / (hi - lo)))) for v in range(256)])
+        heat = heat.point(levels(np.clip(np.arange(256), lo, hi)).tolist())  # lo..hi to 0..255
     return heat
 
 
