@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.run import DEFAULT_ONNX, ROOT, Uvicorn, bench_images, wrk
+from bench.run import DEFAULT_ONNX, wrk
+from bench.server import ROOT, Uvicorn, bench_images
 
 
 def serve(checkout: Path) -> Uvicorn:

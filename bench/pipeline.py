@@ -14,13 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
+from service.config import Settings
 from service.decode import Need, decode
 from service.model import OnnxModel
 from service.preprocess import fit, to_input
 
 
 def _loop(model_path: str, data: bytes, longest: int, threads: int, seconds: float, providers: str, out) -> None:
-    model = OnnxModel(Path(model_path), providers, threads)
+    model = OnnxModel(Path(model_path), providers, threads, Settings().cuda_options())  # as the service runs it
     size = model.info.input_size
     need = Need(max(longest // 2 + 1, *size))  # as the service decodes for /v1/predict
 

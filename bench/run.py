@@ -34,7 +34,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -44,25 +43,14 @@ import torch
 from bench import protocols
 from bench.memory import measure as memory_row
 from bench.memory import per_pixel
+from bench.server import ROOT, Uvicorn, bench_images, rate
 from export.onnx_export import _export, output_names
 from models.checkpoint import load
 from models.profile import count
 from models.warn import WARN, WARNConfig, plain_backbone
 
-ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CKPT = ROOT / "default_model/model.pt"
 DEFAULT_ONNX = ROOT / "default_model/model.onnx"
-
-
-def rate(fn: Callable[[], object], items: int, seconds: float) -> float:
-    """Items per second of `fn` (which handles `items` per call), after a warm-up, over at least `seconds`."""
-    for _ in range(3):
-        fn()
-    calls, started = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - started) < seconds:
-        fn()
-        calls += 1
-    return calls * items / elapsed
 
 
 def ort_session(path: Path, threads: int, providers: list[str] | None = None) -> ort.InferenceSession:
@@ -165,67 +153,6 @@ def model_rows(name: str, model: WARN, path: Path, threads: int, seconds: float,
         }
     )
     return rows
-
-
-class Uvicorn:
-    """A server process on a free loopback port; `cpu_seconds` is its user+system time so far."""
-
-    @staticmethod
-    def free_port() -> int:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
-
-    def __init__(self, app: str, env: dict[str, str], launcher: bool = False, cwd: Path = ROOT) -> None:
-        """`launcher`: `python -m service`, as `make serve` runs it (workers and all); else uvicorn on `app`.
-        `cwd`: the checkout to run (another revision's, for bench.compare)."""
-        self.port = self.free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                *(["service"] if launcher else ["uvicorn", app]),
-                "--port",
-                str(self.port),
-                "--log-level",
-                "warning",
-                "--no-access-log",
-            ],
-            cwd=cwd,
-            env={**os.environ, **env},
-        )
-        import httpx
-
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                httpx.get(self.url + "/docs", timeout=1)
-                return
-            except httpx.TransportError:
-                time.sleep(0.2)
-        raise TimeoutError(app)
-
-    def cpu_seconds(self) -> float:
-        """User+system seconds of the server and its worker processes."""
-        pids = [self.proc.pid]
-        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
-        if children.exists():
-            pids += [int(p) for p in children.read_text().split()]
-        total = 0.0
-        for pid in pids:
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except FileNotFoundError:
-                continue
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        return total
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(20)
 
 
 def parse_ms(text: str) -> float:
@@ -353,24 +280,6 @@ def kserve_rows(
             "p99_ratio": ours["p99_ms"] / peer["p99_ms"],
         }
     ]
-
-
-def bench_images(work: Path) -> dict[str, tuple[Path, str]]:
-    """The three inputs of the service rows: the README's PNG, a real photo, and a 12-megapixel JPEG."""
-    from importlib.resources import files
-
-    from PIL import Image
-
-    china = (files("sklearn.datasets") / "images" / "china.jpg").read_bytes()  # a 640x427 photo
-    (work / "digit.png").write_bytes((ROOT / "docs/digit.png").read_bytes())
-    (work / "photo.jpg").write_bytes(china)
-    big = Image.open(io.BytesIO(china)).convert("RGB").resize((4000, 3000), Image.BICUBIC)
-    big.save(work / "big.jpg", quality=90)
-    return {
-        "digit.png (640x400 PNG)": (work / "digit.png", "image/png"),
-        "photo (640x427 JPEG)": (work / "photo.jpg", "image/jpeg"),
-        "4000x3000 JPEG": (work / "big.jpg", "image/jpeg"),
-    }
 
 
 def decode_rows(images: dict[str, tuple[Path, str]], seconds: float) -> list[dict]:

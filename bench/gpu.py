@@ -1,0 +1,402 @@
+"""The bench on a GPU host: onnxruntime's CUDA provider, the fine-grained model at large batches, the service.
+
+    python -m bench.gpu [--seconds 4] [--skip G4,G5] [--variant LABEL:WARN_X=1] [--out bench/results-gpu]
+
+Needs onnxruntime-gpu. Load comes from bench.load (aiohttp): GPU images rarely have wrk. Rows:
+  G1 raw session.run on CUDA, default model, batch 1, 32 and 512 (the service's CUDA settings: TF32 off)
+  G2 CUDA vs CPU parity, largest |difference| of a probability, TF32 off and on
+  G3 WRN-16-4 (AD=3, AW=4), 224x224, 200 classes: img/s and GPU memory per batch size, vs its AD=0
+     backbone; each batch size in a fresh process (onnxruntime keeps its arena at its peak)
+  G4 decode + letterbox + session.run without HTTP, one process per core (bench/pipeline.py)
+  G5 the service as `make serve` runs it (one worker per core), /v1/predict for the three images of
+     `make bench`, with the load's own CPU and the GPU's busy share while it ran
+  G6 /v1/attention (512x512 PNG overlay) vs /v1/predict at the same load
+  G7 (with --variant) the photo at 64 connections under other settings
+The fine-grained model is exported with random weights unless --fine and --fine-backbone name files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from bench import load
+from bench.server import ROOT, Uvicorn, bench_images, rate
+
+DEFAULT_ONNX = ROOT / "default_model/model.onnx"
+CUDA = "CUDAExecutionProvider"
+
+
+def cuda_session(path: Path, tf32: bool = False) -> ort.InferenceSession:
+    from service.config import Settings
+
+    options = {**Settings().cuda_options(), "use_tf32": int(tf32)}
+    return ort.InferenceSession(str(path), providers=[(CUDA, options), "CPUExecutionProvider"])
+
+
+def cpu_session(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def smi(*args: str) -> str:
+    """nvidia-smi's output ('' where it is missing)."""
+    if not shutil.which("nvidia-smi"):
+        return ""
+    return subprocess.run(["nvidia-smi", *args], capture_output=True, text=True).stdout.strip()
+
+
+def gpu_memory_mb(pid: int) -> float | None:
+    """GPU memory held by process `pid`, from nvidia-smi (None where it does not list it)."""
+    for line in smi("--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits").splitlines():
+        p, _, mb = line.partition(",")
+        if p.strip() == str(pid):
+            return float(mb)
+    return None
+
+
+class GpuBusy:
+    """Samples the GPU's utilization (nvidia-smi, every 100 ms) while a `with` block runs."""
+
+    def __enter__(self) -> GpuBusy:
+        self.samples: list[float] = []
+        if not shutil.which("nvidia-smi"):
+            self.proc = None
+            return self
+        self.proc = subprocess.Popen(
+            ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "100"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        return self
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            try:
+                self.samples.append(float(line))
+            except ValueError:
+                pass
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        self.proc.wait(5)
+        self.reader.join(5)
+
+    @property
+    def mean(self) -> float | None:
+        return float(np.mean(self.samples)) if self.samples else None
+
+
+def raw_rows(seconds: float) -> list[dict]:
+    session = cuda_session(DEFAULT_ONNX)
+    size = session.get_inputs()[0].shape[2:]
+    x = np.random.default_rng(0).random((512, 3, *size), dtype=np.float32)
+    rows = []
+    for batch in (1, 32, 512):
+        rows.append(
+            {
+                "row": "G1",
+                "batch": batch,
+                "img_s": rate(lambda b=batch: session.run(None, {"image": x[:b]}), batch, seconds),
+                "provider": session.get_providers()[0],
+            }
+        )
+    return rows
+
+
+def parity(path: Path, batch: int, size: tuple[int, int]) -> dict:
+    x = np.random.default_rng(1).random((batch, 3, *size), dtype=np.float32)
+    want = cpu_session(path).run(["probabilities"], {"image": x})[0]
+    out = {}
+    for tf32 in (False, True):
+        got = cuda_session(path, tf32).run(["probabilities"], {"image": x})[0]
+        out["tf32_on" if tf32 else "tf32_off"] = float(np.abs(got - want).max())
+    return out
+
+
+def probe(path: str, batch: int, seconds: float, tf32: bool) -> None:
+    """In a fresh process: img/s at `batch`, and the GPU memory this process then holds."""
+    session = cuda_session(Path(path), tf32)
+    size = session.get_inputs()[0].shape[2:]
+    x = np.random.default_rng(0).random((batch, 3, *size), dtype=np.float32)
+    img_s = rate(lambda: session.run(None, {"image": x}), batch, seconds)
+    print(json.dumps({"img_s": img_s, "gpu_mb": gpu_memory_mb(os.getpid()), "provider": session.get_providers()[0]}))
+
+
+def fine_rows(warn: Path, plain: Path, seconds: float) -> list[dict]:
+    def fresh(path: Path, batch: int, tf32: bool = False) -> dict:
+        args = [sys.executable, "-m", "bench.gpu", "--probe", str(path), str(batch), str(seconds)]
+        done = subprocess.run(args + (["--tf32"] if tf32 else []), capture_output=True, text=True, cwd=ROOT)
+        if done.returncode:
+            return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    rows = []
+    for batch in (1, 64, 256):
+        w = fresh(warn, batch)
+        row = {"row": "G3", "batch": batch, "warn": w}
+        if batch == 256:
+            row["backbone"] = fresh(plain, batch)
+            row["warn_tf32"] = fresh(warn, batch, tf32=True)
+        rows.append(row)
+    size = tuple(cpu_session(warn).get_inputs()[0].shape[2:])
+    rows.append({"row": "G2", "model": "WRN-16-4 224x224, 200 classes (random)", "batch": 4, **parity(warn, 4, size)})
+    return rows
+
+
+def pipeline_rows(images: dict, seconds: float) -> dict:
+    from bench import pipeline
+    from service.config import Settings
+
+    return {
+        label: pipeline.measure(DEFAULT_ONNX, path.read_bytes(), seconds, Settings().STORE_IMAGE_MAX_SIZE, CUDA)
+        for label, (path, _) in images.items()
+    }
+
+
+def serve(**env: str) -> Uvicorn:
+    """The service as `make serve` runs it, every worker warmed up (CUDA loads its kernels on first use)."""
+    server = Uvicorn("service", {"WARN_MODEL_PATH": str(DEFAULT_ONNX), "WARN_GRPC_PORT": "0", **env}, launcher=True)
+    load.measure(server.url + "/v1/predict", (ROOT / "docs/digit.png").read_bytes(), "image/png", 64, 2)
+    return server
+
+
+def service_rows(images: dict, seconds: float, ceilings: dict) -> list[dict]:
+    rows = []
+    server = serve()
+    try:
+        plan = [("photo (640x427 JPEG)", c) for c in (1, 16, 64)]
+        plan += [("digit.png (640x400 PNG)", c) for c in (1, 64)] + [("4000x3000 JPEG", c) for c in (1, 64)]
+        for label, c in plan:
+            path, ctype = images[label]
+            r = predict_load(server, path, ctype, c, seconds)
+            ceiling = ceilings.get(label, {})
+            rows.append(
+                {
+                    "row": "G5",
+                    "image": label,
+                    **r,
+                    "pipeline_img_s": ceiling.get("img_s"),
+                    "pipeline_p50_ms": ceiling.get("single_p50_ms"),
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
+        path, ctype = images["digit.png (640x400 PNG)"]
+        att = load.measure(server.url + "/v1/attention?max_size=512", path.read_bytes(), ctype, 16, seconds)
+        pred = load.measure(server.url + "/v1/predict", path.read_bytes(), ctype, 16, seconds)
+        rows.append({"row": "G6", **att, "predict_req_s": pred["req_s"], "ratio": att["req_s"] / pred["req_s"]})
+    finally:
+        server.stop()
+    return rows
+
+
+def predict_load(server: Uvicorn, path: Path, ctype: str, connections: int, seconds: float) -> dict:
+    """bench.load on /v1/predict, with the server's CPU (in cores, each worker's too) and the GPU's busy share."""
+    before, t0 = server.cpu_by_process(), time.perf_counter()
+    with GpuBusy() as busy:
+        r = load.measure(server.url + "/v1/predict", path.read_bytes(), ctype, connections, seconds)
+    wall = time.perf_counter() - t0  # spawning the load included: the cores are a little understated
+    after = server.cpu_by_process()
+    cores = {pid: (after[pid] - before.get(pid, 0.0)) / wall for pid in after}
+    return {
+        **r,
+        "server_cpu": sum(cores.values()),
+        "worker_cores": sorted((round(cores[pid], 2) for pid in server.workers()), reverse=True),
+        "gpu_busy": busy.mean,
+    }
+
+
+def variant_rows(images: dict, seconds: float, label: str, env: dict[str, str]) -> list[dict]:
+    server = serve(**env)
+    try:
+        path, ctype = images["photo (640x427 JPEG)"]
+        r = predict_load(server, path, ctype, 64, seconds)
+    finally:
+        server.stop()
+    return [{"row": "G7", "variant": label, **r}]
+
+
+def machine() -> dict:
+    gpu = smi("--query-gpu=name,driver_version", "--format=csv,noheader")
+    cpu = next(
+        (ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in ln),
+        "",
+    )
+    return {
+        "date": dt.date.today().isoformat(),
+        "gpu": gpu,
+        "cores": os.cpu_count(),
+        "cpu": cpu,
+        "onnxruntime": ort.__version__,
+        "providers": ort.get_available_providers(),
+    }
+
+
+def f(v: float | None, digits: int = 1) -> str:
+    return "n/a" if v is None else f"{v:,.{digits}f}"
+
+
+def markdown(m: dict, rows: list[dict]) -> str:
+    lines = [
+        f"Measured {m['date']} on {m['gpu']}, {m['cores']} cores ({m['cpu']}); onnxruntime {m['onnxruntime']}. "
+        "Command: `python -m bench.gpu`.",
+        "",
+        "| # | what | figures |",
+        "|---|---|---|",
+    ]
+    for r in rows:
+        n = r["row"]
+        cores = r.get("worker_cores")
+        spread = f" (workers {min(cores):.2f}-{max(cores):.2f})" if cores else ""
+        if "error" in r:
+            lines.append(f"| {n} | {r.get('what', '')} | failed: {r['error']} |")
+        elif n == "G1":
+            lines.append(
+                f"| G1 | session.run, default model, batch {r['batch']} | {f(r['img_s'])} img/s on {r['provider']} |"
+            )
+        elif n == "G2":
+            lines.append(
+                f"| G2 | CUDA vs CPU, {r['model']}, batch {r['batch']}: largest probability difference | "
+                f"TF32 off {r['tf32_off']:.1e}, TF32 on {r['tf32_on']:.1e} |"
+            )
+        elif n == "G3":
+
+            def one(x: dict) -> str:
+                return x.get("error") or f"{f(x['img_s'])} img/s, {f(x['gpu_mb'], 0)} MB GPU ({x['provider']})"
+
+            text = f"WARN {one(r['warn'])}"
+            if "backbone" in r:
+                text += f"; AD=0 backbone {one(r['backbone'])}; WARN with TF32 {one(r['warn_tf32'])}"
+                if "img_s" in r["warn"] and "img_s" in r["backbone"]:
+                    text += f"; WARN vs backbone {r['warn']['img_s'] / r['backbone']['img_s']:.2f}x"
+            lines.append(f"| G3 | WRN-16-4 AD=3 AW=4, 224x224, 200 classes, batch {r['batch']} | {text} |")
+        elif n == "G4":
+            lines.append(
+                f"| G4 | pipeline without HTTP, {r['image']}, {r['processes']} processes | "
+                f"{f(r['img_s'])} img/s; one image alone p50 {f(r['single_p50_ms'], 2)} ms |"
+            )
+        elif n == "G5":
+            vs = f" ({r['req_s'] / r['pipeline_img_s']:.2f}x the pipeline)" if r.get("pipeline_img_s") else ""
+            failed = f"{r['non_2xx']} {r['codes']}" if r["non_2xx"] else "0"
+            lines.append(
+                f"| G5 | /v1/predict, {r['image']}, {r['connections']} conn | {f(r['req_s'])} req/s{vs}; p50 "
+                f"{f(r['p50_ms'], 2)} ms, p99 {f(r['p99_ms'], 2)} ms; not 2xx {failed}; GPU busy "
+                f"{f(r['gpu_busy'], 0)}%; server CPU {r['server_cpu']:.1f} cores{spread}, "
+                f"load {r['client_cpu']:.1f} cores |"
+            )
+        elif n == "G7":
+            lines.append(
+                f"| G7 | /v1/predict, photo (640x427 JPEG), 64 conn, {r['variant']} | {f(r['req_s'])} req/s; p50 "
+                f"{f(r['p50_ms'], 2)} ms, p99 {f(r['p99_ms'], 2)} ms; not 2xx {r['non_2xx']}; GPU busy "
+                f"{f(r['gpu_busy'], 0)}%; server CPU {r['server_cpu']:.1f} cores{spread}, "
+                f"load {r['client_cpu']:.1f} cores |"
+            )
+        elif n == "G6":
+            lines.append(
+                f"| G6 | /v1/attention?max_size=512 (PNG), digit.png, 16 conn | {f(r['req_s'])} req/s vs "
+                f"/v1/predict {f(r['predict_req_s'])} ({r['ratio']:.2f}x); p99 {f(r['p99_ms'], 2)} ms |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def variant(text: str) -> tuple[str, dict[str, str]]:
+    label, _, settings = text.partition(":")
+    return label, dict(kv.split("=", 1) for kv in settings.split(",") if kv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--skip", default="", help="sections not to run, comma-separated (e.g. G4,G5; G5 includes G6)")
+    p.add_argument("--seconds", type=float, default=4.0)
+    p.add_argument("--fine", help="the fine-grained WARN model (default: exported here, random weights)")
+    p.add_argument("--fine-backbone", help="its AD=0 backbone")
+    p.add_argument("--out", default=str(ROOT / "bench/results-gpu"))
+    p.add_argument(
+        "--variant",
+        action="append",
+        type=variant,
+        default=[],
+        metavar="LABEL:K=V,K=V",
+        help="also serve the photo at 64 connections with these settings (repeatable)",
+    )
+    p.add_argument("--probe", nargs=3, metavar=("MODEL", "BATCH", "SECONDS"), help=argparse.SUPPRESS)
+    p.add_argument("--tf32", action="store_true", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.probe:
+        return probe(a.probe[0], int(a.probe[1]), float(a.probe[2]), a.tf32)
+    if CUDA not in ort.get_available_providers():
+        sys.exit("bench.gpu: this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
+    m = machine()
+    rows: list[dict] = []
+
+    skip = set(a.skip.split(","))
+
+    def section(what: str, fn) -> None:
+        if what in skip:
+            return
+        started = time.perf_counter()
+        try:
+            rows.extend(fn())
+        except Exception as e:  # one failed section must not lose the others' figures
+            traceback.print_exc()
+            rows.append({"row": what, "what": what, "error": f"{type(e).__name__}: {e}"})
+        print(f"{what}: {time.perf_counter() - started:.0f} s", flush=True)
+        Path(a.out + ".md").write_text(markdown(m, rows))
+        Path(a.out + ".json").write_text(json.dumps({"machine": m, "rows": rows}, indent=2))
+
+    section("G1", lambda: raw_rows(a.seconds))
+    size = tuple(cpu_session(DEFAULT_ONNX).get_inputs()[0].shape[2:])
+    section("G2", lambda: [{"row": "G2", "model": "default", "batch": 64, **parity(DEFAULT_ONNX, 64, size)}])
+    if "G3" not in skip:
+        with tempfile.TemporaryDirectory() as tmp:
+            warn, plain = (Path(a.fine), Path(a.fine_backbone)) if a.fine else export_fine(Path(tmp))
+            section("G3", lambda: fine_rows(warn, plain, a.seconds))
+    work = Path(tempfile.mkdtemp(prefix="warn-bench-gpu-"))
+    images = bench_images(work)
+    ceilings: dict = {}
+
+    def pipelines() -> list[dict]:
+        ceilings.update(pipeline_rows(images, a.seconds))
+        return [{"row": "G4", "image": label, **c} for label, c in ceilings.items()]
+
+    section("G4", pipelines)
+    section("G5", lambda: service_rows(images, a.seconds, ceilings))
+    for label, env in a.variant:
+        section("G7", lambda label=label, env=env: variant_rows(images, a.seconds, label, env))
+    shutil.rmtree(work, ignore_errors=True)
+    print(markdown(m, rows))
+
+
+def export_fine(folder: Path) -> tuple[Path, Path]:
+    """WRN-16-4 (AD=3, AW=4) at 224x224 with 200 classes, random weights, and its AD=0 backbone (needs torch)."""
+    import torch
+
+    from export.onnx_export import _export
+    from models.warn import WARN, WARNConfig, plain_backbone
+
+    torch.manual_seed(0)
+    config = WARNConfig(depth=16, width=4, attention_depth=3, attention_width=4, num_classes=200, input_size=(224, 224))
+    model = WARN(config).eval()
+    _export(model, folder / "warn.onnx")
+    _export(plain_backbone(model), folder / "plain.onnx")
+    return folder / "warn.onnx", folder / "plain.onnx"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""What every bench shares, without torch (a GPU host's bench may lack it): the service in a process of
+its own, the three images it is measured on, and a rate helper."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def rate(fn: Callable[[], object], items: int, seconds: float) -> float:
+    """Items per second of `fn` (which handles `items` per call), after a warm-up, over at least `seconds`."""
+    for _ in range(3):
+        fn()
+    calls, started = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - started) < seconds:
+        fn()
+        calls += 1
+    return calls * items / elapsed
+
+
+class Uvicorn:
+    """A server process on a free loopback port; `cpu_seconds` is its user+system time so far."""
+
+    @staticmethod
+    def free_port() -> int:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    def __init__(self, app: str, env: dict[str, str], launcher: bool = False, cwd: Path = ROOT) -> None:
+        """`launcher`: `python -m service`, as `make serve` runs it (workers and all); else uvicorn on `app`.
+        `cwd`: the checkout to run (another revision's, for bench.compare)."""
+        self.port = self.free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                *(["service"] if launcher else ["uvicorn", app]),
+                "--port",
+                str(self.port),
+                "--log-level",
+                "warning",
+                "--no-access-log",
+            ],
+            cwd=cwd,
+            env={**os.environ, **env},
+        )
+        import httpx
+
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(self.url + "/docs", timeout=1)
+                return
+            except httpx.TransportError:
+                time.sleep(0.2)
+        raise TimeoutError(app)
+
+    def cpu_seconds(self) -> float:
+        """User+system seconds of the server and its worker processes."""
+        return sum(self.cpu_by_process().values())
+
+    def cpu_by_process(self) -> dict[int, float]:
+        """User+system seconds so far of the server and of each of its child processes, by pid."""
+        pids = [self.proc.pid]
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        if children.exists():
+            pids += [int(p) for p in children.read_text().split()]
+        seconds = {}
+        for pid in pids:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except FileNotFoundError:
+                continue
+            seconds[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return seconds
+
+    def workers(self) -> list[int]:
+        """Pids of the server's worker processes (multiprocessing's resource tracker left out)."""
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        pids = [int(p) for p in children.read_text().split()] if children.exists() else []
+        return [p for p in pids if b"resource_tracker" not in Path(f"/proc/{p}/cmdline").read_bytes()]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(20)
+
+
+def bench_images(work: Path) -> dict[str, tuple[Path, str]]:
+    """The three inputs of the service rows: the README's PNG, a real photo, and a 12-megapixel JPEG."""
+    from importlib.resources import files
+
+    from PIL import Image
+
+    china = (files("sklearn.datasets") / "images" / "china.jpg").read_bytes()  # a 640x427 photo
+    (work / "digit.png").write_bytes((ROOT / "docs/digit.png").read_bytes())
+    (work / "photo.jpg").write_bytes(china)
+    big = Image.open(io.BytesIO(china)).convert("RGB").resize((4000, 3000), Image.BICUBIC)
+    big.save(work / "big.jpg", quality=90)
+    return {
+        "digit.png (640x400 PNG)": (work / "digit.png", "image/png"),
+        "photo (640x427 JPEG)": (work / "photo.jpg", "image/jpeg"),
+        "4000x3000 JPEG": (work / "big.jpg", "image/jpeg"),
+    }
