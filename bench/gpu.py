@@ -11,6 +11,7 @@ Needs onnxruntime-gpu. Load comes from bench.load (aiohttp): GPU images rarely h
   G5 the service as `make serve` runs it (one worker per core), /v1/predict for the three images of
      `make bench`, with the load's own CPU and the GPU's busy share while it ran
   G6 /v1/attention (512x512 PNG overlay) vs /v1/predict at the same load
+  G8 the GPU memory each worker of the service holds
   G7 (with --variant) the photo at 64 connections under other settings
 The fine-grained model is exported with random weights unless --fine and --fine-backbone name files.
 """
@@ -181,6 +182,8 @@ def service_rows(images: dict, seconds: float, ceilings: dict) -> list[dict]:
     rows = []
     server = serve()
     try:
+        held = [gpu_memory_mb(pid) for pid in server.workers()]
+        rows.append({"row": "G8", "workers": len(held), "gpu_mb": [m for m in held if m is not None]})
         plan = [("photo (640x427 JPEG)", c) for c in (1, 16, 64)]
         plan += [("digit.png (640x400 PNG)", c) for c in (1, 64)] + [("4000x3000 JPEG", c) for c in (1, 64)]
         for label, c in plan:
@@ -307,6 +310,10 @@ def markdown(m: dict, rows: list[dict]) -> str:
                 f"{f(r['gpu_busy'], 0)}%; server CPU {r['server_cpu']:.1f} cores{spread}, "
                 f"load {r['client_cpu']:.1f} cores |"
             )
+        elif n == "G8":
+            mb = r["gpu_mb"]
+            held = f"{f(min(mb), 0)}-{f(max(mb), 0)} MB each, {f(sum(mb), 0)} MB in all" if mb else "not listed"
+            lines.append(f"| G8 | GPU memory of the service's {r['workers']} workers, after warm-up | {held} |")
         elif n == "G6":
             lines.append(
                 f"| G6 | /v1/attention?max_size=512 (PNG), digit.png, 16 conn | {f(r['req_s'])} req/s vs "

@@ -1,7 +1,8 @@
 """`python -m service [uvicorn options]`: the service on uvicorn, one worker process per core.
 
 WARN_WORKERS sets the number of workers (0, the default: one per core); uvicorn's own options and
-UVICORN_* variables (host, port, ...) pass through. Several workers share stored predictions
+UVICORN_* variables (host, port, ...) pass through. Each worker listens on a socket of its own
+(WARN_REUSE_PORT, see service/workers.py). Several workers share stored predictions
 through the disk (or Redis) store and report metrics together (Prometheus multiprocess mode).
 """
 
@@ -12,6 +13,7 @@ import shutil
 import sys
 import tempfile
 
+from service import workers as workers_module
 from service.config import Settings
 from service.store import scratch_dir
 
@@ -30,6 +32,8 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if settings.GRPC_HOST is None:  # gRPC listens where HTTP does
         os.environ["WARN_GRPC_HOST"] = http_host(argv)
+    if workers > 1 and settings.REUSE_PORT and workers_module.available():
+        workers_module.use_own_sockets()
     from uvicorn.main import main as uvicorn
 
     args = [

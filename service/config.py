@@ -22,6 +22,11 @@ class Settings(BaseSettings):
     WORKERS: int = Field(
         0, ge=0, description="worker processes of `python -m service` (0: one per core; each has its own session)"
     )
+    REUSE_PORT: bool = Field(
+        True,
+        description="each worker of `python -m service` listens on its own socket (SO_REUSEPORT), so the "
+        "kernel spreads connections evenly; false: one socket shared by all, as uvicorn does",
+    )
     INTRA_OP_THREADS: int = Field(
         0, ge=0, description="onnxruntime threads per inference in each worker (0: onnxruntime's default, every core)"
     )

@@ -1,7 +1,11 @@
 """Several worker processes behind one port: every overlay URL is served whichever worker answers it."""
 
 import asyncio
+import os
 import re
+import socket
+import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -64,4 +68,54 @@ def test_two_workers_share_predictions_and_metrics(model_path, tmp_path):
         images_total = re.search(r"^warn_images_total ([\d.e+]+)$", metrics, re.M)
         assert images_total and float(images_total.group(1)) == 50
     finally:
+        server.stop()
+
+
+def connections_by_worker(server: Server) -> dict[int, int]:
+    """Established connections to the server's port, counted by the worker process that holds them."""
+    established = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == server.port and fields[3] == "01":
+                established.add(fields[9])  # the socket's inode
+    counts = {}
+    children = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children").read_text().split()
+    for pid in map(int, children):
+        fds = Path(f"/proc/{pid}/fd")
+        inodes = {
+            os.readlink(fd)[len("socket:[") : -1] for fd in fds.iterdir() if os.readlink(fd).startswith("socket:")
+        }
+        if held := len(inodes & established):
+            counts[pid] = held
+    return counts
+
+
+def test_a_burst_of_connections_spreads_over_every_worker(model_path):
+    """A pool that opens its connections at once (wrk, aiohttp, a proxy) reaches every worker, not the
+    first to wake: with one shared socket, a waking worker accepts every connection waiting."""
+    pool = []
+    env = {
+        "WARN_MODEL_PATH": str(model_path),
+        "WARN_WORKERS": "4",
+        "WARN_GRPC_PORT": "0",
+    }
+    server = Server(env, launcher=True)
+    try:
+        server.wait_ready(90)
+        deadline = time.monotonic() + 90
+        while server.output().count("Application startup complete") < 4 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        pool = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(64)]
+        for conn in pool:
+            conn.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: test\r\n\r\n")
+        for conn in pool:
+            assert conn.recv(4096).startswith(b"HTTP/1.1 200")
+        counts = connections_by_worker(server)
+        assert sum(counts.values()) == 64
+        # hashed evenly, a worker gets none or half of them about once in ten million runs
+        assert len(counts) == 4 and max(counts.values()) <= 32, f"per worker: {sorted(counts.values())}"
+    finally:
+        for conn in pool:
+            conn.close()
         server.stop()
