@@ -11,8 +11,8 @@ Needs onnxruntime-gpu. Load comes from bench.load (aiohttp): GPU images rarely h
   G5 the service as `make serve` runs it (one worker per core), /v1/predict for the three images of
      `make bench`, with the load's own CPU and the GPU's busy share while it ran
   G6 /v1/attention (512x512 PNG overlay) vs /v1/predict at the same load
-  G8 the GPU memory each worker of the service holds
   G7 (with --variant) the photo at 64 connections under other settings
+  G8 the GPU memory each worker of the service holds
 The fine-grained model is exported with random weights unless --fine and --fine-backbone name files.
 """
 

@@ -31,7 +31,6 @@ def twin(shared: socket.socket) -> socket.socket:
     own.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     own.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     own.bind(shared.getsockname())
-    own.set_inheritable(True)
     return own
 
 
