@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test lint screenshot system-deps default-model export-default eval-default figure profile docker-requirements bench
+.PHONY: serve test lint screenshot system-deps default-model export-default eval-default figure profile docker-requirements bench bench-gpu
 
 # Programs the tests run for real, as command:Debian package: a Redis server (the shared prediction
 # store), docker-compose (validates the compose file without an engine), and Chromium with its
@@ -95,6 +95,17 @@ docker-requirements: $(PY)
 	{ echo "# The GPU image: the CPU set with onnxruntime-gpu in place of onnxruntime (same release)."; \
 	  echo "# onnxruntime-gpu 1.31.1 is built for CUDA 13 and cuDNN 9 (its 'cuda' and 'cudnn' extras ask for cu13 wheels)."; \
 	  sed -n '3,$$p' docker/requirements-cpu.txt | sed 's/^onnxruntime==/onnxruntime-gpu==/'; } > docker/requirements-gpu.txt
+
+# The bench on a GPU host (bench/results-gpu.md): the GPU image's requirements and aiohttp in a venv of
+# their own. onnxruntime-gpu loads CUDA 13 and cuDNN 9 from the host's library path, as in the image.
+GPU_VENV := build/gpu-venv
+$(GPU_VENV)/.ready: docker/requirements-gpu.txt
+	$(PYTHON) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/pip install --quiet -r docker/requirements-gpu.txt aiohttp==3.14.5
+	touch $@
+
+bench-gpu: $(GPU_VENV)/.ready
+	$(GPU_VENV)/bin/python -m bench.gpu $(BENCH_ARGS)
 
 # Benchmarks (not tests): writes bench/results.md and bench/results.json. Needs wrk and h2load.
 bench: $(VENV)/.full

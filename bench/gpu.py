@@ -48,6 +48,11 @@ def cuda_session(path: Path, tf32: bool = False) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), providers=[(CUDA, options), "CPUExecutionProvider"])
 
 
+def active_provider() -> str:
+    """The provider a CUDA session of the default model really runs on."""
+    return cuda_session(DEFAULT_ONNX).get_providers()[0]
+
+
 def cpu_session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
@@ -349,6 +354,10 @@ def main(argv: list[str] | None = None) -> None:
         return probe(a.probe[0], int(a.probe[1]), float(a.probe[2]), a.tf32)
     if CUDA not in ort.get_available_providers():
         sys.exit("bench.gpu: this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
+    if (active := active_provider()) != CUDA:  # no GPU, or CUDA libraries missing
+        sys.exit(
+            f"bench.gpu: onnxruntime-gpu fell back to {active}: no GPU, or CUDA 13 / cuDNN 9 not on the library path"
+        )
     m = machine()
     rows: list[dict] = []
 
@@ -370,10 +379,13 @@ def main(argv: list[str] | None = None) -> None:
     section("G1", lambda: raw_rows(a.seconds))
     size = tuple(cpu_session(DEFAULT_ONNX).get_inputs()[0].shape[2:])
     section("G2", lambda: [{"row": "G2", "model": "default", "batch": 64, **parity(DEFAULT_ONNX, 64, size)}])
-    if "G3" not in skip:
-        with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
+
+        def fine() -> list[dict]:
             warn, plain = (Path(a.fine), Path(a.fine_backbone)) if a.fine else export_fine(Path(tmp))
-            section("G3", lambda: fine_rows(warn, plain, a.seconds))
+            return fine_rows(warn, plain, a.seconds)
+
+        section("G3", fine)
     work = Path(tempfile.mkdtemp(prefix="warn-bench-gpu-"))
     images = bench_images(work)
     ceilings: dict = {}
@@ -392,7 +404,10 @@ def main(argv: list[str] | None = None) -> None:
 
 def export_fine(folder: Path) -> tuple[Path, Path]:
     """WRN-16-4 (AD=3, AW=4) at 224x224 with 200 classes, random weights, and its AD=0 backbone (needs torch)."""
-    import torch
+    try:
+        import torch
+    except ImportError:
+        raise RuntimeError("G3 exports its models with torch: install it, or pass --fine and --fine-backbone") from None
 
     from export.onnx_export import _export
     from models.warn import WARN, WARNConfig, plain_backbone
