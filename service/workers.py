@@ -3,8 +3,8 @@ connections over them evenly.
 
 uvicorn's workers share one listening socket, and a worker that wakes accepts every connection
 waiting. A client that opens its pool at once (wrk, aiohttp, a load balancer after a restart) lands
-on a few workers and keeps them: on a 16-core GPU host, 64 connections left 3 workers with none and
-the busiest with 1.7 cores' work, at 8.8 cores busy in all.
+on a few workers and keeps them: on a 16-core GPU host, 64 connections left 3 of 16 workers with none
+(9 with a large JPEG), at 8.8 cores busy in all.
 
 uvicorn still binds the address once (the port is held, and a port taken by another program fails
 there as before) and supervises the workers; each worker binds a twin of that socket with
