@@ -6,6 +6,7 @@ import gzip
 import io
 import json
 import random
+import statistics
 import time
 from pathlib import Path
 
@@ -137,5 +138,9 @@ def test_soak_mixed_traffic_loses_nothing_and_memory_stays_flat(hostile_server):
     wrong = {(got, want) for got, want, _ in answers if got != want}
     assert not wrong, f"answers with the wrong status (got, expected): {wrong}"
     assert len(answers) > 200 and set(fetched) == {200}, "a valid prediction was not fetchable afterwards"
+    # Growth, not spikes: 16 requests in flight and 8 stores behind the answers hold up to about 50 MB
+    # between one second and the next, so single samples swing 1.2x; a leak moves the level.
     warm = samples[len(samples) // 4 :]
-    assert max(warm) <= 1.2 * min(warm), f"RSS moved from {min(warm):.0f} to {max(warm):.0f} MB after warm-up"
+    third = len(warm) // 3
+    early, late = statistics.median(warm[:third]), statistics.median(warm[-third:])
+    assert late <= 1.15 * early, f"RSS grew from {early:.0f} to {late:.0f} MB (medians) after warm-up"
