@@ -19,7 +19,6 @@ The fine-grained model is exported with random weights unless --fine and --fine-
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import shutil
@@ -35,7 +34,8 @@ import numpy as np
 import onnxruntime as ort
 
 from bench import load
-from bench.server import ROOT, Uvicorn, bench_images, rate
+from bench.server import ROOT, Uvicorn, bench_images, f, rate, smi
+from bench.server import machine as host
 
 DEFAULT_ONNX = ROOT / "default_model/model.onnx"
 CUDA = "CUDAExecutionProvider"
@@ -55,13 +55,6 @@ def active_provider() -> str:
 
 def cpu_session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-
-def smi(*args: str) -> str:
-    """nvidia-smi's output ('' where it is missing)."""
-    if not shutil.which("nvidia-smi"):
-        return ""
-    return subprocess.run(["nvidia-smi", *args], capture_output=True, text=True).stdout.strip()
 
 
 def gpu_memory_mb(pid: int) -> float | None:
@@ -241,28 +234,13 @@ def variant_rows(images: dict, seconds: float, label: str, env: dict[str, str]) 
 
 
 def machine() -> dict:
-    gpu = smi("--query-gpu=name,driver_version", "--format=csv,noheader")
-    cpu = next(
-        (ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in ln),
-        "",
-    )
-    return {
-        "date": dt.date.today().isoformat(),
-        "gpu": gpu,
-        "cores": os.cpu_count(),
-        "cpu": cpu,
-        "onnxruntime": ort.__version__,
-        "providers": ort.get_available_providers(),
-    }
-
-
-def f(v: float | None, digits: int = 1) -> str:
-    return "n/a" if v is None else f"{v:,.{digits}f}"
+    return {**host(), "driver": smi("--query-gpu=driver_version", "--format=csv,noheader")}
 
 
 def markdown(m: dict, rows: list[dict]) -> str:
     lines = [
-        f"Measured {m['date']} on {m['gpu']}, {m['cores']} cores ({m['cpu']}); onnxruntime {m['onnxruntime']}. "
+        f"Measured {m['date']} on {m['gpu']}, {m['driver']}, {m['cores']} cores ({m['cpu']}); "
+        f"onnxruntime {m['onnxruntime']}. "
         "Command: `python -m bench.gpu`.",
         "",
         "| # | what | figures |",

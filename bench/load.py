@@ -64,6 +64,8 @@ def _client(url: str, body: bytes, headers: dict, connections: int, seconds: flo
 
 def measure(url: str, body: bytes, ctype: str, connections: int, seconds: float) -> dict:
     """Closed-loop load at `connections`: the same keys as bench.run.wrk's answer, plus `codes`."""
+    if connections < 1:
+        raise ValueError(f"connections must be at least 1, got {connections}")
     ctx = mp.get_context("spawn")
     processes = math.ceil(connections / PER_PROCESS)
     shares = [connections // processes + (i < connections % processes) for i in range(processes)]
@@ -105,8 +107,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--connections", default="1,16,64", help="comma-separated load levels")
     p.add_argument("--seconds", type=float, default=5.0)
     a = p.parse_args(argv)
+    levels = [int(x) for x in a.connections.split(",")]
+    if min(levels) < 1:
+        p.error("--connections: each level must be at least 1")
     body = open(a.body, "rb").read()
-    for c in (int(x) for x in a.connections.split(",")):
+    for c in levels:
         print(json.dumps(measure(a.url, body, a.content_type, c, a.seconds)), flush=True)
 
 

@@ -23,11 +23,9 @@ Service rows (default model, `python -m service` as `make serve` runs it, on loo
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import io
 import json
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -43,7 +41,8 @@ import torch
 from bench import protocols
 from bench.memory import measure as memory_row
 from bench.memory import per_pixel
-from bench.server import ROOT, Uvicorn, bench_images, rate
+from bench.server import ROOT, Uvicorn, bench_images, f, rate
+from bench.server import machine as host
 from export.onnx_export import _export, output_names
 from models.checkpoint import load
 from models.profile import count
@@ -469,35 +468,7 @@ def service_rows(threads: int, seconds: float, quick: bool) -> list[dict]:
 
 
 def machine() -> dict:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    gpu = None
-    if shutil.which("nvidia-smi"):
-        gpu = (
-            subprocess.run(
-                ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True
-            ).stdout.strip()
-            or None
-        )
-    return {
-        "date": dt.date.today().isoformat(),
-        "cores": os.cpu_count(),
-        "cpu": cpu,
-        "gpu": gpu,
-        "onnxruntime": ort.__version__,
-        "torch": torch.__version__,
-        "providers": ort.get_available_providers(),
-    }
-
-
-def f(v: float, digits: int = 1) -> str:
-    return f"{v:,.{digits}f}"
+    return {**host(), "torch": torch.__version__}
 
 
 def markdown(m: dict, rows: list[dict], command: str) -> str:

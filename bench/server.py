@@ -1,10 +1,13 @@
 """What every bench shares, without torch (a GPU host's bench may lack it): the service in a process of
-its own, the three images it is measured on, and a rate helper."""
+its own, the three images it is measured on, the machine's description, and rate and number helpers."""
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import os
+import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -12,6 +15,40 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def smi(*args: str) -> str:
+    """nvidia-smi's output ('' where it is missing)."""
+    if not shutil.which("nvidia-smi"):
+        return ""
+    return subprocess.run(["nvidia-smi", *args], capture_output=True, text=True).stdout.strip()
+
+
+def machine() -> dict:
+    """Where a bench ran: date, cores, CPU, GPU (None without one), onnxruntime and its providers."""
+    import onnxruntime as ort
+
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return {
+        "date": dt.date.today().isoformat(),
+        "cores": os.cpu_count(),
+        "cpu": cpu,
+        "gpu": smi("--query-gpu=name", "--format=csv,noheader") or None,
+        "onnxruntime": ort.__version__,
+        "providers": ort.get_available_providers(),
+    }
+
+
+def f(v: float | None, digits: int = 1) -> str:
+    """A figure for a table: thousands separated, `digits` decimals; n/a for None."""
+    return "n/a" if v is None else f"{v:,.{digits}f}"
 
 
 def rate(fn: Callable[[], object], items: int, seconds: float) -> float:
@@ -72,12 +109,8 @@ class Uvicorn:
 
     def cpu_by_process(self) -> dict[int, float]:
         """User+system seconds so far of the server and of each of its child processes, by pid."""
-        pids = [self.proc.pid]
-        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
-        if children.exists():
-            pids += [int(p) for p in children.read_text().split()]
         seconds = {}
-        for pid in pids:
+        for pid in [self.proc.pid, *self.children()]:
             try:
                 fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             except FileNotFoundError:
@@ -85,11 +118,13 @@ class Uvicorn:
             seconds[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
         return seconds
 
+    def children(self) -> list[int]:
+        path = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        return [int(p) for p in path.read_text().split()] if path.exists() else []
+
     def workers(self) -> list[int]:
         """Pids of the server's worker processes (multiprocessing's resource tracker left out)."""
-        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
-        pids = [int(p) for p in children.read_text().split()] if children.exists() else []
-        return [p for p in pids if b"resource_tracker" not in Path(f"/proc/{p}/cmdline").read_bytes()]
+        return [p for p in self.children() if b"resource_tracker" not in Path(f"/proc/{p}/cmdline").read_bytes()]
 
     def stop(self) -> None:
         self.proc.terminate()
