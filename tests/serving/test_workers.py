@@ -82,10 +82,14 @@ def connections_by_worker(server: Server) -> dict[int, int]:
     counts = {}
     children = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children").read_text().split()
     for pid in map(int, children):
-        fds = Path(f"/proc/{pid}/fd")
-        inodes = {
-            os.readlink(fd)[len("socket:[") : -1] for fd in fds.iterdir() if os.readlink(fd).startswith("socket:")
-        }
+        inodes = set()
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:  # closed since it was listed
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:[") : -1])
         if held := len(inodes & established):
             counts[pid] = held
     return counts
