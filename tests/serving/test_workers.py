@@ -4,11 +4,14 @@ import asyncio
 import os
 import re
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 import tritonclient.grpc as tc
 from PIL import Image
 
@@ -123,3 +126,38 @@ def test_a_burst_of_connections_spreads_over_every_worker(model_path):
         for conn in pool:
             conn.close()
         server.stop()
+
+
+PINNED_THREADS = """
+import os, sys
+import numpy as np
+from service.config import Settings
+from service.model import OnnxModel
+
+s = Settings(WORKERS=2, MODEL_PATH=sys.argv[1])
+model = OnnxModel(s.MODEL_PATH, "CPUExecutionProvider", s.intra_op_threads(), spin=False)
+h, w = model.info.input_size
+model.run(np.zeros((8, 3, h, w), np.float32))
+allowed = os.sched_getaffinity(0)
+print([t for t in os.listdir("/proc/self/task") if os.sched_getaffinity(int(t)) != allowed])
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or (os.cpu_count() or 1) < 2, reason="Linux, 2+ cores")
+def test_a_worker_of_several_pins_no_thread_to_a_core(model_path):
+    """Left at its default size, onnxruntime's pool pins its threads to cores 1..n-1, the same cores in
+    every worker process, so the workers' threads would queue on those cores."""
+    out = subprocess.run(
+        [sys.executable, "-c", PINNED_THREADS, str(model_path)], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_each_worker_of_several_sizes_its_session_by_its_share_of_the_cores():
+    from service.config import Settings
+
+    cores = os.cpu_count() or 1
+    assert Settings(WORKERS=1).intra_op_threads() == 0  # one process alone: onnxruntime's default
+    assert Settings(WORKERS=2).intra_op_threads() == max(1, cores // 2)
+    assert Settings(WORKERS=cores * 2).intra_op_threads() == 1
+    assert Settings(WORKERS=2, INTRA_OP_THREADS=3).intra_op_threads() == 3
