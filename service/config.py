@@ -45,6 +45,11 @@ class Settings(BaseSettings):
         "HEURISTIC", description="cuDNN convolution algorithm search (EXHAUSTIVE benchmarks every new shape)"
     )
     IO_BINDING: bool = Field(True, description="on CUDA: outputs bound to host memory, no extra copies")
+    CUDA_BLOCKING_SYNC: bool = Field(
+        False,
+        description="on CUDA: a run waits for the GPU asleep, not spinning on a core as CUDA does by default "
+        "(not yet measured on a GPU host)",
+    )
 
     GRPC_PORT: int = Field(
         8001, ge=0, le=65535, description="port of the Open Inference Protocol over gRPC (Triton's; 0 turns it off)"

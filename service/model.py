@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 from dataclasses import dataclass, field
@@ -86,12 +87,38 @@ def _parse(raw: dict[str, str]) -> dict[str, Any]:
     return out
 
 
+CU_CTX_SCHED_BLOCKING_SYNC = 0x04
+
+
+def cuda_blocking_sync(device: int = 0) -> str | None:
+    """Make threads that wait for `device` sleep until it is done, instead of spinning on a core.
+
+    Applies to the device's primary context, the one onnxruntime's CUDA provider uses, so it must run
+    before the session is made. CUDA spins by default wherever a process has fewer contexts than
+    the host has cores, so each worker would burn a core for as long as its run is on the GPU.
+    Returns None, or why it could not (no driver, or the driver's error code).
+    """
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+    except OSError as e:
+        return f"no CUDA driver ({e})"
+    handle = ctypes.c_int()
+    set_flags = getattr(driver, "cuDevicePrimaryCtxSetFlags_v2", None) or driver.cuDevicePrimaryCtxSetFlags
+    status = driver.cuInit(0)
+    if status == 0:
+        status = driver.cuDeviceGet(ctypes.byref(handle), device)
+    if status == 0:
+        status = set_flags(handle, CU_CTX_SCHED_BLOCKING_SYNC)
+    return None if status == 0 else f"the CUDA driver refused with error {status}"
+
+
 class OnnxModel:
     """One onnxruntime session; `run` is thread-safe (onnxruntime allows concurrent run calls).
 
     `cuda_options` are the CUDA provider's options (TF32, memory limit, arena growth, cuDNN search);
     `io_binding` binds the outputs to host memory on CUDA, so each run copies once. `spin` lets idle
     intra-op threads spin for the next run (fastest for one process alone on a machine).
+    `blocking_sync` makes a run on CUDA wait for the GPU asleep (`cuda_blocking_sync`).
     """
 
     def __init__(
@@ -102,6 +129,7 @@ class OnnxModel:
         cuda_options: dict[str, Any] | None = None,
         io_binding: bool = True,
         spin: bool = True,
+        blocking_sync: bool = False,
     ) -> None:
         path = Path(path)
         if not path.is_file():
@@ -112,6 +140,10 @@ class OnnxModel:
         if not spin:  # idle threads of several workers' sessions would burn the cores the others need
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         wanted = choose_providers(providers)
+        if blocking_sync and "CUDAExecutionProvider" in wanted:
+            why = cuda_blocking_sync(int((cuda_options or {}).get("device_id", 0)))
+            if why:
+                log.warning("WARN_CUDA_BLOCKING_SYNC: %s; runs on CUDA wait spinning", why)
         with_options = [(p, cuda_options or {}) if p == "CUDAExecutionProvider" else p for p in wanted]
         try:
             self.session = ort.InferenceSession(str(path), options, providers=with_options)

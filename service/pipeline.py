@@ -66,6 +66,7 @@ class Runtime:
             settings.cuda_options(),
             settings.IO_BINDING,
             spin=settings.workers() == 1,
+            blocking_sync=settings.CUDA_BLOCKING_SYNC,
         )
         self.info: ModelInfo = self.model.info
         self.store = store or make_store(settings)

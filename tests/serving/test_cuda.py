@@ -1,11 +1,13 @@
 """The CUDA provider where onnxruntime has it (skipped elsewhere): it is the one in use, and agrees with CPU."""
 
+import ctypes
+
 import numpy as np
 import onnxruntime as ort
 import pytest
 
 from service.config import Settings
-from service.model import OnnxModel
+from service.model import CU_CTX_SCHED_BLOCKING_SYNC, OnnxModel, cuda_blocking_sync
 
 CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 
@@ -30,3 +32,28 @@ def test_cuda_is_active_and_matches_cpu(model_path, io_binding):
     np.testing.assert_allclose(got["probabilities"], want["probabilities"], atol=1e-4)
     for name in want:
         np.testing.assert_allclose(got[name], want[name], atol=1e-3, rtol=1e-3, err_msg=name)
+
+
+def driver():
+    try:
+        return ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+
+
+@pytest.mark.skipif(driver() is not None, reason="this host has a CUDA driver")
+def test_blocking_sync_without_a_driver_says_why_and_the_model_still_loads(model_path):
+    assert "no CUDA driver" in cuda_blocking_sync()
+    model = OnnxModel(model_path, "auto", blocking_sync=True)
+    assert model.info.providers[0] == "CPUExecutionProvider"
+
+
+@pytest.mark.skipif(not CUDA or driver() is None, reason="no CUDA provider or no CUDA driver here")
+def test_blocking_sync_reaches_the_context_onnxruntime_uses(model_path):
+    s = Settings(MODEL_PATH=model_path)
+    model = OnnxModel(model_path, "CUDAExecutionProvider", 0, s.cuda_options(), blocking_sync=True)
+    model.run(np.zeros((4, 3, *model.info.input_size), np.float32))
+    cuda, handle, flags, active = driver(), ctypes.c_int(), ctypes.c_uint(), ctypes.c_int()
+    assert cuda.cuDeviceGet(ctypes.byref(handle), 0) == 0
+    assert cuda.cuDevicePrimaryCtxGetState(handle, ctypes.byref(flags), ctypes.byref(active)) == 0
+    assert active.value == 1 and flags.value & CU_CTX_SCHED_BLOCKING_SYNC
