@@ -8,12 +8,12 @@ one onnxruntime thread each. Single-image latency is one process with every core
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 
+from service import config
 from service.config import Settings
 from service.decode import Need, decode
 from service.model import OnnxModel
@@ -46,7 +46,7 @@ def measure(
 ) -> dict:
     """Images/s over one process per core, and p50 latency of one image alone (every core)."""
     ctx = mp.get_context("spawn")
-    cores = os.cpu_count() or 1
+    cores = config.cores()  # as the service counts them
 
     def run(processes: int, threads: int) -> list[list[float]]:
         q = ctx.Queue()

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Literal
 
+import joblib
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "default_model" / "model.onnx"
+
+
+def cores() -> int:
+    """The cores this process may use: its CPU affinity, and its container's CPU quota where one is set
+    (`docker run --cpus`, a Kubernetes limit), which os.cpu_count() ignores."""
+    return joblib.cpu_count()
 
 
 class Settings(BaseSettings):
@@ -20,7 +26,9 @@ class Settings(BaseSettings):
         "auto", description="'auto' (CUDA if onnxruntime offers it, else CPU) or a comma-separated provider list"
     )
     WORKERS: int = Field(
-        0, ge=0, description="worker processes of `python -m service` (0: one per core; each has its own session)"
+        0,
+        ge=0,
+        description="worker processes of `python -m service` (0: one per core it may use; each has its own session)",
     )
     REUSE_PORT: bool = Field(
         True,
@@ -136,17 +144,17 @@ class Settings(BaseSettings):
     PUBLIC_URL: str | None = Field(None, description="base of the overlay URLs (default: from the request)")
 
     def workers(self) -> int:
-        return self.WORKERS or os.cpu_count() or 1
+        return self.WORKERS or cores()
 
     def intra_op_threads(self) -> int:
         if self.INTRA_OP_THREADS or self.workers() == 1:
             return self.INTRA_OP_THREADS
         # Left at 0, onnxruntime pins its threads to cores 1..n-1, the same cores in every worker
         # process; an explicit count is not pinned. Each worker gets its share of the cores.
-        return max(1, (os.cpu_count() or 1) // self.workers())
+        return max(1, cores() // self.workers())
 
     def decode_threads(self) -> int:
-        return self.DECODE_THREADS or max(2, (os.cpu_count() or 1) // self.workers())
+        return self.DECODE_THREADS or max(2, cores() // self.workers())
 
     def cuda_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {

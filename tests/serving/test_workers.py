@@ -154,10 +154,24 @@ def test_a_worker_of_several_pins_no_thread_to_a_core(model_path):
 
 
 def test_each_worker_of_several_sizes_its_session_by_its_share_of_the_cores():
-    from service.config import Settings
+    from service.config import Settings, cores
 
-    cores = os.cpu_count() or 1
+    cores = cores()
     assert Settings(WORKERS=1).intra_op_threads() == 0  # one process alone: onnxruntime's default
     assert Settings(WORKERS=2).intra_op_threads() == max(1, cores // 2)
     assert Settings(WORKERS=cores * 2).intra_op_threads() == 1
     assert Settings(WORKERS=2, INTRA_OP_THREADS=3).intra_op_threads() == 3
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2, reason="Linux, 2+ cores")
+def test_one_per_core_counts_the_cores_this_process_may_use():
+    """A cpuset (`docker run --cpuset-cpus`, taskset) leaves fewer cores than the host has, as a CPU quota
+    does; os.cpu_count() sees neither, and would start a worker for every core of the host."""
+    code = (
+        "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+        "from service.config import Settings; s = Settings(); print(s.workers(), s.decode_threads(), os.cpu_count())"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WARN_")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env, check=True)
+    workers, decoders, host = map(int, out.stdout.split())
+    assert (workers, decoders) == (1, 2) and host >= 2
