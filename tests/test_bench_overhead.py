@@ -1,0 +1,20 @@
+"""bench.overhead, the cost of attention on other shapes than the default model's (README, "Pool-first attention")."""
+
+import argparse
+
+import pytest
+
+from bench import overhead
+
+
+def test_the_default_shape_costs_what_the_readme_says():
+    r = overhead.measure(10, 2, 3, threads=1, seconds=0.2, rounds=1)
+    assert r["arch"] == "WRN-10-2, AD=3" and round(r["flops_overhead"], 3) == 0.107
+    assert r["warn_img_s"] > 0 and r["backbone_img_s"] > 0
+
+
+@pytest.mark.parametrize("text", ["16-2", "12-2:3", "16-0:3", "16-2:4", "a-b:c"])
+def test_a_shape_that_is_no_wide_resnet_is_refused(text):
+    with pytest.raises(argparse.ArgumentTypeError):
+        overhead.arch(text)
+    assert overhead.arch("16-2:3") == (16, 2, 3)
