@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.run import ort_session
-from bench.server import f, rate
+from bench.run import interleaved, ort_session
+from bench.server import f
 from export.onnx_export import _export
 from models.profile import count
 from models.warn import WARN, WARNConfig, plain_backbone
@@ -46,17 +46,14 @@ def measure(depth: int, width: int, ad: int, threads: int, seconds: float, round
     model = WARN(config).eval()
     plain = plain_backbone(model)
     x = np.random.default_rng(0).random((32, 3, *config.input_size), dtype=np.float32)
-    rates: dict[str, list[float]] = {"warn": [], "backbone": []}
     with tempfile.TemporaryDirectory() as tmp:
         sessions = {}
         for key, m in (("warn", model), ("backbone", plain)):
             _export(m, Path(tmp) / f"{key}.onnx")
             sessions[key] = ort_session(Path(tmp) / f"{key}.onnx", threads)
-        for _ in range(rounds):
-            for key, s in sessions.items():
-                rates[key].append(rate(lambda s=s: s.run(None, {"image": x}), 32, seconds / rounds))
+        rates = interleaved(sessions, x, seconds, rounds)
     cw, cp = count(model, config.input_size), count(plain, config.input_size)
-    warn, backbone = (float(np.median(rates[k])) for k in ("warn", "backbone"))
+    warn, backbone = rates["warn"], rates["backbone"]
     return {
         "arch": f"WRN-{depth}-{width}, AD={ad}",
         "flops_overhead": cw["flops"] / cp["flops"] - 1,

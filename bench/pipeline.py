@@ -13,8 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service import config
-from service.config import Settings
+from service.config import Settings, cores
 from service.decode import Need, decode
 from service.model import OnnxModel
 from service.preprocess import fit, to_input
@@ -46,7 +45,7 @@ def measure(
 ) -> dict:
     """Images/s over one process per core, and p50 latency of one image alone (every core)."""
     ctx = mp.get_context("spawn")
-    cores = config.cores()  # as the service counts them
+    usable = cores()  # as the service counts them
 
     def run(processes: int, threads: int) -> list[list[float]]:
         q = ctx.Queue()
@@ -61,10 +60,10 @@ def measure(
             p.join()
         return lats
 
-    parallel = run(cores, 1)
-    alone = run(1, cores)[0]
+    parallel = run(usable, 1)
+    alone = run(1, usable)[0]
     return {
         "img_s": sum(len(lat) / sum(lat) for lat in parallel),
         "single_p50_ms": float(np.percentile(alone, 50)) * 1e3,
-        "processes": cores,
+        "processes": usable,
     }

@@ -84,6 +84,16 @@ def matmul_rate(threads: int, seconds: float, n: int) -> float:
     return rate(lambda: session.run(None, {"a": a}), 2 * n**3, seconds)
 
 
+def interleaved(sessions: dict[str, ort.InferenceSession], x: np.ndarray, seconds: float, rounds: int = 3) -> dict:
+    """Images/s of each session on `x`, the median of `rounds` turns taken in turn, so that a noisy
+    neighbour slows them all alike."""
+    rates: dict[str, list[float]] = {key: [] for key in sessions}
+    for _ in range(rounds):
+        for key, sess in sessions.items():
+            rates[key].append(rate(lambda sess=sess: sess.run(None, {"image": x}), len(x), seconds / rounds))
+    return {key: float(np.median(r)) for key, r in rates.items()}
+
+
 def model_rows(name: str, model: WARN, path: Path, threads: int, seconds: float, peak: float) -> list[dict]:
     model.eval()
     h, w = model.config.input_size
@@ -115,12 +125,8 @@ def model_rows(name: str, model: WARN, path: Path, threads: int, seconds: float,
         plain_session = ort_session(Path(tmp) / "plain.onnx", threads)
         pp_session = ort_session(Path(tmp) / "per_pixel.onnx", threads)
         x = np.random.rand(32, 3, h, w).astype(np.float32)
-        # Interleaved rounds, so that a noisy neighbour slows all three alike.
-        rates: dict[str, list[float]] = {"warn": [], "plain": [], "per_pixel": []}
-        for _ in range(3):
-            for key, sess in (("warn", session), ("plain", plain_session), ("per_pixel", pp_session)):
-                rates[key].append(rate(lambda sess=sess: sess.run(None, {"image": x}), 32, seconds / 3))
-        warn_rate, plain_rate, pp_rate = (float(np.median(rates[k])) for k in ("warn", "plain", "per_pixel"))
+        rates = interleaved({"warn": session, "plain": plain_session, "per_pixel": pp_session}, x, seconds)
+        warn_rate, plain_rate, pp_rate = (rates[k] for k in ("warn", "plain", "per_pixel"))
     cw, cp = count(model, (h, w)), count(plain, (h, w))
     rows.append(
         {

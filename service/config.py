@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -12,6 +13,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "default_model" / "model.onnx"
 
 
+@cache
 def cores() -> int:
     """The cores this process may use: its CPU affinity, and its container's CPU quota where one is set
     (`docker run --cpus`, a Kubernetes limit), which os.cpu_count() ignores."""
@@ -151,10 +153,14 @@ class Settings(BaseSettings):
             return self.INTRA_OP_THREADS
         # Left at 0, onnxruntime pins its threads to cores 1..n-1, the same cores in every worker
         # process; an explicit count is not pinned. Each worker gets its share of the cores.
-        return max(1, cores() // self.workers())
+        return max(1, self.share())
 
     def decode_threads(self) -> int:
-        return self.DECODE_THREADS or max(2, cores() // self.workers())
+        return self.DECODE_THREADS or max(2, self.share())
+
+    def share(self) -> int:
+        """Cores per worker."""
+        return cores() // self.workers()
 
     def cuda_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {
