@@ -71,6 +71,8 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=6.0, help="per network, over all rounds")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: its default)")
     a = p.parse_args()
+    if a.seconds <= 0 or a.threads < 0:
+        p.error("--seconds must be positive and --threads at least 0")
     rows = [measure(*net, a.threads, a.seconds) for net in a.arch or [arch(d) for d in DEFAULTS]]
     print("| network (48x48, AW=4, 11 classes) | FLOPs over backbone | WARN vs backbone, batch 32 |")
     print("|---|---|---|")
