@@ -181,7 +181,15 @@ def service_rows(images: dict, seconds: float, ceilings: dict) -> list[dict]:
     server = serve()
     try:
         held = [gpu_memory_mb(pid) for pid in server.workers()]
-        rows.append({"row": "G8", "workers": len(held), "gpu_mb": [m for m in held if m is not None]})
+        shared = [gpu_memory_mb(pid) for pid in server.sessions()]
+        rows.append(
+            {
+                "row": "G8",
+                "workers": len(held),
+                "gpu_mb": [m for m in held if m is not None],
+                "session_gpu_mb": [m for m in shared if m is not None],
+            }
+        )
         plan = [("photo (640x427 JPEG)", c) for c in (1, 16, 64)]
         plan += [("digit.png (640x400 PNG)", c) for c in (1, 64)] + [("4000x3000 JPEG", c) for c in (1, 64)]
         for label, c in plan:
@@ -219,6 +227,7 @@ def predict_load(server: Uvicorn, path: Path, ctype: str, connections: int, seco
         **r,
         "server_cpu": sum(cores.values()),
         "worker_cores": sorted((round(cores[pid], 2) for pid in server.workers()), reverse=True),
+        "session_cores": [round(cores[pid], 2) for pid in server.sessions() if pid in cores],
         "gpu_busy": busy.mean,
     }
 
@@ -250,6 +259,8 @@ def markdown(m: dict, rows: list[dict]) -> str:
         n = r["row"]
         cores = r.get("worker_cores")
         spread = f" (workers {min(cores):.2f}-{max(cores):.2f})" if cores else ""
+        if r.get("session_cores"):
+            spread += f", shared session {r['session_cores'][0]:.2f}"
         if "error" in r:
             lines.append(f"| {n} | {r.get('what', '')} | failed: {r['error']} |")
         elif n == "G1":
@@ -294,8 +305,10 @@ def markdown(m: dict, rows: list[dict]) -> str:
                 f"load {r['client_cpu']:.1f} cores |"
             )
         elif n == "G8":
-            mb = r["gpu_mb"]
-            held = f"{f(min(mb), 0)}-{f(max(mb), 0)} MB each, {f(sum(mb), 0)} MB in all" if mb else "not listed"
+            mb, shared = r["gpu_mb"], r.get("session_gpu_mb")
+            held = f"{f(min(mb), 0)}-{f(max(mb), 0)} MB each, {f(sum(mb), 0)} MB in all" if mb else "none listed"
+            if shared:
+                held += f"; the shared session {f(shared[0], 0)} MB"
             lines.append(f"| G8 | GPU memory of the service's {r['workers']} workers, after warm-up | {held} |")
         elif n == "G6":
             lines.append(

@@ -123,8 +123,17 @@ class Uvicorn:
         return [int(p) for p in path.read_text().split()] if path.exists() else []
 
     def workers(self) -> list[int]:
-        """Pids of the server's worker processes (multiprocessing's resource tracker left out)."""
-        return [p for p in self.children() if b"resource_tracker" not in Path(f"/proc/{p}/cmdline").read_bytes()]
+        """Pids of the server's worker processes (multiprocessing's resource tracker and the shared
+        session's process left out)."""
+        return [
+            p
+            for p in self.children()
+            if b"resource_tracker" not in Path(f"/proc/{p}/cmdline").read_bytes() and p not in self.sessions()
+        ]
+
+    def sessions(self) -> list[int]:
+        """The pid of the shared session's process, where the workers share one."""
+        return [p for p in self.children() if Path(f"/proc/{p}/comm").read_text().strip() == "warn-session"]
 
     def stop(self) -> None:
         self.proc.terminate()

@@ -3,7 +3,8 @@
 WARN_WORKERS sets the number of workers (0, the default: one per core); uvicorn's own options and
 UVICORN_* variables (host, port, ...) pass through. Each worker listens on a socket of its own
 (WARN_REUSE_PORT, see service/workers.py). Several workers share stored predictions
-through the disk (or Redis) store and report metrics together (Prometheus multiprocess mode).
+through the disk (or Redis) store and report metrics together (Prometheus multiprocess mode). With
+WARN_SHARED_SESSION they also share one session, in a process of its own (service/shared_session.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import tempfile
 
 from service import workers as workers_module
 from service.config import Settings
+from service.shared_session import ADDRESS_ENV, KEY_ENV, SharedSession
 from service.store import scratch_dir
 
 
@@ -29,6 +31,12 @@ def main(argv: list[str] | None = None) -> None:
     if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         made.append(tempfile.mkdtemp(prefix="warn-metrics-"))
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = made[-1]
+    session = SharedSession() if settings.SHARED_SESSION else None
+    for name in (ADDRESS_ENV, KEY_ENV):  # the workers' own, never one inherited
+        os.environ.pop(name, None)
+    if session:
+        session.start()  # after the metrics directory is set: it reports its batches there too
+        os.environ.update(session.env())
     argv = list(sys.argv[1:] if argv is None else argv)
     if settings.GRPC_HOST is None:  # gRPC listens where HTTP does
         os.environ["WARN_GRPC_HOST"] = http_host(argv)
@@ -48,6 +56,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         uvicorn.main(args + argv, standalone_mode=True)
     finally:
+        if session:
+            session.stop()
         for directory in made:
             shutil.rmtree(directory, ignore_errors=True)
 

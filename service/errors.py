@@ -64,6 +64,13 @@ class Overloaded(ServiceError):
     headers = {"Retry-After": "1"}
 
 
+class ModelUnavailable(ServiceError):
+    """The shared session's process did not answer (it died, or is being restarted)."""
+
+    status, code = 503, "model_unavailable"
+    headers = {"Retry-After": "1"}
+
+
 class ModelLoadError(RuntimeError):
     """The model cannot be loaded; start-up stops with this message."""
 

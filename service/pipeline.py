@@ -22,11 +22,12 @@ from service import overlay
 from service.batcher import MicroBatcher
 from service.config import Settings
 from service.decode import Need, decode
-from service.errors import ModelLoadError
+from service.errors import ModelLoadError, ModelUnavailable
 from service.metrics import Metrics
 from service.model import ModelInfo, OnnxModel
 from service.overlay_cache import OverlayCache
 from service.preprocess import Geometry, fit, to_input
+from service.shared_session import RemoteModel
 from service.store import DiskStore, MemoryStore, PredictionStore, RedisStore, StoredPrediction, key_time
 
 log = logging.getLogger("service")
@@ -59,7 +60,11 @@ class Runtime:
     def __init__(self, settings: Settings, metrics: Metrics, store: PredictionStore | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.model = OnnxModel(
+        try:
+            remote = RemoteModel.from_env()  # set by `python -m service` when the workers share a session
+        except ModelUnavailable as e:
+            raise ModelLoadError(str(e)) from e
+        self.model: OnnxModel | RemoteModel = remote or OnnxModel(
             settings.MODEL_PATH,
             settings.PROVIDERS,
             settings.intra_op_threads(),

@@ -8,6 +8,7 @@ import pytest
 
 from service.config import Settings
 from service.model import CU_CTX_SCHED_BLOCKING_SYNC, OnnxModel, cuda_blocking_sync
+from service.shared_session import RemoteModel, SharedSession
 
 CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 
@@ -57,3 +58,18 @@ def test_blocking_sync_reaches_the_context_onnxruntime_uses(model_path):
     assert cuda.cuDeviceGet(ctypes.byref(handle), 0) == 0
     assert cuda.cuDevicePrimaryCtxGetState(handle, ctypes.byref(flags), ctypes.byref(active)) == 0
     assert active.value == 1 and flags.value & CU_CTX_SCHED_BLOCKING_SYNC
+
+
+@pytest.mark.skipif(not CUDA or driver() is None, reason="no CUDA provider or no CUDA driver here")
+def test_the_shared_session_runs_on_cuda_and_matches_cpu(model_path, monkeypatch):
+    monkeypatch.setenv("WARN_MODEL_PATH", str(model_path))
+    session = SharedSession(startup_timeout_s=120)
+    session.start()
+    try:
+        remote = RemoteModel(session.address, session.key)
+        assert remote.info.providers[0] == "CUDAExecutionProvider"
+        x = np.random.default_rng(0).random((5, 3, *remote.info.input_size), dtype=np.float32)
+        want = OnnxModel(model_path, "CPUExecutionProvider").run(x)
+        np.testing.assert_allclose(remote.run(x)["probabilities"], want["probabilities"], atol=1e-4)
+    finally:
+        session.stop()

@@ -1,0 +1,288 @@
+"""One onnxruntime session for every worker of `python -m service` (WARN_SHARED_SESSION, off by default).
+
+With a session per worker, a GPU host holds a copy of the model and a CUDA context per worker (16
+workers of the default model: 12 GB). Here one process of its own holds the only session. Each
+worker sends its batch over a Unix socket, and that process runs what every worker sent since its
+last run as one batch (up to MAX_BATCH_SIZE rows). On an H100 it served 0.69-0.79x of a session per
+worker at 64 connections (README, "Serving on every core"), hence off.
+
+The socket lives in a directory only this user may enter, and a peer must prove the run's random
+key (multiprocessing's HMAC handshake) before anything it sends is unpickled.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import multiprocessing
+import os
+import queue
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from multiprocessing.connection import Client, Connection, Listener, wait
+from pathlib import Path
+
+import numpy as np
+from prometheus_client import Histogram
+
+from service.errors import ModelLoadError, ModelUnavailable
+from service.metrics import LATENCY_BUCKETS
+from service.model import ModelInfo, OnnxModel
+
+log = logging.getLogger("service.shared_session")
+
+ADDRESS_ENV, KEY_ENV = "WARN_SESSION_ADDRESS", "WARN_SESSION_KEY"
+PROCESS_NAME = b"warn-session"  # what ps, top and /proc/<pid>/comm show for it
+# A run that has not answered in this long is given up on (the process is hung or gone).
+REPLY_TIMEOUT_S = 60.0
+
+
+@dataclass
+class Failed:
+    """The answer to every batch of a run that raised."""
+
+    message: str
+
+
+Pending = tuple[Connection, np.ndarray]
+
+
+class Runner:
+    """Runs the batches every connection sent as shared runs, each connection's rows answered to it."""
+
+    def __init__(self, run, max_batch: int, on_batch=None) -> None:
+        self._run = run
+        self.max_batch = max_batch
+        self.pending: deque[Pending] = deque()
+        self._on_batch = on_batch
+
+    def take(self) -> list[Pending]:
+        """The oldest batch, and the ones after it while they fit `max_batch` rows."""
+        items = [self.pending.popleft()]
+        rows = len(items[0][1])
+        while self.pending and rows + len(self.pending[0][1]) <= self.max_batch:
+            items.append(self.pending.popleft())
+            rows += len(items[-1][1])
+        return items
+
+    def run_once(self) -> None:
+        items = self.take()
+        batch = items[0][1] if len(items) == 1 else np.concatenate([x for _, x in items])
+        started = time.perf_counter()
+        try:
+            outputs = self._run(batch)
+        except Exception as e:  # one bad run fails its own batches; the process goes on
+            log.exception("shared session run failed")
+            for conn, _ in items:
+                answer(conn, Failed(f"inference failed: {e}"))
+            return
+        if self._on_batch:
+            self._on_batch(len(batch), time.perf_counter() - started)
+        start = 0
+        for conn, x in items:
+            n = len(x)
+            answer(conn, {k: v[start : start + n] for k, v in outputs.items()})
+            start += n
+
+
+def answer(conn: Connection, reply: object) -> None:
+    try:
+        conn.send(reply)
+    except OSError:  # that worker is gone
+        pass
+
+
+def accept(listener: Listener, info: ModelInfo, arrived: queue.SimpleQueue[Connection], wake: socket.socket) -> None:
+    """Admits workers (the key handshake), each told the model's description, and wakes the loop."""
+    while True:
+        try:
+            conn = listener.accept()
+            conn.send(info)
+        except Exception as e:  # a peer without the key, or one that hung up mid-handshake
+            log.warning("refused a connection to the shared session: %r", e)
+            continue
+        arrived.put(conn)
+        wake.send(b"\0")
+
+
+def serve_connections(listener: Listener, info: ModelInfo, runner: Runner) -> None:
+    """One thread reads every worker's connection and runs: whatever arrived while a run was on the
+    GPU goes into the next. (A reader thread per worker was 2-3x slower: each woke for the GIL.)"""
+    wake, woken = socket.socketpair()
+    arrived: queue.SimpleQueue[Connection] = queue.SimpleQueue()
+    threading.Thread(target=accept, args=(listener, info, arrived, wake), daemon=True, name="session-accept").start()
+    conns: list[Connection] = []
+    while True:
+        for ready in wait([woken, *conns], timeout=0 if runner.pending else None):
+            if ready is woken:
+                woken.recv(4096)
+                while not arrived.empty():
+                    conns.append(arrived.get())
+                continue
+            try:
+                runner.pending.append((ready, ready.recv()))
+            except (EOFError, OSError):  # that worker exited
+                conns.remove(ready)
+                ready.close()
+        if runner.pending:
+            runner.run_once()
+
+
+def as_child_of_the_service(name: bytes) -> None:
+    """Named for ps and top; deaf to the SIGINT and SIGTERM sent to the whole process group (Ctrl-C, a
+    container's stop), so the workers can finish their requests first (the parent kills it after);
+    and killed should the parent die without that."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        libc = ctypes.CDLL(None)
+        libc.prctl(15, name)  # PR_SET_NAME
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux
+        pass
+    if os.getppid() == 1:  # the parent died before PDEATHSIG was set
+        sys.exit(1)
+
+
+def serve(address: str, authkey: bytes) -> None:
+    """The shared session's process: loads the model, then listens at `address` (its existence says ready)."""
+    from service.config import Settings
+    from service.main import show_service_logs
+
+    show_service_logs()
+    as_child_of_the_service(PROCESS_NAME)
+    s = Settings()
+    model = OnnxModel(
+        s.MODEL_PATH,
+        s.PROVIDERS,
+        # A worker's share, unpinned, as each worker would have: a pool across every core stalls on
+        # whichever thread a worker's decoding preempts (on an H100: GPU 2% busy, p50 59 ms at 16 connections).
+        s.intra_op_threads(),
+        s.cuda_options(),
+        s.IO_BINDING,
+        spin=s.workers() == 1,
+        blocking_sync=s.CUDA_BLOCKING_SYNC,
+    )
+    sizes = Histogram(
+        "warn_shared_session_batch_size",
+        "Images per session.run of the shared session (every worker's batches together)",
+        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+    )
+    seconds = Histogram(
+        "warn_shared_session_inference_duration_seconds", "session.run time per shared batch", buckets=LATENCY_BUCKETS
+    )
+
+    def observe(size: int, took: float) -> None:
+        sizes.observe(size)
+        seconds.observe(took)
+
+    serve_connections(
+        Listener(address, "AF_UNIX", authkey=authkey), model.info, Runner(model.run, s.MAX_BATCH_SIZE, observe)
+    )
+
+
+class RemoteModel:
+    """The shared session as a worker's batcher sees it: `info`, `output_names` and a blocking `run`."""
+
+    def __init__(self, address: str, authkey: bytes) -> None:
+        self.address, self._key = address, authkey
+        self._conn: Connection | None = None
+        self.info = self._connect()
+        self.output_names = [o.name for o in self.info.outputs]
+        self.input_name = self.info.inputs[0].name
+
+    def _connect(self) -> ModelInfo:
+        try:
+            conn = Client(self.address, "AF_UNIX", authkey=self._key)
+            info = conn.recv()
+        except (OSError, EOFError) as e:
+            raise ModelUnavailable(f"the shared session's process is not answering ({e!r}); retry shortly") from e
+        self._conn = conn
+        return info
+
+    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Only one thread calls this (the batcher's), so one batch at most is in flight per worker."""
+        if self._conn is None:
+            self._connect()  # the process was restarted
+        conn = self._conn
+        try:
+            conn.send(batch)
+            if not conn.poll(REPLY_TIMEOUT_S):
+                raise TimeoutError(f"no answer in {REPLY_TIMEOUT_S:.0f} s")
+            reply = conn.recv()
+        except (OSError, EOFError, TimeoutError) as e:
+            self._conn = None  # a late answer must not be read as the next batch's
+            conn.close()
+            raise ModelUnavailable(f"the shared session's process failed this batch ({e!r}); retry shortly") from e
+        if isinstance(reply, Failed):
+            raise RuntimeError(reply.message)
+        return reply
+
+    @classmethod
+    def from_env(cls) -> RemoteModel | None:
+        address = os.environ.get(ADDRESS_ENV)
+        return cls(address, bytes.fromhex(os.environ[KEY_ENV])) if address else None
+
+
+class SharedSession:
+    """Started by `python -m service` before its workers: the process, restarted should it die."""
+
+    def __init__(self, startup_timeout_s: float = 300) -> None:
+        self.folder = tempfile.mkdtemp(prefix="warn-session-")  # mode 0700: only this user connects
+        self.address = str(Path(self.folder) / "socket")
+        self.key = os.urandom(32)
+        self.startup_timeout_s = startup_timeout_s
+        self._stopping = threading.Event()
+        self.process: multiprocessing.process.BaseProcess | None = None
+        self.restarts = 0
+
+    def _spawn(self) -> None:
+        Path(self.address).unlink(missing_ok=True)
+        self.process = multiprocessing.get_context("spawn").Process(
+            target=serve, args=(self.address, self.key), name="warn-shared-session", daemon=True
+        )
+        self.process.start()
+        deadline = time.monotonic() + self.startup_timeout_s
+        while not Path(self.address).exists():
+            if not self.process.is_alive():
+                raise ModelLoadError(f"the shared session's process exited with code {self.process.exitcode}")
+            if time.monotonic() > deadline:
+                self.process.kill()
+                raise ModelLoadError(f"the shared session did not load in {self.startup_timeout_s:.0f} s")
+            time.sleep(0.05)
+
+    def env(self) -> dict[str, str]:
+        """What tells a worker where the session is, and the key to prove itself with."""
+        return {ADDRESS_ENV: self.address, KEY_ENV: self.key.hex()}
+
+    def start(self) -> None:
+        self._spawn()
+        threading.Thread(target=self._watch, daemon=True, name="session-watchdog").start()
+        log.info("one shared session for every worker, in process %s", self.process.pid)
+
+    def _watch(self) -> None:
+        while not self._stopping.is_set():
+            self.process.join(0.5)
+            if self.process.is_alive() or self._stopping.is_set():
+                continue
+            log.error("the shared session's process exited with code %s; restarting it", self.process.exitcode)
+            self.restarts += 1
+            try:
+                self._spawn()
+            except ModelLoadError as e:
+                log.error("cannot restart the shared session: %s", e)
+                time.sleep(1)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self.process is not None and self.process.is_alive():
+            self.process.kill()  # it ignores SIGTERM; the workers it served have exited
+            self.process.join(5)
+        shutil.rmtree(self.folder, ignore_errors=True)

@@ -1,0 +1,217 @@
+"""One session for every worker (WARN_SHARED_SESSION): batches of several workers run together, each
+gets its own rows back, and the process is guarded and restarted."""
+
+import asyncio
+import os
+import re
+import signal
+import time
+from multiprocessing import Pipe
+from multiprocessing.connection import Client
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.errors import ModelUnavailable
+from service.model import OnnxModel
+from service.shared_session import Failed, RemoteModel, Runner, SharedSession
+from tests.serving.conftest import Server, free_port, png
+
+
+def rows(n: int, start: int) -> np.ndarray:
+    return np.arange(start, start + n, dtype=np.float32).reshape(n, 1)
+
+
+def test_batches_sent_together_run_as_one_and_each_gets_its_own_rows():
+    calls = []
+
+    def run(batch):
+        calls.append(len(batch))
+        return {"double": batch * 2, "first": batch[:, 0]}
+
+    runner = Runner(run, max_batch=8)
+    ends = [Pipe() for _ in range(3)]  # (worker end, session end)
+    for i, (_, session) in enumerate(ends):
+        runner.pending.append((session, rows(i + 2, 10 * i)))  # 2 + 3 + 4 rows: the third does not fit
+    runner.run_once()
+    assert calls == [5]
+    for i, (worker, _) in enumerate(ends[:2]):
+        got = worker.recv()
+        np.testing.assert_array_equal(got["double"], rows(i + 2, 10 * i) * 2)
+        np.testing.assert_array_equal(got["first"], rows(i + 2, 10 * i)[:, 0])
+    assert not ends[2][0].poll(0.05)
+    runner.run_once()  # the one carried over runs next, alone
+    assert calls == [5, 4]
+    np.testing.assert_array_equal(ends[2][0].recv()["double"], rows(4, 20) * 2)
+
+
+def test_a_failing_run_answers_each_of_its_batches_and_the_runner_goes_on():
+    def run(batch):
+        if len(batch) > 2:
+            raise ValueError("boom")
+        return {"y": batch}
+
+    runner = Runner(run, max_batch=8)
+    (w1, s1), (w2, s2) = Pipe(), Pipe()
+    runner.pending.append((s1, rows(2, 0)))
+    runner.pending.append((s2, rows(1, 5)))
+    runner.run_once()
+    for worker in (w1, w2):
+        reply = worker.recv()
+        assert isinstance(reply, Failed) and "boom" in reply.message
+    runner.pending.append((s1, rows(1, 7)))
+    runner.run_once()
+    np.testing.assert_array_equal(w1.recv()["y"], rows(1, 7))
+
+
+def test_a_worker_that_is_gone_does_not_stop_the_others_answers():
+    runner = Runner(lambda b: {"y": b}, max_batch=8)
+    (w1, s1), (w2, s2) = Pipe(), Pipe()
+    w1.close()
+    runner.pending.append((s1, rows(1, 0)))
+    runner.pending.append((s2, rows(1, 1)))
+    runner.run_once()
+    np.testing.assert_array_equal(w2.recv()["y"], rows(1, 1))
+
+
+@pytest.fixture
+def session(model_path, monkeypatch):
+    monkeypatch.setenv("WARN_MODEL_PATH", str(model_path))
+    monkeypatch.setenv("WARN_PROVIDERS", "CPUExecutionProvider")  # compared with a CPU session, also on GPU hosts
+    s = SharedSession(startup_timeout_s=60)
+    s.start()
+    for name, value in s.env().items():
+        monkeypatch.setenv(name, value)
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def test_the_shared_session_answers_as_a_session_of_its_own_would(session, model_path):
+    remote = RemoteModel.from_env()
+    local = OnnxModel(model_path, "CPUExecutionProvider")
+    assert remote.info == local.info
+    assert oct(os.stat(session.folder).st_mode & 0o777) == "0o700"
+    x = np.random.default_rng(0).random((3, 3, *local.info.input_size), dtype=np.float32)
+    got, want = remote.run(x), local.run(x)
+    assert set(got) == set(want)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_a_peer_without_the_key_is_refused_and_the_session_serves_on(session):
+    with pytest.raises(Exception, match="digest"):  # multiprocessing's AuthenticationError
+        Client(session.address, "AF_UNIX", authkey=b"not the key")
+    remote = RemoteModel(session.address, session.key)
+    assert remote.run(np.zeros((1, 3, *remote.info.input_size), np.float32))["probabilities"].shape[0] == 1
+
+
+def test_a_killed_session_fails_its_batch_with_503_and_comes_back(session):
+    remote = RemoteModel.from_env()
+    x = np.zeros((1, 3, *remote.info.input_size), np.float32)
+    remote.run(x)
+    first = session.process.pid
+    os.kill(first, signal.SIGKILL)
+    with pytest.raises(ModelUnavailable) as failed:
+        remote.run(x)
+    assert failed.value.status == 503 and "retry" in failed.value.message
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            assert remote.run(x)["probabilities"].shape[0] == 1
+            break
+        except ModelUnavailable:
+            assert time.monotonic() < deadline, "the session was not restarted"
+            time.sleep(0.2)
+    assert session.process.pid != first and session.restarts == 1
+
+
+def test_workers_of_python_m_service_share_one_session(model_path, tmp_path):
+    server = Server(
+        {
+            "WARN_MODEL_PATH": str(model_path),
+            "WARN_WORKERS": "2",
+            "WARN_SHARED_SESSION": "true",
+            "WARN_STORE_DIR": str(tmp_path / "store"),
+            "WARN_GRPC_PORT": str(free_port()),
+        },
+        launcher=True,
+    )
+    try:
+        server.wait_ready(90)
+        images = [png(Image.new("RGB", (40 + i, 32), (5 * i, 200 - 3 * i, 90))) for i in range(24)]
+
+        async def predict_all() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=8)) as http:
+                return await asyncio.gather(
+                    *(
+                        http.post(f"{server.url}/v1/predict", content=im, headers={"content-type": "image/png"})
+                        for im in images
+                    )
+                )
+
+        answers = asyncio.run(predict_all())
+        assert [a.status_code for a in answers] == [200] * len(images)
+        metrics = httpx.get(f"{server.url}/metrics").text
+        shared = re.search(r"^warn_shared_session_batch_size_sum ([\d.e+]+)$", metrics, re.M)
+        assert shared and float(shared.group(1)) == len(images)  # every image ran in the shared session
+        # the workers' sessions: none; only the one process holds the model
+        named = [p for p in os.listdir("/proc") if p.isdigit() and _comm(p) == "warn-session"]
+        ours = [p for p in named if _parent(p) == server.proc.pid]
+        assert len(ours) == 1
+        # the session dies: the request whose batch it held answers 503, and the service comes back
+        os.kill(int(ours[0]), signal.SIGKILL)
+        post = dict(content=images[0], headers={"content-type": "image/png"}, timeout=60)
+        lost = httpx.post(f"{server.url}/v1/predict", **post)
+        assert lost.status_code == 503 and lost.json()["code"] == "model_unavailable"
+        assert lost.headers["retry-after"] == "1"
+        deadline = time.monotonic() + 60
+        while httpx.post(f"{server.url}/v1/predict", **post).status_code != 200:
+            assert time.monotonic() < deadline, "the service did not come back"
+            time.sleep(0.2)
+        ours = [p for p in os.listdir("/proc") if p.isdigit() and _comm(p) == "warn-session"]
+        ours = [p for p in ours if _parent(p) == server.proc.pid]
+        # SIGTERM to every process, as a container's stop sends it: the session outlives the workers' last
+        # requests, then goes, unrestarted
+        os.kill(int(ours[0]), signal.SIGTERM)
+        time.sleep(1)
+        output = server.stop_and_read()
+        assert server.proc.returncode == 0 and output.count("restarting") == 1  # after the SIGKILL only
+        assert not os.path.exists(f"/proc/{ours[0]}")
+    finally:
+        server.stop()
+
+
+def _comm(pid: str) -> str:
+    try:
+        return open(f"/proc/{pid}/comm").read().strip()
+    except OSError:
+        return ""
+
+
+def _parent(pid: str) -> int:
+    return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+
+
+def test_workers_without_a_shared_session_ignore_an_inherited_address(model_path, tmp_path):
+    server = Server(
+        {
+            "WARN_MODEL_PATH": str(model_path),
+            "WARN_WORKERS": "2",
+            "WARN_STORE_DIR": str(tmp_path / "store"),
+            "WARN_GRPC_PORT": "0",
+            "WARN_SESSION_ADDRESS": str(tmp_path / "nothing-listens-here"),
+            "WARN_SESSION_KEY": "00",
+        },
+        launcher=True,
+    )
+    try:
+        server.wait_ready(90)
+        image = png(Image.new("RGB", (32, 32)))
+        answer = httpx.post(f"{server.url}/v1/predict", content=image, headers={"content-type": "image/png"})
+        assert answer.status_code == 200
+    finally:
+        server.stop()
