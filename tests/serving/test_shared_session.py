@@ -62,6 +62,10 @@ def test_a_failing_run_answers_each_of_its_batches_and_the_runner_goes_on():
         reply = worker.recv()
         assert isinstance(reply, Failed) and "boom" in reply.message
     runner.pending.append((s1, rows(1, 7)))
+    runner.pending.append((s2, np.zeros((1, 2), np.float32)))  # rows of another shape cannot be stacked
+    runner.run_once()
+    assert isinstance(w1.recv(), Failed) and isinstance(w2.recv(), Failed)
+    runner.pending.append((s1, rows(1, 7)))
     runner.run_once()
     np.testing.assert_array_equal(w1.recv()["y"], rows(1, 7))
 
