@@ -1,6 +1,7 @@
 """Before/after: the service at another revision against this checkout, in one run (not a test).
 
     .venv/bin/python -m bench.compare 70ccc02      # prints a markdown table
+    .venv/bin/python -m bench.compare HEAD --after-env WARN_SHARED_SESSION=true   # a setting, same code
 
 Each revision's service runs as that revision ran it (`python -m service` where it has one, else
 one uvicorn process) on this checkout's default model, under the same `wrk` load as `make bench`.
@@ -23,10 +24,10 @@ from bench.run import DEFAULT_ONNX, wrk
 from bench.server import ROOT, Uvicorn, bench_images
 
 
-def serve(checkout: Path) -> Uvicorn:
+def serve(checkout: Path, **settings: str) -> Uvicorn:
     """The service at `checkout`, as that revision ran it, on this checkout's default model."""
     launcher = (checkout / "service/__main__.py").exists()
-    env = {"PYTHONPATH": str(checkout), "WARN_MODEL_PATH": str(DEFAULT_ONNX), "WARN_GRPC_PORT": "0"}
+    env = {"PYTHONPATH": str(checkout), "WARN_MODEL_PATH": str(DEFAULT_ONNX), "WARN_GRPC_PORT": "0", **settings}
     return Uvicorn("service.main:app", env, launcher=launcher, cwd=checkout)
 
 
@@ -48,6 +49,13 @@ def paced(url: str, seconds: float, body: Path, ctype: str, gap: float = 0.03) -
     return {"req_s": len(latencies) / seconds, "p50_ms": p50, "p99_ms": p99}
 
 
+def setting(text: str) -> tuple[str, str]:
+    name, eq, value = text.partition("=")
+    if not eq or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name, value
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("base", help="the revision to compare against, e.g. 70ccc02")
@@ -55,6 +63,14 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="turns of each server under each load")
     p.add_argument(
         "--connections", default="paced,1,8,32", help="comma-separated load levels; paced: one request every 30 ms"
+    )
+    p.add_argument(
+        "--after-env",
+        action="append",
+        default=[],
+        type=setting,
+        metavar="WARN_X=V",
+        help="a setting for this checkout's service only (repeatable): compares settings at one revision",
     )
     a = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="warn-compare-"))
@@ -68,7 +84,7 @@ def main() -> None:
     servers: dict[str, Uvicorn] = {}
     try:
         servers["before"] = serve(base)
-        servers["after"] = serve(ROOT)
+        servers["after"] = serve(ROOT, **dict(a.after_env))
         for name, path, ctype, c in loads:
             route = "/v1/attention?max_size=512" if name.startswith("/v1/attention") else "/v1/predict"
             for _ in range(a.rounds):
