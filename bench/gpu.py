@@ -12,7 +12,8 @@ Needs onnxruntime-gpu. Load comes from bench.load (aiohttp): GPU images rarely h
      `make bench`, with the load's own CPU and the GPU's busy share while it ran
   G6 /v1/attention (512x512 PNG overlay) vs /v1/predict at the same load
   G7 (with --variant) the photo at 64 connections under other settings
-  G8 the GPU memory each worker of the service holds
+  G8 the GPU memory each worker of the service holds (and the shared session's process, where on)
+With --profile, py-spy samples each variant's shared session process and one worker under load.
 The fine-grained model is exported with random weights unless --fine and --fine-backbone name files.
 """
 
@@ -232,14 +233,31 @@ def predict_load(server: Uvicorn, path: Path, ctype: str, connections: int, seco
     }
 
 
-def variant_rows(images: dict, seconds: float, label: str, env: dict[str, str]) -> list[dict]:
+def variant_rows(images: dict, seconds: float, label: str, env: dict[str, str], profile: str = "") -> list[dict]:
     server = serve(**env)
+    spies = []
     try:
         path, ctype = images["photo (640x427 JPEG)"]
+        if profile:  # the shared session's process where there is one, and one worker
+            for role, pid in [*(("session", p) for p in server.sessions()), ("worker", server.workers()[0])]:
+                out = f"{profile}-{slug(label)}-{role}.txt"
+                spies.append(subprocess.Popen(py_spy(pid, seconds * 0.8, out), stdout=subprocess.DEVNULL))
         r = predict_load(server, path, ctype, 64, seconds)
+        for spy in spies:
+            spy.wait(30)
     finally:
         server.stop()
     return [{"row": "G7", "variant": label, **r}]
+
+
+def py_spy(pid: int, seconds: float, out: str) -> list[str]:
+    """py-spy sampling `pid` without pausing it, idle threads included, as collapsed stacks in `out`."""
+    return ["py-spy", "record", "-p", str(pid), "-d", str(max(1, round(seconds))), "-r", "200", "--idle",
+            "--nonblocking", "-f", "raw", "-o", out]  # fmt: skip
+
+
+def slug(label: str) -> str:
+    return "-".join("".join(c if c.isalnum() else " " for c in label.lower()).split())
 
 
 def machine() -> dict:
@@ -338,9 +356,16 @@ def main(argv: list[str] | None = None) -> None:
         metavar="LABEL:K=V,K=V",
         help="also serve the photo at 64 connections with these settings (repeatable)",
     )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="py-spy each --variant's shared session process and one worker under load (<out>-<variant>-*.txt)",
+    )
     p.add_argument("--probe", nargs=3, metavar=("MODEL", "BATCH", "SECONDS"), help=argparse.SUPPRESS)
     p.add_argument("--tf32", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.profile and not shutil.which("py-spy"):
+        p.error("--profile needs py-spy on PATH (pip install py-spy)")
     if a.probe:
         return probe(a.probe[0], int(a.probe[1]), float(a.probe[2]), a.tf32)
     if CUDA not in ort.get_available_providers():
@@ -387,8 +412,9 @@ def main(argv: list[str] | None = None) -> None:
 
     section("G4", pipelines)
     section("G5", lambda: service_rows(images, a.seconds, ceilings))
+    profile = a.out if a.profile else ""
     for label, env in a.variant:
-        section("G7", lambda label=label, env=env: variant_rows(images, a.seconds, label, env))
+        section("G7", lambda label=label, env=env: variant_rows(images, a.seconds, label, env, profile))
     shutil.rmtree(work, ignore_errors=True)
     print(markdown(m, rows))
 
