@@ -12,6 +12,7 @@ from multiprocessing.connection import Client
 import httpx
 import numpy as np
 import pytest
+import tritonclient.grpc as tc
 from PIL import Image
 
 from service.errors import ModelUnavailable
@@ -134,13 +135,14 @@ def test_a_killed_session_fails_its_batch_with_503_and_comes_back(session):
 
 
 def test_workers_of_python_m_service_share_one_session(model_path, tmp_path):
+    grpc_port = free_port()
     server = Server(
         {
             "WARN_MODEL_PATH": str(model_path),
             "WARN_WORKERS": "2",
             "WARN_SHARED_SESSION": "true",
             "WARN_STORE_DIR": str(tmp_path / "store"),
-            "WARN_GRPC_PORT": str(free_port()),
+            "WARN_GRPC_PORT": str(grpc_port),
         },
         launcher=True,
     )
@@ -159,9 +161,22 @@ def test_workers_of_python_m_service_share_one_session(model_path, tmp_path):
 
         answers = asyncio.run(predict_all())
         assert [a.status_code for a in answers] == [200] * len(images)
+        # the v2 route, over HTTP and gRPC, reads the model's outputs through the shared session too
+        x = np.random.default_rng(1).random((2, 3, 48, 48), dtype=np.float32)
+        want = OnnxModel(model_path, "CPUExecutionProvider").run(x)["probabilities"]
+        body = {"inputs": [{"name": "image", "datatype": "FP32", "shape": [2, 3, 48, 48], "data": x.ravel().tolist()}]}
+        v2 = httpx.post(f"{server.url}/v2/models/warn-cluttered-digits/infer", json=body, timeout=60).json()
+        got = {o["name"]: o for o in v2["outputs"]}["probabilities"]["data"]
+        np.testing.assert_allclose(np.reshape(got, want.shape), want, atol=1e-5)
+        with tc.InferenceServerClient(f"127.0.0.1:{grpc_port}") as client:
+            tensor = tc.InferInput("image", [2, 3, 48, 48], "FP32")
+            tensor.set_data_from_numpy(x)
+            got = client.infer("warn-cluttered-digits", [tensor]).as_numpy("probabilities")
+        np.testing.assert_allclose(got, want, atol=1e-5)
+        images_in = len(images) + 4  # 24 photos, then two rows over HTTP and two over gRPC
         metrics = httpx.get(f"{server.url}/metrics").text
         shared = re.search(r"^warn_shared_session_batch_size_sum ([\d.e+]+)$", metrics, re.M)
-        assert shared and float(shared.group(1)) == len(images)  # every image ran in the shared session
+        assert shared and float(shared.group(1)) == images_in  # every image ran in the shared session
         # the workers' sessions: none; only the one process holds the model
         named = [p for p in os.listdir("/proc") if p.isdigit() and _comm(p) == "warn-session"]
         ours = [p for p in named if _parent(p) == server.proc.pid]
