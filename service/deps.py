@@ -1,4 +1,8 @@
-"""Dependencies shared by the routes: the runtime, auth, and reading an image from a request."""
+"""Dependencies shared by the routes: the runtime, auth, and reading an image from a request.
+
+All are `async def`, though none awaits: FastAPI runs a plain `def` dependency in its thread pool, a
+hop there and back for every request (two per /v1/predict before, three per overlay).
+"""
 
 from __future__ import annotations
 
@@ -12,14 +16,14 @@ from service.overlay import FORMATS, OverlayParams
 from service.pipeline import Runtime
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
     return request.app.state.runtime
 
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 
-def require_api_key(request: Request) -> None:
+async def require_api_key(request: Request) -> None:
     key = request.app.state.settings.API_KEY
     if not key:
         return
@@ -67,7 +71,7 @@ async def image_bytes(request: Request) -> bytes:
 ImageBytes = Annotated[bytes, Depends(image_bytes)]
 
 
-def overlay_params(
+async def overlay_params(
     request: Request,
     head: Annotated[
         int | None, Query(ge=0, description="one attention head; default: heads mixed by their gates")

@@ -221,3 +221,29 @@ def test_documented_error_examples_have_the_real_shape(client):
         "query",
         "top_k",
     ]
+
+
+def test_only_real_work_takes_a_thread_hop(model_path, photo, monkeypatch):
+    """FastAPI runs a plain `def` endpoint or dependency in its thread pool, a hop there and back per
+    request; only decoding, storing and rendering should go there."""
+    import functools
+
+    import anyio.to_thread
+
+    hops = []
+    run_sync = anyio.to_thread.run_sync
+
+    async def spy(func, *args, **kwargs):
+        inner = func.func if isinstance(func, functools.partial) else func
+        hops.append(inner.__qualname__)
+        return await run_sync(func, *args, **kwargs)
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", spy)
+    client = make_client(model_path, API_KEY="k", STORE="memory")
+    with client:
+        auth = {"Authorization": "Bearer k"}
+        r = client.post("/v1/predict", content=photo, headers={"content-type": "image/jpeg", **auth})
+        assert r.status_code == 200
+        assert client.get(r.json()["attention_urls"]["combined"], headers=auth).status_code == 200
+        assert client.get("/v1/model", headers=auth).status_code == 200
+    assert hops and set(hops) <= {"Runtime.prepare", "Runtime.snapshot", "Runtime.render"}, hops
