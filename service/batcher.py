@@ -21,6 +21,14 @@ Outputs = dict[str, np.ndarray]
 Item = tuple[np.ndarray, "asyncio.Future[Outputs]"]
 
 
+def split(outputs: Outputs, sizes: list[int]) -> Iterator[Outputs]:
+    """Each request's rows of a batch's outputs, in the order the requests were stacked."""
+    start = 0
+    for n in sizes:
+        yield {k: v[start : start + n] for k, v in outputs.items()}
+        start += n
+
+
 class MicroBatcher:
     """Runs (n, ...) requests as batches of up to `max_batch` rows; each gets back its own n rows.
 
@@ -143,9 +151,6 @@ class MicroBatcher:
                 continue
             if self._on_batch:
                 self._on_batch(len(batch), time.perf_counter() - started)
-            start = 0
-            for x, f in items:
-                n = len(x)
+            for (_, f), rows in zip(items, split(outputs, [len(x) for x, _ in items])):
                 if not f.done():
-                    f.set_result({k: v[start : start + n] for k, v in outputs.items()})
-                start += n
+                    f.set_result(rows)

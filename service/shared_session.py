@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 from prometheus_client import Histogram
 
+from service.batcher import split
 from service.errors import ModelLoadError, ModelUnavailable
 from service.metrics import LATENCY_BUCKETS
 from service.model import ModelInfo, OnnxModel
@@ -85,11 +86,8 @@ class Runner:
             return
         if self._on_batch:
             self._on_batch(len(batch), time.perf_counter() - started)
-        start = 0
-        for conn, x in items:
-            n = len(x)
-            answer(conn, {k: v[start : start + n] for k, v in outputs.items()})
-            start += n
+        for (conn, _), rows in zip(items, split(outputs, [len(x) for _, x in items])):
+            answer(conn, rows)
 
 
 def answer(conn: Connection, reply: object) -> None:
