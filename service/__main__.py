@@ -16,6 +16,7 @@ import tempfile
 
 from service import workers as workers_module
 from service.config import Settings
+from service.errors import ModelLoadError
 from service.shared_session import ADDRESS_ENV, KEY_ENV, SharedSession
 from service.store import scratch_dir
 
@@ -34,9 +35,6 @@ def main(argv: list[str] | None = None) -> None:
     session = SharedSession() if settings.SHARED_SESSION else None
     for name in (ADDRESS_ENV, KEY_ENV):  # the workers' own, never one inherited
         os.environ.pop(name, None)
-    if session:
-        session.start()  # after the metrics directory is set: it reports its batches there too
-        os.environ.update(session.env())
     argv = list(sys.argv[1:] if argv is None else argv)
     if settings.GRPC_HOST is None:  # gRPC listens where HTTP does
         os.environ["WARN_GRPC_HOST"] = http_host(argv)
@@ -54,7 +52,12 @@ def main(argv: list[str] | None = None) -> None:
         str(round(settings.SHUTDOWN_TIMEOUT_S)),
     ]
     try:
+        if session:
+            session.start()  # after the metrics directory is set: it reports its batches there too
+            os.environ.update(session.env())
         uvicorn.main(args + argv, standalone_mode=True)
+    except ModelLoadError as e:
+        sys.exit(f"cannot start: {e}")
     finally:
         if session:
             session.stop()

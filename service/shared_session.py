@@ -157,15 +157,19 @@ def serve(address: str, authkey: bytes) -> None:
     show_service_logs()
     as_child_of_the_service(PROCESS_NAME)
     s = Settings()
-    model = OnnxModel(
-        s.MODEL_PATH,
-        s.PROVIDERS,
-        s.intra_op_threads(),  # a worker's share, unpinned: the workers decode on every core
-        s.cuda_options(),
-        s.IO_BINDING,
-        spin=s.workers() == 1,
-        blocking_sync=s.CUDA_BLOCKING_SYNC,
-    )
+    try:
+        model = OnnxModel(
+            s.MODEL_PATH,
+            s.PROVIDERS,
+            s.intra_op_threads(),  # a worker's share, unpinned: the workers decode on every core
+            s.cuda_options(),
+            s.IO_BINDING,
+            spin=s.workers() == 1,
+            blocking_sync=s.CUDA_BLOCKING_SYNC,
+        )
+    except ModelLoadError as e:
+        log.error("cannot start the shared session: %s", e)
+        sys.exit(1)
     sizes = Histogram(
         "warn_shared_session_batch_size",
         "Images per session.run of the shared session (every worker's batches together)",

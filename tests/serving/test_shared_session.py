@@ -5,9 +5,11 @@ import asyncio
 import os
 import re
 import signal
+import tempfile
 import time
 from multiprocessing import Pipe
 from multiprocessing.connection import Client
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -232,5 +234,20 @@ def test_workers_without_a_shared_session_ignore_an_inherited_address(model_path
         image = png(Image.new("RGB", (32, 32)))
         answer = httpx.post(f"{server.url}/v1/predict", content=image, headers={"content-type": "image/png"})
         assert answer.status_code == 200
+    finally:
+        server.stop()
+
+
+def test_a_model_the_shared_session_cannot_load_stops_the_start_with_why(tmp_path):
+    def folders() -> set[Path]:
+        return set(Path(tempfile.gettempdir()).glob("warn-session-*"))
+
+    before = folders()
+    server = Server({"WARN_MODEL_PATH": str(tmp_path / "missing.onnx"), "WARN_SHARED_SESSION": "true"}, launcher=True)
+    try:
+        assert server.proc.wait(60) != 0
+        output = server.output()
+        assert "model file not found" in output and "cannot start" in output and "Traceback" not in output
+        assert folders() <= before  # its socket folder is gone
     finally:
         server.stop()
