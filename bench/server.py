@@ -125,10 +125,11 @@ class Uvicorn:
     def workers(self) -> list[int]:
         """Pids of the server's worker processes (multiprocessing's resource tracker and the shared
         session's process left out)."""
+        sessions = self.sessions()
         return [
             p
             for p in self.children()
-            if b"resource_tracker" not in Path(f"/proc/{p}/cmdline").read_bytes() and p not in self.sessions()
+            if b"resource_tracker" not in Path(f"/proc/{p}/cmdline").read_bytes() and p not in sessions
         ]
 
     def sessions(self) -> list[int]:

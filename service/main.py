@@ -15,22 +15,13 @@ from service import __version__, errors
 from service.config import Settings
 from service.deps import require_api_key
 from service.limits import BodyLimitMiddleware
+from service.logs import show_service_logs
 from service.memory import return_freed_memory
 from service.metrics import Metrics, MetricsMiddleware
 from service.pipeline import Runtime
 from service.routes import docs, health, model, predict, predictions, v2, viewer
 
 log = logging.getLogger("service")
-
-
-def show_service_logs() -> None:
-    """The service's own lines (model, provider, gRPC address, errors) next to uvicorn's, in its format;
-    uvicorn configures only its own loggers."""
-    if not log.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

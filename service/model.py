@@ -7,12 +7,15 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnxruntime as ort
 
 from service.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from service.config import Settings
 
 log = logging.getLogger("service.model")
 
@@ -184,6 +187,19 @@ class OnnxModel:
         self.output_names = [o.name for o in self.info.outputs]
         self.io_binding = io_binding and active[0] == "CUDAExecutionProvider"
         log.info("loaded %s v%s from %s on %s", self.info.name, self.info.version, path, active[0])
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> OnnxModel:
+        """The session a worker of the service (or the shared session's process) runs."""
+        return cls(
+            s.MODEL_PATH,
+            s.PROVIDERS,
+            s.intra_op_threads(),
+            s.cuda_options(),
+            s.IO_BINDING,
+            spin=s.workers() == 1,
+            blocking_sync=s.CUDA_BLOCKING_SYNC,
+        )
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """(N, 3, H, W) float32 in [0, 1] -> every output by name, N first."""

@@ -64,15 +64,7 @@ class Runtime:
             remote = RemoteModel.from_env()  # set by `python -m service` when the workers share a session
         except ModelUnavailable as e:
             raise ModelLoadError(str(e)) from e
-        self.model: OnnxModel | RemoteModel = remote or OnnxModel(
-            settings.MODEL_PATH,
-            settings.PROVIDERS,
-            settings.intra_op_threads(),
-            settings.cuda_options(),
-            settings.IO_BINDING,
-            spin=settings.workers() == 1,
-            blocking_sync=settings.CUDA_BLOCKING_SYNC,
-        )
+        self.model: OnnxModel | RemoteModel = remote or OnnxModel.from_settings(settings)
         self.info: ModelInfo = self.model.info
         self.store = store or make_store(settings)
         self.batcher = MicroBatcher(

@@ -33,7 +33,9 @@ import numpy as np
 from prometheus_client import Histogram
 
 from service.batcher import split
+from service.config import Settings
 from service.errors import ModelLoadError, ModelUnavailable
+from service.logs import show_service_logs
 from service.metrics import LATENCY_BUCKETS
 from service.model import ModelInfo, OnnxModel
 
@@ -151,22 +153,11 @@ def as_child_of_the_service(name: bytes) -> None:
 
 def serve(address: str, authkey: bytes) -> None:
     """The shared session's process: loads the model, then listens at `address` (its existence says ready)."""
-    from service.config import Settings
-    from service.main import show_service_logs
-
     show_service_logs()
     as_child_of_the_service(PROCESS_NAME)
     s = Settings()
     try:
-        model = OnnxModel(
-            s.MODEL_PATH,
-            s.PROVIDERS,
-            s.intra_op_threads(),  # a worker's share, unpinned: the workers decode on every core
-            s.cuda_options(),
-            s.IO_BINDING,
-            spin=s.workers() == 1,
-            blocking_sync=s.CUDA_BLOCKING_SYNC,
-        )
+        model = OnnxModel.from_settings(s)  # a worker's share of threads, unpinned: the workers decode on every core
     except ModelLoadError as e:
         log.error("cannot start the shared session: %s", e)
         sys.exit(1)
@@ -196,7 +187,6 @@ class RemoteModel:
         self._conn: Connection | None = None
         self.info = self._connect()
         self.output_names = [o.name for o in self.info.outputs]
-        self.input_name = self.info.inputs[0].name
 
     def _connect(self) -> ModelInfo:
         try:
