@@ -218,7 +218,15 @@ class RemoteModel:
     @classmethod
     def from_env(cls) -> RemoteModel | None:
         address = os.environ.get(ADDRESS_ENV)
-        return cls(address, bytes.fromhex(os.environ[KEY_ENV])) if address else None
+        if not address:
+            return None
+        try:
+            key = bytes.fromhex(os.environ.get(KEY_ENV, ""))
+        except ValueError:
+            key = b""
+        if not key:  # set by `python -m service`; anything else is a stray variable
+            raise ModelUnavailable(f"{ADDRESS_ENV} is set, but {KEY_ENV} is not the session's key in hex")
+        return cls(address, key)
 
 
 class SharedSession:

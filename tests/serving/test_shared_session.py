@@ -251,3 +251,14 @@ def test_a_model_the_shared_session_cannot_load_stops_the_start_with_why(tmp_pat
         assert folders() <= before  # its socket folder is gone
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("key", [None, "", "not hex", "é"])
+def test_a_session_address_without_its_key_is_refused_with_why(monkeypatch, tmp_path, key):
+    monkeypatch.setenv("WARN_SESSION_ADDRESS", str(tmp_path / "socket"))
+    if key is None:
+        monkeypatch.delenv("WARN_SESSION_KEY", raising=False)
+    else:
+        monkeypatch.setenv("WARN_SESSION_KEY", key)
+    with pytest.raises(ModelUnavailable, match="WARN_SESSION_KEY"):
+        RemoteModel.from_env()
