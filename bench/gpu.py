@@ -1,6 +1,7 @@
 """The bench on a GPU host: onnxruntime's CUDA provider, the fine-grained model at large batches, the service.
 
-    python -m bench.gpu [--seconds 4] [--skip G4,G5] [--variant LABEL:WARN_X=1] [--out bench/results-gpu]
+    python -m bench.gpu [--seconds 4] [--skip G4,G5] [--variant LABEL:WARN_X=1] [--kserve-python PATH]
+                        [--out bench/results-gpu]
 
 Needs onnxruntime-gpu. Load comes from bench.load (aiohttp): GPU images rarely have wrk. Rows:
   G1 raw session.run on CUDA, default model, batch 1, 32 and 512 (the service's CUDA settings: TF32 off)
@@ -13,6 +14,10 @@ Needs onnxruntime-gpu. Load comes from bench.load (aiohttp): GPU images rarely h
   G6 /v1/attention (512x512 PNG overlay) vs /v1/predict at the same load
   G7 (with --variant) the photo at 64 connections under other settings
   G8 the GPU memory each worker of the service holds (and the shared session's process, where on)
+  G9 the naive FastAPI + PyTorch app (bench/naive_app.py, on this GPU) vs the service: the photo at 1, 16
+     and 64 connections (needs the model's own packages: torch and tyro)
+  G10 (with --kserve-python) KServe's ModelServer on the same ONNX file, onnxruntime on CUDA, vs the
+     service: the same binary v2 request at 16 and 64 connections
 With --profile, py-spy samples each variant's shared session process and one worker under load.
 The fine-grained model is exported with random weights unless --fine and --fine-backbone name files.
 """
@@ -34,12 +39,14 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from bench import load
+from bench import load, protocols
 from bench.server import ROOT, Uvicorn, bench_images, f, rate, smi
 from bench.server import machine as host
 
 DEFAULT_ONNX = ROOT / "default_model/model.onnx"
+DEFAULT_CKPT = ROOT / "default_model/model.pt"
 CUDA = "CUDAExecutionProvider"
+PEER_CONNECTIONS = (16, 64)  # G10's load levels, the service's v2 figures taken at the same
 
 
 def cuda_session(path: Path, tf32: bool = False) -> ort.InferenceSession:
@@ -177,7 +184,21 @@ def serve(**env: str) -> Uvicorn:
     return server
 
 
-def service_rows(images: dict, seconds: float, ceilings: dict) -> list[dict]:
+def v2_request() -> tuple[str, bytes, dict[str, str]]:
+    """The default model's name and the binary v2 request of `make bench` row 6 (one image), with its headers."""
+    from PIL import Image
+
+    from service.preprocess import to_input
+
+    meta = cpu_session(DEFAULT_ONNX).get_modelmeta().custom_metadata_map
+    x, _ = to_input(Image.open(ROOT / "docs/digit.png").convert("RGB"), tuple(json.loads(meta["input_size"])))
+    body, header_length = protocols.http_body(x[None], "probabilities")
+    headers = {"Inference-Header-Content-Length": str(header_length)}
+    return meta["model_name"], body, headers
+
+
+def service_rows(images: dict, seconds: float, ceilings: dict, ours_v2: dict | None = None) -> list[dict]:
+    """G5, G6 and G8; with `ours_v2`, also the v2 request at PEER_CONNECTIONS into it, for G10."""
     rows = []
     server = serve()
     try:
@@ -211,8 +232,83 @@ def service_rows(images: dict, seconds: float, ceilings: dict) -> list[dict]:
         att = load.measure(server.url + "/v1/attention?max_size=512", path.read_bytes(), ctype, 16, seconds)
         pred = load.measure(server.url + "/v1/predict", path.read_bytes(), ctype, 16, seconds)
         rows.append({"row": "G6", **att, "predict_req_s": pred["req_s"], "ratio": att["req_s"] / pred["req_s"]})
+        if ours_v2 is not None:
+            name, body, headers = v2_request()
+            url = f"{server.url}/v2/models/{name}/infer"
+            for c in PEER_CONNECTIONS:
+                ours_v2[c] = load.measure(url, body, "application/octet-stream", c, seconds, headers)
     finally:
         server.stop()
+    return rows
+
+
+def versus(peer: dict, ours: dict | None) -> dict:
+    """A peer's load figures with ours at the same load beside them."""
+    if not ours:
+        return {**peer, "ours_req_s": None}
+    return {
+        **peer,
+        "ours_req_s": ours["req_s"],
+        "ours_p50_ms": ours["p50_ms"],
+        "ours_p99_ms": ours["p99_ms"],
+        "ratio": ours["req_s"] / peer["req_s"] if peer["req_s"] else None,
+        "p99_ratio": ours["p99_ms"] / peer["p99_ms"] if peer["p99_ms"] else None,
+    }
+
+
+def naive_rows(images: dict, seconds: float, ours: dict[int, dict]) -> list[dict]:
+    """G9: bench/naive_app.py (torch on this GPU, one process, as most users would start it) with the photo,
+    against the service's G5 figures at the same connections."""
+    path, ctype = images["photo (640x427 JPEG)"]
+    naive = Uvicorn("bench.naive_app:app", {"WARN_CHECKPOINT": str(DEFAULT_CKPT)})
+    try:
+        load.measure(naive.url + "/predict", path.read_bytes(), ctype, 4, 1)  # CUDA's first kernels
+        rows = []
+        for c in (1, 16, 64):
+            r = load.measure(naive.url + "/predict", path.read_bytes(), ctype, c, seconds)
+            rows.append({"row": "G9", **versus(r, ours.get(c))})
+            print(json.dumps(rows[-1]), flush=True)
+    finally:
+        naive.stop()
+    return rows
+
+
+def kserve_rows(python: str, seconds: float, ours_v2: dict[int, dict]) -> list[dict]:
+    """G10: KServe's ModelServer (bench/kserve_server.py run by `python`, onnxruntime on CUDA, one process)
+    with the binary v2 request, against the service's figures for it at the same connections."""
+    import httpx
+
+    name, body, headers = v2_request()
+    port = Uvicorn.free_port()
+    args = [python, str(ROOT / "bench/kserve_server.py"), str(DEFAULT_ONNX), name, str(port), "0", "cuda"]
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/v2/models/{name}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                last = (log.read().decode(errors="replace").strip().splitlines() or ["no output"])[-1]
+                raise RuntimeError(f"KServe ({python}) exited with {proc.returncode}: {last}")
+            try:
+                if httpx.get(url + "/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("KServe did not start")
+            time.sleep(0.3)
+        load.measure(url + "/infer", body, "application/octet-stream", 4, 1, headers)  # CUDA's first kernels
+        rows = []
+        for c in PEER_CONNECTIONS:
+            r = load.measure(url + "/infer", body, "application/octet-stream", c, seconds, headers)
+            rows.append({"row": "G10", **versus(r, ours_v2.get(c))})
+            print(json.dumps(rows[-1]), flush=True)
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        log.close()
     return rows
 
 
@@ -328,6 +424,21 @@ def markdown(m: dict, rows: list[dict]) -> str:
             if shared:
                 held += f"; the shared session {f(shared[0], 0)} MB"
             lines.append(f"| G8 | GPU memory of the service's {r['workers']} workers, after warm-up | {held} |")
+        elif n in ("G9", "G10"):
+            what = (
+                "/v1/predict, photo, vs the naive FastAPI + PyTorch app"
+                if n == "G9"
+                else "v2 infer, binary FP32 (batch 1), vs KServe ModelServer (1 process, CUDA)"
+            )
+            peer = f"peer {f(r['req_s'])} req/s, p99 {f(r['p99_ms'], 2)} ms, not 2xx {r['non_2xx']}"
+            if r.get("ours_req_s") is None:
+                text = f"{peer}; ours not measured"
+            else:
+                text = (
+                    f"ours {f(r['ours_req_s'])} vs {peer}: **{r['ratio']:.2f}x**; "
+                    f"p99 ours {f(r['ours_p99_ms'], 2)} ms ({r['p99_ratio']:.2f}x)"
+                )
+            lines.append(f"| {n} | {what}, {r['connections']} conn | {text} |")
         elif n == "G6":
             lines.append(
                 f"| G6 | /v1/attention?max_size=512 (PNG), digit.png, 16 conn | {f(r['req_s'])} req/s vs "
@@ -360,6 +471,10 @@ def main(argv: list[str] | None = None) -> None:
         "--profile",
         action="store_true",
         help="py-spy each --variant's shared session process and one worker under load (<out>-<variant>-*.txt)",
+    )
+    p.add_argument(
+        "--kserve-python",
+        help="a Python with kserve and onnxruntime-gpu: adds G10, KServe's ModelServer on CUDA as a peer",
     )
     p.add_argument("--probe", nargs=3, metavar=("MODEL", "BATCH", "SECONDS"), help=argparse.SUPPRESS)
     p.add_argument("--tf32", action="store_true", help=argparse.SUPPRESS)
@@ -411,7 +526,12 @@ def main(argv: list[str] | None = None) -> None:
         return [{"row": "G4", "image": label, **c} for label, c in ceilings.items()]
 
     section("G4", pipelines)
-    section("G5", lambda: service_rows(images, a.seconds, ceilings))
+    ours_v2: dict[int, dict] = {}
+    section("G5", lambda: service_rows(images, a.seconds, ceilings, ours_v2 if a.kserve_python else None))
+    photo = {r["connections"]: r for r in rows if r["row"] == "G5" and r.get("image") == "photo (640x427 JPEG)"}
+    section("G9", lambda: naive_rows(images, a.seconds, photo))
+    if a.kserve_python:
+        section("G10", lambda: kserve_rows(a.kserve_python, a.seconds, ours_v2))
     profile = a.out if a.profile else ""
     for label, env in a.variant:
         section("G7", lambda label=label, env=env: variant_rows(images, a.seconds, label, env, profile))

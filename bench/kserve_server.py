@@ -3,7 +3,9 @@ over HTTP on PORT and over gRPC on PORT + 1.
 
 Runs in a venv of its own (kserve pins its own FastAPI): `make bench` builds build/kserve-venv.
 
-    python bench/kserve_server.py MODEL.onnx NAME PORT THREADS
+    python bench/kserve_server.py MODEL.onnx NAME PORT THREADS [cuda]
+
+With `cuda` (bench.gpu), onnxruntime runs on the CUDA provider with TF32 off, as the service does.
 """
 
 from __future__ import annotations
@@ -17,15 +19,16 @@ from kserve import InferOutput, InferRequest, InferResponse, Model, ModelServer
 
 
 class OnnxModel(Model):
-    def __init__(self, name: str, path: str, threads: int) -> None:
+    def __init__(self, name: str, path: str, threads: int, cuda: bool = False) -> None:
         super().__init__(name)
-        self.path, self.threads = path, threads
+        self.path, self.threads, self.cuda = path, threads, cuda
         self.load()
 
     def load(self) -> bool:
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads
-        self.session = ort.InferenceSession(self.path, options, providers=["CPUExecutionProvider"])
+        cuda = [("CUDAExecutionProvider", {"use_tf32": 0})] if self.cuda else []
+        self.session = ort.InferenceSession(self.path, options, providers=[*cuda, "CPUExecutionProvider"])
         self.names = [o.name for o in self.session.get_outputs()]
         self.ready = True
         return True
@@ -44,6 +47,7 @@ class OnnxModel(Model):
 
 if __name__ == "__main__":
     path, name, port, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    cuda = sys.argv[5:] == ["cuda"]
     ModelServer(http_port=port, grpc_port=port + 1, enable_grpc=True, workers=1, enable_latency_logging=False).start(
-        [OnnxModel(name, path, threads)]
+        [OnnxModel(name, path, threads, cuda)]
     )

@@ -62,8 +62,11 @@ def _client(url: str, body: bytes, headers: dict, connections: int, seconds: flo
     out.put((latencies, codes, cpu, elapsed))
 
 
-def measure(url: str, body: bytes, ctype: str, connections: int, seconds: float) -> dict:
-    """Closed-loop load at `connections`: the same keys as bench.run.wrk's answer, plus `codes`."""
+def measure(
+    url: str, body: bytes, ctype: str, connections: int, seconds: float, headers: dict[str, str] | None = None
+) -> dict:
+    """Closed-loop load at `connections`: the same keys as bench.run.wrk's answer, plus `codes`.
+    `headers` go with every request besides the Content-Type."""
     if connections < 1:
         raise ValueError(f"connections must be at least 1, got {connections}")
     ctx = mp.get_context("spawn")
@@ -71,7 +74,7 @@ def measure(url: str, body: bytes, ctype: str, connections: int, seconds: float)
     shares = [connections // processes + (i < connections % processes) for i in range(processes)]
     start = ctx.Barrier(processes + 1)
     out = ctx.Queue()
-    headers = {"Content-Type": ctype}
+    headers = {**(headers or {}), "Content-Type": ctype}
     procs = [
         ctx.Process(target=_client, args=(url, body, headers, n, seconds, start, out), daemon=True) for n in shares
     ]

@@ -7,6 +7,7 @@ Latency percentiles come from h2load's per-request log.
 
 from __future__ import annotations
 
+import json
 import re
 import struct
 import subprocess
@@ -16,6 +17,26 @@ from pathlib import Path
 import numpy as np
 
 GRPC_PATH = "/inference.GRPCInferenceService/ModelInfer"
+
+
+def http_body(x: np.ndarray, output: str) -> tuple[bytes, int]:
+    """An infer request in the protocol's binary form (JSON header, then the raw FP32 tensor), as
+    tritonclient.http sends it, and its header's length (the Inference-Header-Content-Length)."""
+    x = np.ascontiguousarray(x, np.float32)
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "image",
+                    "datatype": "FP32",
+                    "shape": list(x.shape),
+                    "parameters": {"binary_data_size": x.nbytes},
+                }
+            ],
+            "outputs": [{"name": output, "parameters": {"binary_data": True}}],
+        }
+    ).encode()
+    return header + x.tobytes(), len(header)
 
 
 def grpc_body(name: str, x: np.ndarray, output: str) -> bytes:

@@ -363,20 +363,8 @@ def service_rows(threads: int, seconds: float, quick: bool) -> list[dict]:
     from PIL import Image
 
     x, _ = to_input(Image.open(images["digit.png (640x400 PNG)"][0]).convert("RGB"), size)
-    header = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "image",
-                    "datatype": "FP32",
-                    "shape": [1, 3, *size],
-                    "parameters": {"binary_data_size": x.nbytes},
-                }
-            ],
-            "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
-        }
-    ).encode()
-    (work / "v2.bin").write_bytes(header + x.tobytes())
+    v2_body, header_length = protocols.http_body(x[None], "probabilities")
+    (work / "v2.bin").write_bytes(v2_body)
 
     ceilings = {
         label: pipeline.measure(DEFAULT_ONNX, path.read_bytes(), seconds, Settings().STORE_IMAGE_MAX_SIZE)
@@ -420,7 +408,7 @@ def service_rows(threads: int, seconds: float, quick: bool) -> list[dict]:
                 seconds,
                 work / "v2.bin",
                 "application/octet-stream",
-                len(header),
+                header_length,
                 server,
             )
             for c in (1, 8)
@@ -432,7 +420,7 @@ def service_rows(threads: int, seconds: float, quick: bool) -> list[dict]:
         grpc_body = protocols.grpc_body(name, x[None], "probabilities")
         ours_grpc = {}
         for c in (8, 32):
-            over_http = protocols.http_v2(server.url, name, body, len(header), c, seconds)
+            over_http = protocols.http_v2(server.url, name, body, header_length, c, seconds)
             ours_grpc[c] = protocols.grpc_v2(address, grpc_body, answer, c, seconds)
             rows.append(
                 {
@@ -450,7 +438,7 @@ def service_rows(threads: int, seconds: float, quick: bool) -> list[dict]:
     finally:
         server.stop()
 
-    rows += kserve_rows(name, threads, seconds, work / "v2.bin", len(header), v2[8], ours_grpc, x[None])
+    rows += kserve_rows(name, threads, seconds, work / "v2.bin", header_length, v2[8], ours_grpc, x[None])
 
     naive = Uvicorn("bench.naive_app:app", {"WARN_CHECKPOINT": str(DEFAULT_CKPT), "TORCH_THREADS": str(threads)})
     try:

@@ -1,5 +1,7 @@
 """bench.gpu's profiling of a variant (--profile), checked where there is no GPU."""
 
+import json
+
 import pytest
 
 from bench import gpu
@@ -21,3 +23,34 @@ def test_profile_without_py_spy_says_so(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         gpu.main(["--profile", "--variant", "x:WARN_SHARED_SESSION=true"])
     assert "--profile needs py-spy" in capsys.readouterr().err
+
+
+def test_peer_rows_put_ours_beside_the_peer():
+    peer = {"connections": 16, "req_s": 50.0, "p50_ms": 300.0, "p99_ms": 600.0, "non_2xx": 0}
+    ours = {"req_s": 400.0, "p50_ms": 30.0, "p99_ms": 150.0}
+    row = {"row": "G9", **gpu.versus(peer, ours)}
+    assert row["ratio"] == 8.0 and row["p99_ratio"] == 0.25
+    lonely = {"row": "G10", **gpu.versus(peer, None)}
+    m = {"date": "d", "gpu": "g", "driver": "v", "cores": 16, "cpu": "c", "onnxruntime": "1"}
+    table = gpu.markdown(m, [row, lonely])
+    assert "| G9 | /v1/predict, photo, vs the naive FastAPI + PyTorch app, 16 conn | ours 400.0 vs peer 50.0" in table
+    assert "**8.00x**" in table and "(0.25x)" in table
+    assert "| G10 | v2 infer" in table and "ours not measured" in table
+
+
+def test_the_naive_peer_serves_here(tmp_path):
+    """G9's peer on this host (torch on the CPU where there is no GPU): every request answered."""
+    from bench.server import bench_images
+
+    ours = {c: {"req_s": 10.0, "p50_ms": 1.0, "p99_ms": 2.0} for c in (1, 16, 64)}
+    rows = gpu.naive_rows(bench_images(tmp_path), 0.3, ours)
+    assert [r["connections"] for r in rows] == [1, 16, 64]
+    assert all(r["row"] == "G9" and r["req_s"] > 0 and r["non_2xx"] == 0 and r["ratio"] > 0 for r in rows)
+
+
+def test_the_v2_request_is_what_the_cpu_bench_sends():
+    name, body, headers = gpu.v2_request()
+    n = int(headers["Inference-Header-Content-Length"])
+    head = json.loads(body[:n])
+    assert name == "warn-cluttered-digits"
+    assert head["inputs"][0]["shape"] == [1, 3, 48, 48] and len(body) - n == 4 * 3 * 48 * 48
