@@ -96,11 +96,14 @@ class Uvicorn:
 
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
+            if self.proc.poll() is not None:  # on a lent GPU host, two minutes of waiting cost device time
+                raise RuntimeError(f"{app} exited with {self.proc.returncode} before it answered")
             try:
                 httpx.get(self.url + "/docs", timeout=1)
                 return
             except httpx.TransportError:
                 time.sleep(0.2)
+        self.stop()
         raise TimeoutError(app)
 
     def cpu_seconds(self) -> float:

@@ -1,6 +1,7 @@
-"""bench.gpu's profiling of a variant (--profile), checked where there is no GPU."""
+"""bench.gpu, checked where there is no GPU: profiling a variant, the peers, starting servers."""
 
 import json
+import time
 
 import pytest
 
@@ -54,3 +55,13 @@ def test_the_v2_request_is_what_the_cpu_bench_sends():
     head = json.loads(body[:n])
     assert name == "warn-cluttered-digits"
     assert head["inputs"][0]["shape"] == [1, 3, 48, 48] and len(body) - n == 4 * 3 * 48 * 48
+
+
+def test_a_server_that_dies_at_start_fails_at_once():
+    """Not after the two minutes a server gets to answer: on a lent GPU host they cost device time."""
+    from bench.server import Uvicorn
+
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="no_such_module:app exited with [1-9]"):
+        Uvicorn("no_such_module:app", {})
+    assert time.monotonic() - started < 60
