@@ -39,7 +39,7 @@ class Classified:
 
     outputs: dict[str, np.ndarray]
     geometry: Geometry
-    image: Image.Image  # as decoded, at most the overlay side the request asked for
+    image: np.ndarray  # (H, W, 3) uint8, as decoded: at most the overlay side the request asked for
     timings_ms: dict[str, float]
 
 
@@ -111,11 +111,17 @@ class Runtime:
         """`prepare` in a decoding thread."""
         return await anyio.to_thread.run_sync(self.prepare, data, side, limiter=self.decoders)
 
+    def _prepare_pixels(self, data: bytes, side: int) -> tuple[np.ndarray, np.ndarray, Geometry]:
+        img, x, geometry = self.prepare(data, side)
+        return np.asarray(img), x, geometry  # the overlay's pixels, copied out here rather than on the event loop
+
     async def classify(self, data: bytes, overlay_side: int = 0) -> Classified:
         """Decode and run one image; `overlay_side` is the longest side an overlay will be drawn at."""
         with self.batcher.admit():  # a full queue refuses here, before any decoding
             started = time.perf_counter()
-            img, x, geometry = await self.decode(data, overlay_side)
+            img, x, geometry = await anyio.to_thread.run_sync(
+                self._prepare_pixels, data, overlay_side, limiter=self.decoders
+            )
             decoded = time.perf_counter()
             outputs = await self.batcher.submit_admitted(x[None])
             done = time.perf_counter()
@@ -124,7 +130,7 @@ class Runtime:
         return Classified(row, geometry, img, timings)
 
     def snapshot(self, c: Classified, result: dict[str, Any]) -> StoredPrediction:
-        """What an overlay needs of a prediction."""
+        """What an overlay needs of a prediction (references, no copies: cheap on the event loop)."""
         attended = range(self.info.attended_layers)
         return StoredPrediction(
             result=result,
@@ -132,7 +138,7 @@ class Runtime:
             maps=[c.outputs[f"attention_map_{i}"] for i in attended],
             combined=c.outputs["attention_combined"],
             content=c.geometry.content,
-            image=np.asarray(c.image),
+            image=c.image,
         )
 
     async def remember(self, key: str, c: Classified, result: dict[str, Any]) -> None:
@@ -146,8 +152,7 @@ class Runtime:
 
     async def _write(self, key: str, c: Classified, result: dict[str, Any]) -> None:
         try:
-            stored = await run_in_threadpool(self.snapshot, c, result)
-            await self.store.put(key, stored)
+            await self.store.put(key, self.snapshot(c, result))  # the store's one hop off the loop, if any
         except Exception as e:  # the answer is out; its URLs will answer 404
             self.metrics.store_failures.inc()
             log.warning("storing prediction %s failed: %r", key, e)

@@ -9,6 +9,7 @@ Entries are JSON plus raw arrays (`StoredPrediction.to_bytes`), never pickles.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -19,6 +20,7 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -197,7 +199,10 @@ class MemoryStore:
 
 class DiskStore:
     """diskcache in `directory`: safe across processes, least recently stored evicted first past
-    `max_bytes` (diskcache's size limit) or `max_items`, each entry expiring after `ttl_s`."""
+    `max_bytes` (diskcache's size limit) or `max_items`, each entry expiring after `ttl_s`.
+
+    Writes run one at a time on a thread of their own: SQLite takes one writer at a time anyway, and
+    threads that wait for its lock poll it with sleeps, while the interpreter lock stays contended."""
 
     def __init__(
         self, directory: Path | str | None, max_items: int, ttl_s: float, max_bytes: int, temporary: bool = False
@@ -217,6 +222,7 @@ class DiskStore:
             cull_limit=16,  # entries evicted per write at most, so one write never stalls on a purge
             statistics=False,
         )
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
 
     def _put(self, key: str, data: bytes) -> None:
         # as a reader: diskcache writes a bytes value line by line (thousands of small writes)
@@ -232,12 +238,13 @@ class DiskStore:
         return None if data is None else StoredPrediction.from_bytes(data)
 
     async def put(self, key: str, value: StoredPrediction) -> None:
-        await run_in_threadpool(lambda: self._put(key, value.to_bytes()))
+        await asyncio.get_running_loop().run_in_executor(self._writer, lambda: self._put(key, value.to_bytes()))
 
     async def get(self, key: str) -> StoredPrediction | None:
         return await run_in_threadpool(self._get, key)
 
     async def close(self) -> None:
+        self._writer.shutdown(wait=False)  # Runtime.stop has waited for the writes, up to its timeout
         self.cache.close()
         if self.temporary:
             shutil.rmtree(self.directory, ignore_errors=True)

@@ -225,7 +225,7 @@ def test_documented_error_examples_have_the_real_shape(client):
 
 def test_only_real_work_takes_a_thread_hop(model_path, photo, monkeypatch):
     """FastAPI runs a plain `def` endpoint or dependency in its thread pool, a hop there and back per
-    request; only decoding, storing and rendering should go there."""
+    request; only decoding and rendering should go there (the memory store takes none)."""
     import functools
 
     import anyio.to_thread
@@ -246,4 +246,4 @@ def test_only_real_work_takes_a_thread_hop(model_path, photo, monkeypatch):
         assert r.status_code == 200
         assert client.get(r.json()["attention_urls"]["combined"], headers=auth).status_code == 200
         assert client.get("/v1/model", headers=auth).status_code == 200
-    assert hops and set(hops) <= {"Runtime.prepare", "Runtime.snapshot", "Runtime.render"}, hops
+    assert hops and set(hops) <= {"Runtime._prepare_pixels", "Runtime.render"}, hops

@@ -60,6 +60,36 @@ def test_disk_store_bounds_bytes(tmp_path):
     assert 39 in kept and 0 not in kept and len(kept) < 40
 
 
+def test_disk_store_writes_one_at_a_time_on_one_thread(tmp_path, monkeypatch):
+    """Concurrent puts from one worker do not wait for SQLite's write lock against each other."""
+    import threading
+
+    store = DiskStore(tmp_path, max_items=100, ttl_s=60, max_bytes=64 << 20)
+    seen, running, overlapped = [], [0], []
+    put = store._put
+
+    def spy(key, data):
+        running[0] += 1
+        overlapped.append(running[0] > 1)
+        seen.append(threading.current_thread().name)
+        time.sleep(0.01)
+        put(key, data)
+        running[0] -= 1
+
+    monkeypatch.setattr(store, "_put", spy)
+
+    async def main():
+        await asyncio.gather(*(store.put(f"k{i}", sample(i)) for i in range(8)))
+        got = [await store.get(f"k{i}") for i in range(8)]
+        await store.close()
+        return got
+
+    got = asyncio.run(main())
+    assert all(g is not None for g in got)
+    assert len(seen) == 8 and len(set(seen)) == 1 and seen[0].startswith("store-writer")
+    assert not any(overlapped)
+
+
 def test_memory_store_bounds_bytes():
     async def main():
         one = sample(0, side=64).nbytes
