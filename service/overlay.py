@@ -161,12 +161,11 @@ def draw(
 ) -> bytes:
     """The overlay that `p` describes, of a stored prediction, encoded."""
     grid = layer_grid(stored, p.layer, p.head)
-    h, w = stored.image.shape[:2]
-    out_w, out_h = output_size(w, h, p.max_size)
+    out_w, out_h = output_size(*stored.image_size, p.max_size)
     heat = to_image_grid(grid, input_size, stored.content, out_w, out_h)
     photo = None
     if p.mode == "overlay":
-        photo = Image.fromarray(stored.image)
+        photo = stored.picture()
         if photo.size != (out_w, out_h):
             photo = photo.resize((out_w, out_h), Image.BILINEAR)
     return render(heat, photo, p.colormap, p.alpha, p.format, encoding)

@@ -39,7 +39,7 @@ class Classified:
 
     outputs: dict[str, np.ndarray]
     geometry: Geometry
-    image: np.ndarray  # (H, W, 3) uint8, as decoded: at most the overlay side the request asked for
+    image: Image.Image  # as decoded, at most the overlay side the request asked for
     timings_ms: dict[str, float]
 
 
@@ -111,17 +111,11 @@ class Runtime:
         """`prepare` in a decoding thread."""
         return await anyio.to_thread.run_sync(self.prepare, data, side, limiter=self.decoders)
 
-    def _prepare_pixels(self, data: bytes, side: int) -> tuple[np.ndarray, np.ndarray, Geometry]:
-        img, x, geometry = self.prepare(data, side)
-        return np.asarray(img), x, geometry  # the overlay's pixels, copied out here rather than on the event loop
-
     async def classify(self, data: bytes, overlay_side: int = 0) -> Classified:
         """Decode and run one image; `overlay_side` is the longest side an overlay will be drawn at."""
         with self.batcher.admit():  # a full queue refuses here, before any decoding
             started = time.perf_counter()
-            img, x, geometry = await anyio.to_thread.run_sync(
-                self._prepare_pixels, data, overlay_side, limiter=self.decoders
-            )
+            img, x, geometry = await self.decode(data, overlay_side)
             decoded = time.perf_counter()
             outputs = await self.batcher.submit_admitted(x[None])
             done = time.perf_counter()
@@ -130,7 +124,8 @@ class Runtime:
         return Classified(row, geometry, img, timings)
 
     def snapshot(self, c: Classified, result: dict[str, Any]) -> StoredPrediction:
-        """What an overlay needs of a prediction (references, no copies: cheap on the event loop)."""
+        """What an overlay needs of a prediction: references, no copies, so cheap on the event loop (a store
+        copies the pixels out when it serializes them, off the loop and after the answer)."""
         attended = range(self.info.attended_layers)
         return StoredPrediction(
             result=result,

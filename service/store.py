@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 MAGIC = b"WARNSP2\n"  # format 2: raw arrays (format 1 was an npz)
@@ -57,16 +58,32 @@ class StoredPrediction:
     maps: list[np.ndarray]  # per attended layer, (h, w): heads mixed by the layer gates
     combined: np.ndarray  # (h_L, w_L): layers mixed by the global gates
     content: tuple[int, int, int, int]  # the image's box on the model input grid
-    image: np.ndarray  # (H, W, 3) uint8, the image (at most STORE_IMAGE_MAX_SIZE) overlays are drawn on
+    # the image (at most STORE_IMAGE_MAX_SIZE) overlays are drawn on: as decoded (RGB), or read back as
+    # (H, W, 3) uint8
+    image: np.ndarray | Image.Image
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(width, height) of the image."""
+        return self.image.size if isinstance(self.image, Image.Image) else (self.image.shape[1], self.image.shape[0])
+
+    def pixels(self) -> np.ndarray:
+        """The image as (H, W, 3) uint8 (a copy of a decoded one)."""
+        return np.asarray(self.image)
+
+    def picture(self) -> Image.Image:
+        """The image as an RGB PIL image (a copy of one read back)."""
+        return self.image if isinstance(self.image, Image.Image) else Image.fromarray(self.image)
 
     @property
     def nbytes(self) -> int:
-        arrays = [*self.masks, *self.maps, self.combined, self.image]
-        return sum(a.nbytes for a in arrays) + 1024  # plus about the JSON answer
+        w, h = self.image_size
+        arrays = [*self.masks, *self.maps, self.combined]
+        return sum(a.nbytes for a in arrays) + 3 * w * h + 1024  # plus about the JSON answer
 
     def to_bytes(self) -> bytes:
         """A JSON header (the answer, the box, each array's dtype and shape), then the arrays' raw bytes."""
-        arrays = [*self.masks, *self.maps, self.combined, self.image]
+        arrays = [*self.masks, *self.maps, self.combined, self.pixels()]
         head = json.dumps(
             {
                 "result": self.result,
@@ -263,9 +280,10 @@ class RedisStore:
         self.index = prefix + "index"
 
     async def put(self, key: str, value: StoredPrediction) -> None:
+        data = await run_in_threadpool(value.to_bytes)
         now = time.time()
         async with self.redis.pipeline(transaction=True) as p:
-            p.set(self.prefix + key, value.to_bytes(), px=self.ttl_ms)
+            p.set(self.prefix + key, data, px=self.ttl_ms)
             p.zadd(self.index, {key: now})
             p.zremrangebyscore(self.index, 0, now - self.ttl_ms / 1000)  # expired keys leave the index
             p.zcard(self.index)

@@ -246,4 +246,4 @@ def test_only_real_work_takes_a_thread_hop(model_path, photo, monkeypatch):
         assert r.status_code == 200
         assert client.get(r.json()["attention_urls"]["combined"], headers=auth).status_code == 200
         assert client.get("/v1/model", headers=auth).status_code == 200
-    assert hops and set(hops) <= {"Runtime._prepare_pixels", "Runtime.render"}, hops
+    assert hops and set(hops) <= {"Runtime.prepare", "Runtime.render"}, hops

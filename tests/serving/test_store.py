@@ -28,6 +28,24 @@ def test_serialized_prediction_round_trips():
         np.testing.assert_array_equal(a, b)
 
 
+def test_a_decoded_image_is_stored_as_its_pixels():
+    """The answer goes out before the pixels are copied: a prediction holds the decoded image, and the
+    store serializes it as (H, W, 3) uint8, counting the same bytes either way."""
+    import dataclasses
+
+    from PIL import Image
+
+    from service import overlay
+
+    s = sample(9, side=33)
+    decoded = dataclasses.replace(s, image=Image.fromarray(s.image))
+    assert decoded.nbytes == s.nbytes and decoded.image_size == s.image_size == (34, 33)
+    got = StoredPrediction.from_bytes(decoded.to_bytes())
+    np.testing.assert_array_equal(got.image, s.image)
+    params = overlay.OverlayParams(layer="0", max_size=16)
+    assert overlay.draw(decoded, params, (4, 4)) == overlay.draw(got, params, (4, 4))
+
+
 def test_disk_store_bounds_count_and_age(tmp_path):
     async def main():
         store = DiskStore(tmp_path, max_items=3, ttl_s=0.4, max_bytes=64 << 20)
