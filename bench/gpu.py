@@ -40,7 +40,7 @@ import numpy as np
 import onnxruntime as ort
 
 from bench import load, protocols
-from bench.server import ROOT, Uvicorn, bench_images, f, rate, smi
+from bench.server import ROOT, KServe, Uvicorn, bench_images, f, rate, smi
 from bench.server import machine as host
 
 DEFAULT_ONNX = ROOT / "default_model/model.onnx"
@@ -276,29 +276,10 @@ def naive_rows(images: dict, seconds: float, ours: dict[int, dict]) -> list[dict
 def kserve_rows(python: str, seconds: float, ours_v2: dict[int, dict]) -> list[dict]:
     """G10: KServe's ModelServer (bench/kserve_server.py run by `python`, onnxruntime on CUDA, one process)
     with the binary v2 request, against the service's figures for it at the same connections."""
-    import httpx
-
     name, body, headers = v2_request()
-    port = Uvicorn.free_port()
-    args = [python, str(ROOT / "bench/kserve_server.py"), str(DEFAULT_ONNX), name, str(port), "0", "cuda"]
-    log = tempfile.TemporaryFile()
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/v2/models/{name}"
+    peer = KServe(python, DEFAULT_ONNX, name, 0, cuda=True)
+    url = f"{peer.url}/v2/models/{name}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                last = (log.read().decode(errors="replace").strip().splitlines() or ["no output"])[-1]
-                raise RuntimeError(f"KServe ({python}) exited with {proc.returncode}: {last}")
-            try:
-                if httpx.get(url + "/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("KServe did not start")
-            time.sleep(0.3)
         load.measure(url + "/infer", body, "application/octet-stream", 4, 1, headers)  # CUDA's first kernels
         rows = []
         for c in PEER_CONNECTIONS:
@@ -306,9 +287,7 @@ def kserve_rows(python: str, seconds: float, ours_v2: dict[int, dict]) -> list[d
             rows.append({"row": "G10", **versus(r, ours_v2.get(c))})
             print(json.dumps(rows[-1]), flush=True)
     finally:
-        proc.terminate()
-        proc.wait(20)
-        log.close()
+        peer.stop()
     return rows
 
 

@@ -41,7 +41,7 @@ import torch
 from bench import protocols
 from bench.memory import measure as memory_row
 from bench.memory import per_pixel
-from bench.server import ROOT, Uvicorn, bench_images, f, rate
+from bench.server import ROOT, KServe, Uvicorn, bench_images, f, rate
 from bench.server import machine as host
 from export.onnx_export import _export, output_names
 from models.checkpoint import load
@@ -232,34 +232,16 @@ def kserve_rows(
     name: str, threads: int, seconds: float, body: Path, header_length: int, ours: dict, ours_grpc: dict, x: np.ndarray
 ) -> list[dict]:
     """Row 6 (KServe over HTTP) and row 11's peer (KServe over gRPC), one KServe process for both."""
-    import httpx
-
-    port = Uvicorn.free_port()
-    proc = subprocess.Popen(
-        [kserve_python(), str(ROOT / "bench/kserve_server.py"), str(DEFAULT_ONNX), name, str(port), str(threads)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
+    peer_server = KServe(kserve_python(), DEFAULT_ONNX, name, threads)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/v2/models/{name}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("KServe did not start")
-            time.sleep(0.3)
-        peer = wrk(f"{url}/v2/models/{name}/infer", 8, seconds, body, "application/octet-stream", header_length)
-        address = f"127.0.0.1:{port + 1}"
+        url = f"{peer_server.url}/v2/models/{name}/infer"
+        peer = wrk(url, 8, seconds, body, "application/octet-stream", header_length)
+        address = peer_server.grpc_address
         answer = protocols.check_grpc(address, name, x, "probabilities")
         grpc_body = protocols.grpc_body(name, x, "probabilities")
         peer_grpc = {c: protocols.grpc_v2(address, grpc_body, answer, c, seconds) for c in ours_grpc}
     finally:
-        proc.terminate()
-        proc.wait(20)
+        peer_server.stop()
     rows = [
         {
             "row": 11,

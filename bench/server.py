@@ -10,6 +10,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -142,6 +143,40 @@ class Uvicorn:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(20)
+
+
+class KServe:
+    """KServe's ModelServer (bench/kserve_server.py) run by `python`, a Python that has kserve, on `model`:
+    the v2 protocol over HTTP at `url` and over gRPC at `grpc_address`; `cuda` runs onnxruntime on CUDA."""
+
+    def __init__(self, python: str, model: Path, name: str, threads: int, cuda: bool = False) -> None:
+        import httpx
+
+        port = Uvicorn.free_port()
+        self.url, self.grpc_address = f"http://127.0.0.1:{port}", f"127.0.0.1:{port + 1}"
+        self.log = tempfile.TemporaryFile()
+        args = [python, str(ROOT / "bench/kserve_server.py"), str(model), name, str(port), str(threads)]
+        self.proc = subprocess.Popen(args + (["cuda"] if cuda else []), stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while True:
+            if self.proc.poll() is not None:
+                self.log.seek(0)
+                last = (self.log.read().decode(errors="replace").strip().splitlines() or ["no output"])[-1]
+                raise RuntimeError(f"KServe ({python}) exited with {self.proc.returncode}: {last}")
+            try:
+                if httpx.get(f"{self.url}/v2/models/{name}/ready", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError("KServe did not start")
+            time.sleep(0.3)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(20)
+        self.log.close()
 
 
 def bench_images(work: Path) -> dict[str, tuple[Path, str]]:

@@ -65,3 +65,15 @@ def test_a_server_that_dies_at_start_fails_at_once():
     with pytest.raises(RuntimeError, match="no_such_module:app exited with [1-9]"):
         Uvicorn("no_such_module:app", {})
     assert time.monotonic() - started < 60
+
+
+def test_kserve_that_cannot_start_says_why_at_once():
+    """G10 given a Python without kserve: the bench says so, not after two minutes."""
+    import sys
+
+    from bench.server import KServe
+
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="No module named 'kserve'"):
+        KServe(sys.executable, gpu.DEFAULT_ONNX, "warn-cluttered-digits", 1, cuda=True)
+    assert time.monotonic() - started < 60
