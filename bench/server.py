@@ -63,6 +63,32 @@ def rate(fn: Callable[[], object], items: int, seconds: float) -> float:
     return calls * items / elapsed
 
 
+def wait_until_answered(
+    proc: subprocess.Popen,
+    url: str,
+    what: str,
+    last_output: Callable[[], str] | None = None,
+    ready: Callable[[int], bool] = lambda status: status == 200,
+    timeout: float = 120,
+) -> None:
+    """Until `url` answers with a `ready` status. Fails at once if `proc` exits first (on a lent GPU
+    host, waiting out the timeout costs device time), with its last line of output where it is kept."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            why = f": {last_output()}" if last_output else ""
+            raise RuntimeError(f"{what} exited with {proc.returncode} before it answered{why}")
+        try:
+            if ready(httpx.get(url, timeout=1).status_code):
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{what} did not answer in {timeout:.0f} s")
+
+
 class Uvicorn:
     """A server process on a free loopback port; `cpu_seconds` is its user+system time so far."""
 
@@ -93,19 +119,11 @@ class Uvicorn:
             cwd=cwd,
             env={**os.environ, **env},
         )
-        import httpx
-
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:  # on a lent GPU host, two minutes of waiting cost device time
-                raise RuntimeError(f"{app} exited with {self.proc.returncode} before it answered")
-            try:
-                httpx.get(self.url + "/docs", timeout=1)
-                return
-            except httpx.TransportError:
-                time.sleep(0.2)
-        self.stop()
-        raise TimeoutError(app)
+        try:
+            wait_until_answered(self.proc, self.url + "/docs", app, ready=lambda status: True)
+        except TimeoutError:
+            self.stop()
+            raise
 
     def cpu_seconds(self) -> float:
         """User+system seconds of the server and its worker processes."""
@@ -150,28 +168,20 @@ class KServe:
     the v2 protocol over HTTP at `url` and over gRPC at `grpc_address`; `cuda` runs onnxruntime on CUDA."""
 
     def __init__(self, python: str, model: Path, name: str, threads: int, cuda: bool = False) -> None:
-        import httpx
-
         port = Uvicorn.free_port()
         self.url, self.grpc_address = f"http://127.0.0.1:{port}", f"127.0.0.1:{port + 1}"
         self.log = tempfile.TemporaryFile()
         args = [python, str(ROOT / "bench/kserve_server.py"), str(model), name, str(port), str(threads)]
         self.proc = subprocess.Popen(args + (["cuda"] if cuda else []), stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        while True:
-            if self.proc.poll() is not None:
-                self.log.seek(0)
-                last = (self.log.read().decode(errors="replace").strip().splitlines() or ["no output"])[-1]
-                raise RuntimeError(f"KServe ({python}) exited with {self.proc.returncode}: {last}")
-            try:
-                if httpx.get(f"{self.url}/v2/models/{name}/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise TimeoutError("KServe did not start")
-            time.sleep(0.3)
+        try:
+            wait_until_answered(self.proc, f"{self.url}/v2/models/{name}/ready", f"KServe ({python})", self._last_line)
+        except TimeoutError:
+            self.stop()
+            raise
+
+    def _last_line(self) -> str:
+        self.log.seek(0)
+        return (self.log.read().decode(errors="replace").strip().splitlines() or ["no output"])[-1]
 
     def stop(self) -> None:
         self.proc.terminate()
