@@ -12,7 +12,7 @@ Needs onnxruntime-gpu. Load comes from bench.load (aiohttp): GPU images rarely h
   G5 the service as `make serve` runs it (one worker per core), /v1/predict for the three images of
      `make bench`, with the load's own CPU and the GPU's busy share while it ran
   G6 /v1/attention (512x512 PNG overlay) vs /v1/predict at the same load
-  G7 (with --variant) the photo at 64 connections under other settings
+  G7 (with --variant) the photo at 64 connections under other settings, or from another checkout
   G8 the GPU memory each worker of the service holds (and the shared session's process, where on)
   G9 the naive FastAPI + PyTorch app (bench/naive_app.py, on this GPU) vs the service: the photo at 1, 16
      and 64 connections (needs the model's own packages: torch and tyro)
@@ -169,17 +169,18 @@ def fine_rows(warn: Path, plain: Path, seconds: float) -> list[dict]:
 
 def pipeline_rows(images: dict, seconds: float) -> dict:
     from bench import pipeline
-    from service.config import Settings
 
     return {
-        label: pipeline.measure(DEFAULT_ONNX, path.read_bytes(), seconds, Settings().STORE_IMAGE_MAX_SIZE, CUDA)
-        for label, (path, _) in images.items()
+        label: pipeline.measure(DEFAULT_ONNX, path.read_bytes(), seconds, CUDA) for label, (path, _) in images.items()
     }
 
 
-def serve(**env: str) -> Uvicorn:
-    """The service as `make serve` runs it, every worker warmed up (CUDA loads its kernels on first use)."""
-    server = Uvicorn("service", {"WARN_MODEL_PATH": str(DEFAULT_ONNX), "WARN_GRPC_PORT": "0", **env}, launcher=True)
+def serve(checkout: Path = ROOT, **env: str) -> Uvicorn:
+    """The service as `make serve` runs it, every worker warmed up (CUDA loads its kernels on first use).
+    `checkout`: the tree whose `service` package runs (another revision's, to compare in the same run)."""
+    server = Uvicorn(
+        "service", {"WARN_MODEL_PATH": str(DEFAULT_ONNX), "WARN_GRPC_PORT": "0", **env}, launcher=True, cwd=checkout
+    )
     load.measure(server.url + "/v1/predict", (ROOT / "docs/digit.png").read_bytes(), "image/png", 64, 2)
     return server
 
@@ -309,7 +310,9 @@ def predict_load(server: Uvicorn, path: Path, ctype: str, connections: int, seco
 
 
 def variant_rows(images: dict, seconds: float, label: str, env: dict[str, str], profile: str = "") -> list[dict]:
-    server = serve(**env)
+    env = dict(env)
+    checkout = env.pop("checkout", None)
+    server = serve(Path(checkout) if checkout else ROOT, **env)
     spies = []
     try:
         path, ctype = images["photo (640x427 JPEG)"]
@@ -444,7 +447,8 @@ def main(argv: list[str] | None = None) -> None:
         type=variant,
         default=[],
         metavar="LABEL:K=V,K=V",
-        help="also serve the photo at 64 connections with these settings (repeatable)",
+        help="also serve the photo at 64 connections with these settings (repeatable); checkout=PATH serves "
+        "the service package of another tree (e.g. a `git archive` of the revision before)",
     )
     p.add_argument(
         "--profile",

@@ -1,8 +1,9 @@
 """The ceiling for the service: the same decode, letterbox and session.run, without HTTP.
 
 One process per core, each looping over the same encoded image with the service's own functions
-(`service.decode.decode`, `service.preprocess.to_input`, `service.model.OnnxModel`) at batch 1,
-one onnxruntime thread each. Single-image latency is one process with every core.
+(`service.pipeline.prepare`, which decodes and letterboxes as `/v1/predict` does, and
+`service.model.OnnxModel`) at batch 1, one onnxruntime thread each. Single-image latency is one process
+with every core.
 """
 
 from __future__ import annotations
@@ -14,19 +15,17 @@ from pathlib import Path
 import numpy as np
 
 from service.config import Settings, cores
-from service.decode import Need, decode
 from service.model import OnnxModel
-from service.preprocess import fit, to_input
+from service.pipeline import prepare
 
 
-def _loop(model_path: str, data: bytes, longest: int, threads: int, seconds: float, providers: str, out) -> None:
-    model = OnnxModel(Path(model_path), providers, threads, Settings().cuda_options())  # as the service runs it
+def _loop(model_path: str, data: bytes, threads: int, seconds: float, providers: str, out) -> None:
+    settings = Settings()
+    model = OnnxModel(Path(model_path), providers, threads, settings.cuda_options())  # as the service runs it
     size = model.info.input_size
-    need = Need(max(longest // 2 + 1, *size))  # as the service decodes for /v1/predict
 
     def once() -> None:
-        d = decode(data, 40_000_000, need=need)
-        x, _ = to_input(fit(d.image, longest), size, "letterbox", (d.width, d.height))
+        _, x, _ = prepare(data, 0, size, settings)
         model.run(x[None])
 
     for _ in range(3):
@@ -40,9 +39,7 @@ def _loop(model_path: str, data: bytes, longest: int, threads: int, seconds: flo
     out.put(lat)
 
 
-def measure(
-    model_path: Path, data: bytes, seconds: float, longest: int, providers: str = "CPUExecutionProvider"
-) -> dict:
+def measure(model_path: Path, data: bytes, seconds: float, providers: str = "CPUExecutionProvider") -> dict:
     """Images/s over one process per core, and p50 latency of one image alone (every core)."""
     ctx = mp.get_context("spawn")
     usable = cores()  # as the service counts them
@@ -50,7 +47,7 @@ def measure(
     def run(processes: int, threads: int) -> list[list[float]]:
         q = ctx.Queue()
         ps = [
-            ctx.Process(target=_loop, args=(str(model_path), data, longest, threads, seconds, providers, q))
+            ctx.Process(target=_loop, args=(str(model_path), data, threads, seconds, providers, q))
             for _ in range(processes)
         ]
         for p in ps:

@@ -118,6 +118,14 @@ class Settings(BaseSettings):
     STORE_MAX_BYTES: int = Field(
         512 * 1024 * 1024, ge=1 << 20, description="bytes the disk or memory store may hold; oldest go first"
     )
+    STORE_SHARDS: int = Field(
+        8,
+        ge=1,
+        le=64,
+        description="SQLite databases the disk store spreads predictions over, by id: each takes one writer "
+        "at a time, and holds its share of STORE_MAX_ITEMS and STORE_MAX_BYTES (changed, a kept STORE_DIR's "
+        "predictions are lost)",
+    )
     STORE_TTL_S: float = Field(3600, gt=0, description="seconds a stored prediction lives")
     STORE_PENDING_WRITES: int = Field(
         8,
@@ -128,7 +136,9 @@ class Settings(BaseSettings):
     STORE_WRITE_WAIT_S: float = Field(
         2.0, ge=0, description="how long a GET of a just-made id waits for its store to finish, before 404"
     )
-    STORE_IMAGE_MAX_SIZE: int = Field(1024, ge=16, description="longest side of the image kept for overlays")
+    STORE_IMAGE_MAX_SIZE: int = Field(
+        1024, ge=16, description="longest side overlays are drawn at (a stored upload is decoded at most this large)"
+    )
 
     OVERLAY_ALPHA: float = Field(0.5, ge=0, le=1, description="heatmap opacity over the photo")
     OVERLAY_COLORMAP: Literal["viridis", "turbo", "jet"] = "viridis"
@@ -137,7 +147,10 @@ class Settings(BaseSettings):
     )
     OVERLAY_QUALITY: int = Field(85, ge=1, le=100, description="quality of WebP and JPEG overlays")
     OVERLAY_CACHE_BYTES: int = Field(
-        64 * 1024 * 1024, ge=0, description="rendered overlays kept per worker, by parameter set (0: off)"
+        64 * 1024 * 1024,
+        ge=0,
+        description="rendered overlays, by parameter set, and the decoded images they are drawn on, kept per "
+        "worker (0: off)",
     )
 
     API_KEY: str | None = Field(

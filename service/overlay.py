@@ -157,15 +157,17 @@ def layer_grid(stored: StoredPrediction, layer: str, head: int | None) -> np.nda
 
 
 def draw(
-    stored: StoredPrediction, p: OverlayParams, input_size: tuple[int, int], encoding: Encoding = Encoding()
+    stored: StoredPrediction,
+    picture: Image.Image,
+    p: OverlayParams,
+    input_size: tuple[int, int],
+    encoding: Encoding = Encoding(),
 ) -> bytes:
-    """The overlay that `p` describes, of a stored prediction, encoded."""
+    """The overlay that `p` describes, of a stored prediction whose image, decoded, is `picture`, encoded."""
     grid = layer_grid(stored, p.layer, p.head)
-    out_w, out_h = output_size(*stored.image_size, p.max_size)
+    out_w, out_h = output_size(*picture.size, p.max_size)
     heat = to_image_grid(grid, input_size, stored.content, out_w, out_h)
     photo = None
     if p.mode == "overlay":
-        photo = stored.picture()
-        if photo.size != (out_w, out_h):
-            photo = photo.resize((out_w, out_h), Image.BILINEAR)
+        photo = picture if picture.size == (out_w, out_h) else picture.resize((out_w, out_h), Image.BILINEAR)
     return render(heat, photo, p.colormap, p.alpha, p.format, encoding)

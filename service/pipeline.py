@@ -43,13 +43,40 @@ class Classified:
     timings_ms: dict[str, float]
 
 
+def shrunk(data: bytes, side: int, settings: Settings, need: Need | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """An upload decoded with its longest side in (side/2, side] (or smaller where it is), and its original
+    (EXIF-oriented) size. JPEGs decode at a power-of-two scale: asking for just over side/2 lands there."""
+    d = decode(data, settings.MAX_IMAGE_PIXELS, settings.ALPHA_BACKGROUND, need or Need(side // 2 + 1))
+    return fit(d.image, side), (d.width, d.height)
+
+
+def prepare(
+    data: bytes, side: int, input_size: tuple[int, int], settings: Settings
+) -> tuple[Image.Image, np.ndarray, Geometry]:
+    """Bytes to the image an overlay is drawn on (longest side in (side/2, side]; when `side` is 0, as
+    small as the model allows) and the model input made from it.
+
+    The model's input is resized from at least twice its size: decoded any smaller (a JPEG at 1/8 scale),
+    the answers of the default model moved (`python -m bench.scales`)."""
+    least = 2 * max(input_size)
+    need = Need(max(side // 2 + 1, least), least if settings.RESIZE == "stretch" else 0)
+    img, original = shrunk(data, max(side, 2 * least), settings, need)
+    x, geometry = to_input(img, input_size, settings.RESIZE, original)
+    return fit(img, side) if side else img, x, geometry
+
+
 def make_store(settings: Settings) -> PredictionStore:
     s = settings
     if s.STORE == "redis":
         return RedisStore(s.REDIS_URL, s.STORE_MAX_ITEMS, s.STORE_TTL_S)
     if s.STORE == "disk":  # without a directory (one process on its own): a temporary one of its own
         return DiskStore(
-            s.STORE_DIR, s.STORE_MAX_ITEMS, s.STORE_TTL_S, s.STORE_MAX_BYTES, temporary=s.STORE_DIR is None
+            s.STORE_DIR,
+            s.STORE_MAX_ITEMS,
+            s.STORE_TTL_S,
+            s.STORE_MAX_BYTES,
+            temporary=s.STORE_DIR is None,
+            shards=s.STORE_SHARDS,
         )
     return MemoryStore(s.STORE_MAX_ITEMS, s.STORE_TTL_S, s.STORE_MAX_BYTES)
 
@@ -96,16 +123,7 @@ class Runtime:
         await self.store.close()
 
     def prepare(self, data: bytes, side: int = 0) -> tuple[Image.Image, np.ndarray, Geometry]:
-        """Bytes to the image an overlay is drawn on (longest side in (side/2, side], or as small as the
-        model allows when `side` is 0) and the model input made from it."""
-        s, size = self.settings, self.info.input_size
-        model_side = max(size)
-        # JPEGs decode at a power-of-two scale; asking for just over side/2 lands the result in (side/2, side]
-        need = Need(max(side // 2 + 1, model_side), model_side if s.RESIZE == "stretch" else 0)
-        d = decode(data, s.MAX_IMAGE_PIXELS, s.ALPHA_BACKGROUND, need)
-        img = fit(d.image, max(side, model_side * 2))
-        x, geometry = to_input(img, size, s.RESIZE, (d.width, d.height))
-        return img, x, geometry
+        return prepare(data, side, self.info.input_size, self.settings)
 
     async def decode(self, data: bytes, side: int = 0) -> tuple[Image.Image, np.ndarray, Geometry]:
         """`prepare` in a decoding thread."""
@@ -123,9 +141,10 @@ class Runtime:
         timings = {"decode_ms": (decoded - started) * 1e3, "inference_ms": (done - decoded) * 1e3}
         return Classified(row, geometry, img, timings)
 
-    def snapshot(self, c: Classified, result: dict[str, Any]) -> StoredPrediction:
+    def snapshot(self, c: Classified, result: dict[str, Any], upload: bytes | None = None) -> StoredPrediction:
         """What an overlay needs of a prediction: references, no copies, so cheap on the event loop (a store
-        copies the pixels out when it serializes them, off the loop and after the answer)."""
+        copies them out when it serializes them, off the loop and after the answer). With `upload`, the
+        image is kept as uploaded, and decoded only if an overlay is drawn."""
         attended = range(self.info.attended_layers)
         return StoredPrediction(
             result=result,
@@ -133,21 +152,28 @@ class Runtime:
             maps=[c.outputs[f"attention_map_{i}"] for i in attended],
             combined=c.outputs["attention_combined"],
             content=c.geometry.content,
-            image=c.image,
+            image=c.image if upload is None else upload,
         )
 
-    async def remember(self, key: str, c: Classified, result: dict[str, Any]) -> None:
-        """Store a prediction for its overlay URLs. The write finishes after the answer is sent, unless
-        `STORE_PENDING_WRITES` are already under way: then this request waits for its own."""
-        write = asyncio.create_task(self._write(key, c, dict(result)))  # the caller adds its timings
+    def kept_upload(self, data: bytes) -> bytes | None:
+        """`data`, where a stored prediction keeps the upload for its overlays: unless it is larger than the
+        pixels of an overlay-sized image, so that no entry holds more than those (3 MiB at 1024)."""
+        side = self.settings.STORE_IMAGE_MAX_SIZE
+        return data if len(data) <= 3 * side * side else None
+
+    async def remember(self, key: str, c: Classified, result: dict[str, Any], upload: bytes | None) -> None:
+        """Store a prediction for its overlay URLs, with the image as uploaded (or as decoded, without
+        `upload`). The write finishes after the answer is sent, unless `STORE_PENDING_WRITES` are already
+        under way: then this request waits for its own."""
+        write = asyncio.create_task(self._write(key, self.snapshot(c, dict(result), upload)))  # the caller adds timings
         self.writes[key] = write
         write.add_done_callback(lambda _: self.writes.pop(key, None))
         if len(self.writes) > self.settings.STORE_PENDING_WRITES:
             await asyncio.shield(write)  # a client that gives up does not cancel the write
 
-    async def _write(self, key: str, c: Classified, result: dict[str, Any]) -> None:
+    async def _write(self, key: str, stored: StoredPrediction) -> None:
         try:
-            await self.store.put(key, self.snapshot(c, result))  # the store's one hop off the loop, if any
+            await self.store.put(key, stored)  # the store's one hop off the loop, if any
         except Exception as e:  # the answer is out; its URLs will answer 404
             self.metrics.store_failures.inc()
             log.warning("storing prediction %s failed: %r", key, e)
@@ -170,13 +196,25 @@ class Runtime:
             stored = await self.store.get(key)
         return stored
 
-    def render(self, stored: StoredPrediction, p: overlay.OverlayParams) -> bytes:
-        return overlay.draw(stored, p, self.info.input_size, self.encoding)
+    def picture(self, stored: StoredPrediction) -> Image.Image:
+        """The image overlays of `stored` are drawn on: decoded, if kept as uploaded, as `/v1/predict` with an
+        overlay would have decoded it."""
+        if stored.encoded is None:
+            return stored.picture()
+        return shrunk(stored.encoded, self.settings.STORE_IMAGE_MAX_SIZE, self.settings)[0]
+
+    def render(self, stored: StoredPrediction, picture: Image.Image, p: overlay.OverlayParams) -> bytes:
+        return overlay.draw(stored, picture, p, self.info.input_size, self.encoding)
 
     async def overlay(self, key: str, stored: StoredPrediction, p: overlay.OverlayParams) -> bytes:
-        """A stored prediction's overlay, rendered off the event loop once per parameter set."""
+        """A stored prediction's overlay, rendered off the event loop once per parameter set. An image kept as
+        uploaded is decoded once for every overlay of it (while the cache holds it), in a decoding thread."""
         cached = self.overlays.get((key, p))
         if cached is None:
-            cached = await run_in_threadpool(self.render, stored, p)
+            picture = self.overlays.get(key)
+            if picture is None:
+                picture = await anyio.to_thread.run_sync(self.picture, stored, limiter=self.decoders)
+                self.overlays.put(key, picture, 3 * picture.width * picture.height)
+            cached = await run_in_threadpool(self.render, stored, picture, p)
             self.overlays.put((key, p), cached)
         return cached

@@ -19,6 +19,7 @@ import shutil
 import tempfile
 import threading
 import time
+import zlib
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,7 +30,8 @@ import numpy as np
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
-MAGIC = b"WARNSP2\n"  # format 2: raw arrays (format 1 was an npz)
+MAGIC = b"WARNSP3\n"  # format 3: raw arrays, then the image as pixels or as uploaded
+MAGIC_PIXELS = b"WARNSP2\n"  # format 2 (the image always as pixels), still read
 
 
 UUID7 = re.compile(r"[0-9a-f]{12}7[0-9a-f]{3}[89ab][0-9a-f]{15}")
@@ -58,54 +60,71 @@ class StoredPrediction:
     maps: list[np.ndarray]  # per attended layer, (h, w): heads mixed by the layer gates
     combined: np.ndarray  # (h_L, w_L): layers mixed by the global gates
     content: tuple[int, int, int, int]  # the image's box on the model input grid
-    # the image (at most STORE_IMAGE_MAX_SIZE) overlays are drawn on: as decoded (RGB), or read back as
-    # (H, W, 3) uint8
-    image: np.ndarray | Image.Image
+    # the image overlays are drawn on: the upload as sent (bytes), decoded only when an overlay is drawn;
+    # or decoded already, at most STORE_IMAGE_MAX_SIZE (RGB, or (H, W, 3) uint8 as read back)
+    image: bytes | np.ndarray | Image.Image
 
     @property
-    def image_size(self) -> tuple[int, int]:
-        """(width, height) of the image."""
-        return self.image.size if isinstance(self.image, Image.Image) else (self.image.shape[1], self.image.shape[0])
-
-    def pixels(self) -> np.ndarray:
-        """The image as (H, W, 3) uint8 (a copy of a decoded one)."""
-        return np.asarray(self.image)
+    def encoded(self) -> bytes | None:
+        """The upload as sent, where the image is kept that way."""
+        return self.image if isinstance(self.image, bytes) else None
 
     def picture(self) -> Image.Image:
-        """The image as an RGB PIL image (a copy of one read back)."""
+        """A decoded image as an RGB PIL image (a copy of one read back)."""
+        if isinstance(self.image, bytes):
+            raise TypeError("the image is kept encoded: decode it (Runtime.picture)")
         return self.image if isinstance(self.image, Image.Image) else Image.fromarray(self.image)
 
     @property
     def nbytes(self) -> int:
-        w, h = self.image_size
         arrays = [*self.masks, *self.maps, self.combined]
-        return sum(a.nbytes for a in arrays) + 3 * w * h + 1024  # plus about the JSON answer
+        if isinstance(self.image, bytes):
+            image = len(self.image)
+        else:
+            w, h = self.image.size if isinstance(self.image, Image.Image) else self.image.shape[1::-1]
+            image = 3 * w * h
+        return sum(a.nbytes for a in arrays) + image + 1024  # plus about the JSON answer
 
     def to_bytes(self) -> bytes:
-        """A JSON header (the answer, the box, each array's dtype and shape), then the arrays' raw bytes."""
-        arrays = [*self.masks, *self.maps, self.combined, self.pixels()]
+        """A JSON header (the answer, the box, each array's dtype and shape, how the image is kept), then
+        the arrays' raw bytes, then the image: the upload as sent, or (H, W, 3) uint8 pixels."""
+        arrays = [*self.masks, *self.maps, self.combined]
+        encoded = self.encoded
+        tail = encoded if encoded is not None else np.ascontiguousarray(np.asarray(self.image)).data
         head = json.dumps(
             {
                 "result": self.result,
                 "content": list(self.content),
                 "layers": len(self.masks),
                 "arrays": [[a.dtype.str, list(a.shape)] for a in arrays],
+                "image": "encoded" if encoded is not None else ["|u1", list(np.asarray(self.image).shape)],
             }
         ).encode()
-        return b"".join([MAGIC, len(head).to_bytes(4, "big"), head, *(np.ascontiguousarray(a).data for a in arrays)])
+        return b"".join(
+            [MAGIC, len(head).to_bytes(4, "big"), head, *(np.ascontiguousarray(a).data for a in arrays), tail]
+        )
 
     @classmethod
     def from_bytes(cls, data: bytes) -> StoredPrediction:
-        if data[: len(MAGIC)] != MAGIC:
+        magic = data[: len(MAGIC)]
+        if magic not in (MAGIC, MAGIC_PIXELS):
             raise ValueError("not a stored prediction of this format")
         i = len(MAGIC) + 4
         n = int.from_bytes(data[len(MAGIC) : i], "big")
         head = json.loads(data[i : i + n])
+        if magic == MAGIC_PIXELS:  # the image was the last array
+            *head["arrays"], shape = head["arrays"]
+            head["image"] = shape
         offset, arrays = i + n, []
         for dtype, shape in head["arrays"]:
             count = int(np.prod(shape))
             arrays.append(np.frombuffer(data, dtype, count, offset).reshape(shape))  # views, no copies
             offset += count * np.dtype(dtype).itemsize
+        if head["image"] == "encoded":
+            image: bytes | np.ndarray = data[offset:]
+        else:
+            dtype, shape = head["image"]
+            image = np.frombuffer(data, dtype, int(np.prod(shape)), offset).reshape(shape)
         layers = head["layers"]
         return cls(
             result=head["result"],
@@ -113,7 +132,7 @@ class StoredPrediction:
             maps=arrays[layers : 2 * layers],
             combined=arrays[2 * layers],
             content=tuple(head["content"]),
-            image=arrays[2 * layers + 1],
+            image=image,
         )
 
 
@@ -218,11 +237,19 @@ class DiskStore:
     """diskcache in `directory`: safe across processes, least recently stored evicted first past
     `max_bytes` (diskcache's size limit) or `max_items`, each entry expiring after `ttl_s`.
 
-    Writes run one at a time on a thread of their own: SQLite takes one writer at a time anyway, and
-    threads that wait for its lock poll it with sleeps, while the interpreter lock stays contended."""
+    SQLite takes one writer at a time, and a writer that finds the lock taken polls it with sleeps of up
+    to 100 ms. So entries are spread by id over `shards` databases (subdirectories), each bounded by its
+    share of the limits, and a host's workers mostly write to different ones. Within a worker, writes
+    run one at a time on a thread of their own, rather than contend for the lock and the interpreter."""
 
     def __init__(
-        self, directory: Path | str | None, max_items: int, ttl_s: float, max_bytes: int, temporary: bool = False
+        self,
+        directory: Path | str | None,
+        max_items: int,
+        ttl_s: float,
+        max_bytes: int,
+        temporary: bool = False,
+        shards: int = 1,
     ) -> None:
         import diskcache
 
@@ -230,28 +257,40 @@ class DiskStore:
             directory = scratch_dir(max_bytes)
         self.directory = Path(directory)
         self.temporary = temporary  # remove the directory on close
-        self.max_items = max_items
+        shards = min(shards, max_items)
+        self.max_items = max_items // shards  # per shard, so never more than max_items in all
         self.ttl_s = ttl_s
-        self.cache = diskcache.Cache(
-            str(directory),
-            size_limit=max_bytes,
-            eviction_policy="least-recently-stored",
-            cull_limit=16,  # entries evicted per write at most, so one write never stalls on a purge
-            statistics=False,
-        )
+        self.shards = [
+            diskcache.Cache(
+                str(self.directory if shards == 1 else self.directory / f"shard-{i}"),
+                size_limit=max_bytes // shards,
+                eviction_policy="least-recently-stored",
+                cull_limit=16,  # entries evicted per write at most, so one write never stalls on a purge
+                statistics=False,
+            )
+            for i in range(shards)
+        ]
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
 
+    def shard(self, key: str):
+        return self.shards[zlib.crc32(key.encode()) % len(self.shards)]
+
+    def volume(self) -> int:
+        """Bytes on disk, every shard's."""
+        return sum(cache.volume() for cache in self.shards)
+
     def _put(self, key: str, data: bytes) -> None:
+        cache = self.shard(key)
         # as a reader: diskcache writes a bytes value line by line (thousands of small writes)
-        self.cache.set(key, io.BytesIO(data), read=True, expire=self.ttl_s)
-        excess = len(self.cache) - self.max_items
+        cache.set(key, io.BytesIO(data), read=True, expire=self.ttl_s)
+        excess = len(cache) - self.max_items
         for _ in range(min(excess, 16)):
             # the oldest by insertion; peekitem also reads its value, a cost paid only past max_items
-            oldest, _ = self.cache.peekitem(last=False)
-            self.cache.delete(oldest)
+            oldest, _ = cache.peekitem(last=False)
+            cache.delete(oldest)
 
     def _get(self, key: str) -> StoredPrediction | None:
-        data = self.cache.get(key)
+        data = self.shard(key).get(key)
         return None if data is None else StoredPrediction.from_bytes(data)
 
     async def put(self, key: str, value: StoredPrediction) -> None:
@@ -262,7 +301,8 @@ class DiskStore:
 
     async def close(self) -> None:
         self._writer.shutdown(wait=False)  # Runtime.stop has waited for the writes, up to its timeout
-        self.cache.close()
+        for cache in self.shards:
+            cache.close()
         if self.temporary:
             shutil.rmtree(self.directory, ignore_errors=True)
 

@@ -77,3 +77,26 @@ def test_kserve_that_cannot_start_says_why_at_once():
     with pytest.raises(RuntimeError, match="No module named 'kserve'"):
         KServe(sys.executable, gpu.DEFAULT_ONNX, "warn-cluttered-digits", 1, cuda=True)
     assert time.monotonic() - started < 60
+
+
+def test_a_variant_can_serve_another_checkout(monkeypatch, tmp_path):
+    """`checkout=PATH` runs that tree's service package, with the rest of the variant as its settings."""
+    served = []
+
+    class Server:
+        def workers(self):
+            return []
+
+        def sessions(self):
+            return []
+
+        def stop(self):
+            served.append("stopped")
+
+    monkeypatch.setattr(gpu, "serve", lambda checkout, **env: served.append((checkout, env)) or Server())
+    monkeypatch.setattr(gpu, "predict_load", lambda *args: {"req_s": 1.0})
+    label, env = gpu.variant(f"before:checkout={tmp_path},WARN_STORE=memory")
+    rows = gpu.variant_rows({"photo (640x427 JPEG)": (tmp_path / "p.jpg", "image/jpeg")}, 1, label, env)
+    assert served == [(tmp_path, {"WARN_STORE": "memory"}), "stopped"]
+    assert rows == [{"row": "G7", "variant": "before", "req_s": 1.0}]
+    assert env == {"checkout": str(tmp_path), "WARN_STORE": "memory"}  # the caller's settings left as they were

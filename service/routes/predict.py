@@ -63,7 +63,9 @@ async def predict(
 ) -> JSONResponse:
     """Top-k classes, gates of every attended layer, global gates, and URLs of the attention overlays."""
     started = time.perf_counter()
-    c = await rt.classify(data, rt.settings.STORE_IMAGE_MAX_SIZE)
+    upload = rt.kept_upload(data)
+    # at the model's scale where the upload is kept (it is decoded again for an overlay), else at the overlay's
+    c = await rt.classify(data, 0 if upload is not None else rt.settings.STORE_IMAGE_MAX_SIZE)
     g = c.geometry
     key = new_key()
     base = f"{url_base(request)}/v1/predictions/{key}/attention"
@@ -73,7 +75,7 @@ async def predict(
         **describe(rt.info, c.outputs, (g.width, g.height), top_k or rt.settings.TOP_K, probabilities),
         "attention_urls": {name: f"{base}/{name}.png" for name in layers},
     }
-    await rt.remember(key, c, result)
+    await rt.remember(key, c, result, upload)
     c.timings_ms["total_ms"] = (time.perf_counter() - started) * 1e3
     result["timings_ms"] = {k: round(v, 3) for k, v in c.timings_ms.items()}
     return JSONResponse(result)  # already plain JSON types: no encoder pass
@@ -100,7 +102,4 @@ async def attention(
     c = await rt.classify(data, side)
     p = dataclasses.replace(params, layer=layer, format=params.format or "png")
 
-    def draw() -> bytes:
-        return rt.render(rt.snapshot(c, {}), p)
-
-    return Response(await run_in_threadpool(draw), media_type=FORMATS[p.format])
+    return Response(await run_in_threadpool(rt.render, rt.snapshot(c, {}), c.image, p), media_type=FORMATS[p.format])

@@ -99,7 +99,8 @@ def test_attention_in_one_call(client, photo):
 
 def test_unknown_and_expired_predictions(model_path, photo):
     assert_unknown = lambda c, key: c.get(f"/v1/predictions/{key}").status_code == 404  # noqa: E731
-    with make_client(model_path, STORE_TTL_S=0.5, STORE_MAX_ITEMS=2, STORE_WRITE_WAIT_S=0.05) as c:
+    # one shard: eviction by age over the whole store (a sharded store evicts the oldest of each shard)
+    with make_client(model_path, STORE_TTL_S=0.5, STORE_MAX_ITEMS=2, STORE_SHARDS=1, STORE_WRITE_WAIT_S=0.05) as c:
         assert assert_unknown(c, "nope")
         r = c.get("/v1/predictions/nope/attention/combined.png")
         assert r.status_code == 404 and r.json()["code"] == "not_found"
@@ -225,7 +226,8 @@ def test_documented_error_examples_have_the_real_shape(client):
 
 def test_only_real_work_takes_a_thread_hop(model_path, photo, monkeypatch):
     """FastAPI runs a plain `def` endpoint or dependency in its thread pool, a hop there and back per
-    request; only decoding and rendering should go there (the memory store takes none)."""
+    request; only decoding (the upload, and a stored upload for its overlay) and rendering should go there
+    (the memory store takes none)."""
     import functools
 
     import anyio.to_thread
@@ -246,4 +248,53 @@ def test_only_real_work_takes_a_thread_hop(model_path, photo, monkeypatch):
         assert r.status_code == 200
         assert client.get(r.json()["attention_urls"]["combined"], headers=auth).status_code == 200
         assert client.get("/v1/model", headers=auth).status_code == 200
-    assert hops and set(hops) <= {"Runtime.prepare", "Runtime.render"}, hops
+    assert hops and set(hops) <= {"Runtime.prepare", "Runtime.picture", "Runtime.render"}, hops
+
+
+def test_predict_keeps_the_upload_and_decodes_it_once_for_its_overlays(model_path, monkeypatch):
+    """/v1/predict decodes a JPEG at the model's scale (libjpeg's 1/8 here, which still leaves twice the
+    input's side) and stores the upload as sent; its overlays decode that once, at the overlay's scale, for every
+    layer."""
+    from service import pipeline
+
+    y, x = np.mgrid[0:600, 0:900]
+    buf = io.BytesIO()
+    Image.fromarray(np.stack([x % 256, y % 256, (x + y) % 256], -1).astype(np.uint8)).save(buf, "JPEG")
+    jpeg = buf.getvalue()
+    sizes, pictures = [], []
+    decode, picture = pipeline.decode, pipeline.Runtime.picture
+
+    def spy_decode(*args, **kwargs):
+        d = decode(*args, **kwargs)
+        sizes.append(d.image.size)
+        return d
+
+    def spy_picture(self, stored):
+        pictures.append(stored.encoded)
+        return picture(self, stored)
+
+    monkeypatch.setattr(pipeline, "decode", spy_decode)
+    monkeypatch.setattr(pipeline.Runtime, "picture", spy_picture)
+    with make_client(model_path, STORE="memory") as client:
+        body = client.post("/v1/predict", content=jpeg, headers={"content-type": "image/jpeg"}).json()
+        assert body["image"] == {"width": 900, "height": 600}
+        stored = client.portal.call(client.app.state.runtime.store.get, body["id"])
+        assert stored.encoded == jpeg
+        for url in body["attention_urls"].values():
+            r = client.get(url)
+            assert r.status_code == 200 and Image.open(io.BytesIO(r.content)).size == (900, 600)
+    assert sizes == [(113, 75), (900, 600)]
+    assert pictures == [jpeg]
+
+
+def test_an_upload_larger_than_overlay_pixels_is_stored_decoded(model_path, photo):
+    """No stored prediction holds more than an overlay-sized image's pixels: a larger upload is decoded at
+    the overlay's scale, as /v1/attention does, and its pixels are kept."""
+    with make_client(model_path, STORE="memory", STORE_IMAGE_MAX_SIZE=64) as client:
+        assert len(photo) > 3 * 64 * 64
+        body = client.post("/v1/predict", content=photo, headers={"content-type": "image/png"}).json()
+        stored = client.portal.call(client.app.state.runtime.store.get, body["id"])
+        assert stored.encoded is None and max(stored.picture().size) <= 64
+        assert stored.nbytes < len(photo)
+        r = client.get(body["attention_urls"]["combined"])
+        assert r.status_code == 200 and Image.open(io.BytesIO(r.content)).size == stored.picture().size == (50, 30)

@@ -35,7 +35,7 @@ def test_a_rendered_overlay_is_cached_by_its_parameters(client):
     rt = client.app.state.runtime
     calls = []
     original = rt.render
-    rt.render = lambda stored, p: (calls.append(p), original(stored, p))[1]
+    rt.render = lambda stored, picture, p: (calls.append(p), original(stored, picture, p))[1]
     try:
         url = body["attention_urls"]["1"]
         first, again = client.get(url, params={"alpha": 0.3}), client.get(url, params={"alpha": 0.3})
@@ -53,11 +53,15 @@ def test_one_call_attention_is_capped_like_stored_overlays(model_path):
     with make_client(model_path, STORE_IMAGE_MAX_SIZE=1024) as c:
         r = c.post("/v1/attention", content=big, headers={"content-type": "image/webp"})
         assert r.status_code == 200
-        w, h = Image.open(io.BytesIO(r.content)).size
+        w, h = capped = Image.open(io.BytesIO(r.content)).size
         assert 512 < w <= 1024 and h == round(w * 2400 / 16383)
         small = c.post("/v1/attention?max_size=200", content=big, headers={"content-type": "image/webp"})
         w, h = Image.open(io.BytesIO(small.content)).size
         assert 100 < w <= 200 and abs(h - w * 2400 / 16383) <= 1
+        # stored, it is kept as uploaded and decoded for its overlay under the same cap
+        body = c.post("/v1/predict", content=big, headers={"content-type": "image/webp"}).json()
+        stored = c.get(body["attention_urls"]["combined"])
+        assert stored.status_code == 200 and Image.open(io.BytesIO(stored.content)).size == capped
 
 
 def test_a_full_service_refuses_before_decoding(model_path):

@@ -39,11 +39,52 @@ def test_a_decoded_image_is_stored_as_its_pixels():
 
     s = sample(9, side=33)
     decoded = dataclasses.replace(s, image=Image.fromarray(s.image))
-    assert decoded.nbytes == s.nbytes and decoded.image_size == s.image_size == (34, 33)
+    assert decoded.nbytes == s.nbytes
     got = StoredPrediction.from_bytes(decoded.to_bytes())
     np.testing.assert_array_equal(got.image, s.image)
+    assert got.encoded is None and got.picture().size == (34, 33)
     params = overlay.OverlayParams(layer="0", max_size=16)
-    assert overlay.draw(decoded, params, (4, 4)) == overlay.draw(got, params, (4, 4))
+    assert overlay.draw(decoded, decoded.picture(), params, (4, 4)) == overlay.draw(got, got.picture(), params, (4, 4))
+
+
+def test_an_upload_is_stored_as_sent():
+    """/v1/predict keeps the upload, not its pixels: what the store holds and counts is the upload's bytes."""
+    import dataclasses
+
+    import pytest
+
+    upload = b"\xff\xd8 any encoded image " * 100
+    s = dataclasses.replace(sample(3, side=40), image=upload)
+    assert s.nbytes == sample(3, side=40).nbytes - 3 * 40 * 41 + len(upload)
+    got = StoredPrediction.from_bytes(s.to_bytes())
+    assert got.encoded == upload and got.result == s.result and got.content == s.content
+    for a, b in zip([*got.masks, *got.maps, got.combined], [*s.masks, *s.maps, s.combined]):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(TypeError, match="encoded"):
+        got.picture()
+
+
+def test_entries_of_the_previous_format_still_read():
+    """Format 2 (a Redis store written before an upgrade): the image was the last raw array."""
+    import json
+
+    from service.store import MAGIC_PIXELS
+
+    s = sample(5, side=9)
+    arrays = [*s.masks, *s.maps, s.combined, s.image]
+    head = json.dumps(
+        {
+            "result": s.result,
+            "content": list(s.content),
+            "layers": 2,
+            "arrays": [[a.dtype.str, list(a.shape)] for a in arrays],
+        }
+    ).encode()
+    data = b"".join([MAGIC_PIXELS, len(head).to_bytes(4, "big"), head, *(a.tobytes() for a in arrays)])
+    got = StoredPrediction.from_bytes(data)
+    assert got.result == s.result and got.encoded is None
+    np.testing.assert_array_equal(got.image, s.image)
+    np.testing.assert_array_equal(got.combined, s.combined)
 
 
 def test_disk_store_bounds_count_and_age(tmp_path):
@@ -68,7 +109,7 @@ def test_disk_store_bounds_bytes(tmp_path):
         store = DiskStore(tmp_path, max_items=1000, ttl_s=60, max_bytes=limit)
         for i in range(40):
             await store.put(f"k{i}", sample(i, side=256))  # about 200 KB each, 8 MB in all
-        volume = store.cache.volume()
+        volume = store.volume()
         kept = [i for i in range(40) if await store.get(f"k{i}") is not None]
         await store.close()
         return volume, kept, limit
@@ -76,6 +117,37 @@ def test_disk_store_bounds_bytes(tmp_path):
     volume, kept, limit = asyncio.run(main())
     assert volume <= limit * 1.1, f"{volume} bytes on disk past a {limit}-byte limit"
     assert 39 in kept and 0 not in kept and len(kept) < 40
+
+
+def test_a_sharded_disk_store_spreads_entries_within_its_bounds(tmp_path):
+    """Several workers then rarely wait for the same SQLite write lock; each shard holds its share."""
+
+    async def main():
+        store = DiskStore(tmp_path, max_items=8, ttl_s=60, max_bytes=64 << 20, shards=4)
+        for i in range(40):
+            await store.put(f"k{i}", sample(i))
+        kept = [i for i in range(40) if await store.get(f"k{i}") is not None]
+        counts = [len(cache) for cache in store.shards]
+        await store.close()
+        return kept, counts
+
+    kept, counts = asyncio.run(main())
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"shard-{i}" for i in range(4)]
+    assert counts == [2, 2, 2, 2] and len(kept) == 8
+    assert 39 in kept and 0 not in kept
+
+
+def test_a_sharded_disk_store_never_holds_more_than_its_count(tmp_path):
+    async def main():
+        store = DiskStore(tmp_path, max_items=3, ttl_s=60, max_bytes=64 << 20, shards=8)
+        for i in range(30):
+            await store.put(f"k{i}", sample(i))
+        counts = [len(cache) for cache in store.shards]
+        await store.close()
+        return counts
+
+    counts = asyncio.run(main())
+    assert len(counts) == 3 and sum(counts) == 3
 
 
 def test_disk_store_writes_one_at_a_time_on_one_thread(tmp_path, monkeypatch):
@@ -127,10 +199,10 @@ def test_two_processes_share_the_disk_store(tmp_path):
 
     code = (
         "import asyncio, sys; from service.store import DiskStore; from tests.serving.test_store import sample; "
-        "s = DiskStore(sys.argv[1], 10, 60, 64 << 20); asyncio.run(s.put('from-child', sample(3)))"
+        "s = DiskStore(sys.argv[1], 10, 60, 64 << 20, shards=4); asyncio.run(s.put('from-child', sample(3)))"
     )
     subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True)
-    store = DiskStore(tmp_path, 10, 60, 64 << 20)
+    store = DiskStore(tmp_path, 10, 60, 64 << 20, shards=4)
     got = asyncio.run(store.get("from-child"))
     assert got is not None and got.result == {"top_k": [{"label": "3"}]}
 
