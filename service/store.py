@@ -90,14 +90,15 @@ class StoredPrediction:
         the arrays' raw bytes, then the image: the upload as sent, or (H, W, 3) uint8 pixels."""
         arrays = [*self.masks, *self.maps, self.combined]
         encoded = self.encoded
-        tail = encoded if encoded is not None else np.ascontiguousarray(np.asarray(self.image)).data
+        pixels = None if encoded is not None else np.ascontiguousarray(np.asarray(self.image))  # a PIL image: a copy
+        tail = encoded if pixels is None else pixels.data
         head = json.dumps(
             {
                 "result": self.result,
                 "content": list(self.content),
                 "layers": len(self.masks),
                 "arrays": [[a.dtype.str, list(a.shape)] for a in arrays],
-                "image": "encoded" if encoded is not None else ["|u1", list(np.asarray(self.image).shape)],
+                "image": "encoded" if pixels is None else [pixels.dtype.str, list(pixels.shape)],
             }
         ).encode()
         return b"".join(
