@@ -18,7 +18,8 @@ Needs onnxruntime-gpu. Load comes from bench.load (aiohttp): GPU images rarely h
      and 64 connections (needs the model's own packages: torch and tyro)
   G10 (with --kserve-python) KServe's ModelServer on the same ONNX file, onnxruntime on CUDA, vs the
      service: the same binary v2 request at 16 and 64 connections
-With --profile, py-spy samples each variant's shared session process and one worker under load.
+With --profile, py-spy samples each variant's shared session process (idle threads included) and its busiest
+worker (running threads only) under load.
 The fine-grained model is exported with random weights unless --fine and --fine-backbone name files.
 """
 
@@ -313,25 +314,49 @@ def variant_rows(images: dict, seconds: float, label: str, env: dict[str, str], 
     env = dict(env)
     checkout = env.pop("checkout", None)
     server = serve(Path(checkout) if checkout else ROOT, **env)
-    spies = []
+    spies: list[threading.Thread] = []
     try:
         path, ctype = images["photo (640x427 JPEG)"]
-        if profile:  # the shared session's process where there is one, and one worker
-            for role, pid in [*(("session", p) for p in server.sessions()), ("worker", server.workers()[0])]:
-                out = f"{profile}-{slug(label)}-{role}.txt"
-                spies.append(subprocess.Popen(py_spy(pid, seconds * 0.8, out), stdout=subprocess.DEVNULL))
+        if profile:
+            for pid in server.sessions():  # where it waits matters too: idle samples kept
+                spies.append(spy_later(lambda pid=pid: pid, 0, seconds * 0.8, f"{profile}-{slug(label)}-session.txt"))
+            lead = min(1.0, seconds / 4)  # the load's start, then half a second to find the busiest worker
+            spies.append(
+                spy_later(lambda: busiest(server), lead, seconds * 0.6, f"{profile}-{slug(label)}-worker.txt", False)
+            )
         r = predict_load(server, path, ctype, 64, seconds)
         for spy in spies:
-            spy.wait(30)
+            spy.join(60)
     finally:
         server.stop()
     return [{"row": "G7", "variant": label, **r}]
 
 
-def py_spy(pid: int, seconds: float, out: str) -> list[str]:
-    """py-spy sampling `pid` without pausing it, idle threads included, as collapsed stacks in `out`."""
-    return ["py-spy", "record", "-p", str(pid), "-d", str(max(1, round(seconds))), "-r", "200", "--idle",
-            "--nonblocking", "-f", "raw", "-o", out]  # fmt: skip
+def busiest(server: Uvicorn, window: float = 0.5) -> int:
+    """The worker that used the most CPU over `window` seconds."""
+    before = server.cpu_by_process()
+    time.sleep(window)
+    after = server.cpu_by_process()
+    return max(server.workers(), key=lambda pid: after.get(pid, 0.0) - before.get(pid, 0.0))
+
+
+def spy_later(pick, delay: float, seconds: float, out: str, idle: bool = True) -> threading.Thread:
+    """py-spy, in a thread: after `delay` seconds, on the process `pick()` names."""
+
+    def run() -> None:
+        time.sleep(delay)
+        subprocess.run(py_spy(pick(), seconds, out, idle), stdout=subprocess.DEVNULL, timeout=seconds + 60)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def py_spy(pid: int, seconds: float, out: str, idle: bool = True) -> list[str]:
+    """py-spy sampling `pid` without pausing it, as collapsed stacks in `out`: idle threads included, or
+    (`idle` False) only where threads run, so a worker's six mostly waiting threads do not drown it."""
+    return ["py-spy", "record", "-p", str(pid), "-d", str(max(1, round(seconds))), "-r", "200",
+            *(["--idle"] if idle else []), "--nonblocking", "-f", "raw", "-o", out]  # fmt: skip
 
 
 def slug(label: str) -> str:
@@ -453,7 +478,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--profile",
         action="store_true",
-        help="py-spy each --variant's shared session process and one worker under load (<out>-<variant>-*.txt)",
+        help="py-spy each --variant's shared session process and busiest worker under load (<out>-<variant>-*.txt)",
     )
     p.add_argument(
         "--kserve-python",

@@ -100,3 +100,20 @@ def test_a_variant_can_serve_another_checkout(monkeypatch, tmp_path):
     assert served == [(tmp_path, {"WARN_STORE": "memory"}), "stopped"]
     assert rows == [{"row": "G7", "variant": "before", "req_s": 1.0}]
     assert env == {"checkout": str(tmp_path), "WARN_STORE": "memory"}  # the caller's settings left as they were
+
+
+def test_the_profile_samples_the_busiest_worker_where_it_runs():
+    """A worker's threads mostly wait: its profile leaves idle samples out, and picks the worker that works."""
+
+    class Server:
+        calls = 0
+
+        def workers(self):
+            return [11, 12, 13]
+
+        def cpu_by_process(self):
+            Server.calls += 1
+            return {11: 1.0 * Server.calls, 12: 3.0 * Server.calls, 13: 0.5 * Server.calls, 10: 9.0 * Server.calls}
+
+    assert gpu.busiest(Server(), window=0) == 12  # 10 is the launcher, not a worker
+    assert "--idle" not in gpu.py_spy(12, 2, "w.txt", idle=False) and "--idle" in gpu.py_spy(12, 2, "s.txt")
