@@ -156,10 +156,12 @@ class Runtime:
         )
 
     def kept_upload(self, data: bytes) -> bytes | None:
-        """`data`, where a stored prediction keeps the upload for its overlays: unless it is larger than the
-        pixels of an overlay-sized image, so that no entry holds more than those (3 MiB at 1024)."""
+        """`data`, where a stored prediction keeps the upload for its overlays rather than decoded pixels:
+        a JPEG (its DCT scaling makes decoding for the model alone cheaper; any other format is decoded in
+        full either way, so its pixels are kept and its overlays spared a second decode), and no larger
+        than the pixels of an overlay-sized image, so that no entry holds more than those (3 MiB at 1024)."""
         side = self.settings.STORE_IMAGE_MAX_SIZE
-        return data if len(data) <= 3 * side * side else None
+        return data if data[:3] == b"\xff\xd8\xff" and len(data) <= 3 * side * side else None
 
     async def remember(self, key: str, c: Classified, result: dict[str, Any], upload: bytes | None) -> None:
         """Store a prediction for its overlay URLs, with the image as uploaded (or as decoded, without
@@ -196,24 +198,22 @@ class Runtime:
             stored = await self.store.get(key)
         return stored
 
-    def picture(self, stored: StoredPrediction) -> Image.Image:
-        """The image overlays of `stored` are drawn on: decoded, if kept as uploaded, as `/v1/predict` with an
-        overlay would have decoded it."""
-        if stored.encoded is None:
-            return stored.picture()
-        return shrunk(stored.encoded, self.settings.STORE_IMAGE_MAX_SIZE, self.settings)[0]
+    def picture(self, upload: bytes) -> Image.Image:
+        """A kept upload decoded as `/v1/predict` with an overlay would have decoded it."""
+        return shrunk(upload, self.settings.STORE_IMAGE_MAX_SIZE, self.settings)[0]
 
-    def render(self, stored: StoredPrediction, picture: Image.Image, p: overlay.OverlayParams) -> bytes:
-        return overlay.draw(stored, picture, p, self.info.input_size, self.encoding)
+    def render(self, stored: StoredPrediction, picture: Image.Image | None, p: overlay.OverlayParams) -> bytes:
+        """`picture`: the decoded upload, or None where `stored` holds the pixels."""
+        return overlay.draw(stored, picture or stored.picture(), p, self.info.input_size, self.encoding)
 
     async def overlay(self, key: str, stored: StoredPrediction, p: overlay.OverlayParams) -> bytes:
-        """A stored prediction's overlay, rendered off the event loop once per parameter set. An image kept as
-        uploaded is decoded once for every overlay of it (while the cache holds it), in a decoding thread."""
+        """A stored prediction's overlay, rendered off the event loop once per parameter set. A kept upload
+        is decoded once for every overlay of it (while the cache holds it), in a decoding thread."""
         cached = self.overlays.get((key, p))
         if cached is None:
-            picture = self.overlays.get(key)
-            if picture is None:
-                picture = await anyio.to_thread.run_sync(self.picture, stored, limiter=self.decoders)
+            picture = None
+            if (upload := stored.encoded) is not None and (picture := self.overlays.get(key)) is None:
+                picture = await anyio.to_thread.run_sync(self.picture, upload, limiter=self.decoders)
                 self.overlays.put(key, picture, 3 * picture.width * picture.height)
             cached = await run_in_threadpool(self.render, stored, picture, p)
             self.overlays.put((key, p), cached)

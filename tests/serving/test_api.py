@@ -269,9 +269,9 @@ def test_predict_keeps_the_upload_and_decodes_it_once_for_its_overlays(model_pat
         sizes.append(d.image.size)
         return d
 
-    def spy_picture(self, stored):
-        pictures.append(stored.encoded)
-        return picture(self, stored)
+    def spy_picture(self, upload):
+        pictures.append(upload)
+        return picture(self, upload)
 
     monkeypatch.setattr(pipeline, "decode", spy_decode)
     monkeypatch.setattr(pipeline.Runtime, "picture", spy_picture)
@@ -287,14 +287,29 @@ def test_predict_keeps_the_upload_and_decodes_it_once_for_its_overlays(model_pat
     assert pictures == [jpeg]
 
 
-def test_an_upload_larger_than_overlay_pixels_is_stored_decoded(model_path, photo):
-    """No stored prediction holds more than an overlay-sized image's pixels: a larger upload is decoded at
-    the overlay's scale, as /v1/attention does, and its pixels are kept."""
+def jpeg_of(width: int, height: int) -> bytes:
+    rng = np.random.default_rng(1)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(buf, "JPEG", quality=95)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "why, upload, ctype",
+    [
+        ("not a JPEG: decoded in full either way", "photo", "image/png"),
+        ("a JPEG larger than an overlay's pixels", "jpeg", "image/jpeg"),
+    ],
+)
+def test_other_uploads_are_stored_decoded(model_path, photo, why, upload, ctype):
+    """Only a JPEG no larger than an overlay-sized image's pixels is kept as uploaded. Any other upload is
+    decoded at the overlay's scale, as /v1/attention does, and its pixels are kept: no second decode for
+    its overlays, and no entry larger than those pixels."""
+    data = photo if upload == "photo" else jpeg_of(200, 120)
     with make_client(model_path, STORE="memory", STORE_IMAGE_MAX_SIZE=64) as client:
-        assert len(photo) > 3 * 64 * 64
-        body = client.post("/v1/predict", content=photo, headers={"content-type": "image/png"}).json()
+        assert len(data) > 3 * 64 * 64, why
+        body = client.post("/v1/predict", content=data, headers={"content-type": ctype}).json()
         stored = client.portal.call(client.app.state.runtime.store.get, body["id"])
-        assert stored.encoded is None and max(stored.picture().size) <= 64
-        assert stored.nbytes < len(photo)
+        assert stored.encoded is None and max(stored.picture().size) <= 64, why
         r = client.get(body["attention_urls"]["combined"])
         assert r.status_code == 200 and Image.open(io.BytesIO(r.content)).size == stored.picture().size == (50, 30)

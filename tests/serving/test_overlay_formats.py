@@ -58,7 +58,7 @@ def test_one_call_attention_is_capped_like_stored_overlays(model_path):
         small = c.post("/v1/attention?max_size=200", content=big, headers={"content-type": "image/webp"})
         w, h = Image.open(io.BytesIO(small.content)).size
         assert 100 < w <= 200 and abs(h - w * 2400 / 16383) <= 1
-        # stored, it is kept as uploaded and decoded for its overlay under the same cap
+        # stored (not a JPEG: decoded at the overlay's scale, its pixels kept), it comes back under the same cap
         body = c.post("/v1/predict", content=big, headers={"content-type": "image/webp"}).json()
         stored = c.get(body["attention_urls"]["combined"])
         assert stored.status_code == 200 and Image.open(io.BytesIO(stored.content)).size == capped
