@@ -269,14 +269,16 @@ def kserve_rows(
     ]
 
 
-def decode_rows(images: dict[str, tuple[Path, str]], model_side: int, seconds: float) -> list[dict]:
+def decode_rows(images: dict[str, tuple[Path, str]], size: tuple[int, int], seconds: float) -> list[dict]:
     """Decoding for /v1/predict: full size, at the overlay's reduced JPEG scale (what /v1/predict decoded
-    while it kept pixels for overlays), and at the model's (what it decodes since it keeps the upload)."""
+    while it kept pixels for overlays), and at the model's (what it decodes since it keeps a JPEG upload)."""
     from PIL import Image
 
     from service.config import Settings
     from service.decode import Need, decode
+    from service.pipeline import need_for
 
+    settings = Settings()
     photo = Image.open(images["4000x3000 JPEG"][0]).convert("RGB")
     rows = []
     for side in (640, 1600, 4000):
@@ -284,11 +286,11 @@ def decode_rows(images: dict[str, tuple[Path, str]], model_side: int, seconds: f
         photo.resize((side, side * 3 // 4), Image.BILINEAR).save(buf, "JPEG", quality=90)
         data = buf.getvalue()
 
-        def ms(need: Need | None, d: bytes = data) -> float:
-            return 1e3 / rate(lambda: decode(d, 40_000_000, need=need), 1, seconds / 3)
+        def ms(wanted: Need | None, d: bytes = data) -> float:
+            return 1e3 / rate(lambda: decode(d, 40_000_000, need=wanted), 1, seconds / 3)
 
-        full, model = ms(None), ms(Need(model_side))
-        overlay = ms(Need(Settings().STORE_IMAGE_MAX_SIZE // 2 + 1))
+        full, model = ms(None), ms(need_for(0, size, settings))
+        overlay = ms(need_for(settings.STORE_IMAGE_MAX_SIZE, size, settings))
         rows.append({"row": 9, "width": side, "before_ms": full, "overlay_ms": overlay, "after_ms": model})
         rows[-1]["ratio"] = full / model
     return rows
@@ -341,7 +343,7 @@ def service_rows(threads: int, seconds: float, quick: bool) -> list[dict]:
     x32 = np.random.rand(max_batch, 3, *size).astype(np.float32)
     raw = {bs: rate(lambda b=bs: info_session.run(None, {"image": x32[:b]}), bs, seconds) for bs in (1, max_batch)}
     rows: list[dict] = [{"row": 10, "batch": bs, "img_s": v} for bs, v in raw.items()]
-    rows += decode_rows(images, max(size), seconds)
+    rows += decode_rows(images, size, seconds)
     rows += render_rows(images["digit.png (640x400 PNG)"][0], info_session, size, seconds)
 
     from PIL import Image

@@ -50,17 +50,21 @@ def shrunk(data: bytes, side: int, settings: Settings, need: Need | None = None)
     return fit(d.image, side), (d.width, d.height)
 
 
-def prepare(
-    data: bytes, side: int, input_size: tuple[int, int], settings: Settings
-) -> tuple[Image.Image, np.ndarray, Geometry]:
-    """Bytes to the image an overlay is drawn on (longest side in (side/2, side]; when `side` is 0, as
-    small as the model allows) and the model input made from it.
+def need_for(side: int, input_size: tuple[int, int], settings: Settings) -> Need:
+    """What `prepare` decodes for an overlay of `side` (0: none) and the model input.
 
     The model's input is resized from at least twice its size: decoded any smaller (a JPEG at 1/8 scale),
     the answers of the default model moved (`python -m bench.scales`)."""
     least = 2 * max(input_size)
-    need = Need(max(side // 2 + 1, least), least if settings.RESIZE == "stretch" else 0)
-    img, original = shrunk(data, max(side, 2 * least), settings, need)
+    return Need(max(side // 2 + 1, least), least if settings.RESIZE == "stretch" else 0)
+
+
+def prepare(
+    data: bytes, side: int, input_size: tuple[int, int], settings: Settings
+) -> tuple[Image.Image, np.ndarray, Geometry]:
+    """Bytes to the image an overlay is drawn on (longest side in (side/2, side]; when `side` is 0, as
+    small as the model allows) and the model input made from it."""
+    img, original = shrunk(data, max(side, 4 * max(input_size)), settings, need_for(side, input_size, settings))
     x, geometry = to_input(img, input_size, settings.RESIZE, original)
     return fit(img, side) if side else img, x, geometry
 
