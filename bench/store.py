@@ -6,6 +6,13 @@ Each of 2 processes (one per core here) puts a realistic prediction (a 1024x683 
 default model's maps, about 2.1 MB serialized) and reads back one the other process stored, for
 `--seconds`. Reported: puts+gets per second over both processes, and p50/p99 of one put+get.
 Redis runs as a local server (the several-hosts store), for reference.
+
+    .venv/bin/python -m bench.store --full  # the disk store as it runs in the service, once full
+
+`--full` measures the service's DiskStore where it spends its life under load: full, so that every put
+also evicts the oldest entry. 2 processes fill one store in /dev/shm, then each puts `--puts` entries;
+reported is the CPU time of one put, for the two kinds of entry the service stores: a JPEG upload as
+sent (scikit-learn's 640x427 photo, 192 KB) and decoded pixels (the 1024x683 sample above).
 """
 
 from __future__ import annotations
@@ -96,10 +103,58 @@ def measure(kind: str, where: str, seconds: float, procs: int = 2) -> dict:
     return {"store": kind, "ops_s": len(lat) / seconds, "p50_ms": p50, "p99_ms": p99}
 
 
+def full_worker(directory: str, kind: str, puts: int, out) -> None:
+    from service.memory import return_freed_memory
+    from service.store import new_key
+
+    return_freed_memory()  # as the service runs
+    value = sample()
+    if kind == "upload":
+        from importlib.resources import files
+
+        value.image = (files("sklearn.datasets") / "images" / "china.jpg").read_bytes()
+    store = DiskStore(Path(directory), 1000, 3600, 4 << 30, shards=8)
+
+    async def put(n: int) -> None:  # as the service stores: through the store's writer thread
+        for _ in range(n):
+            await store.put(new_key(), value)
+
+    asyncio.run(put(600))  # with the other process: past the 1,000 kept, so each put below evicts
+    cpu = time.process_time()
+    asyncio.run(put(puts))
+    out.put((time.process_time() - cpu) / puts * 1e3)
+
+
+def full(puts: int) -> list[dict]:
+    ctx = mp.get_context("spawn")
+    rows = []
+    for kind in ("upload", "pixels"):
+        directory = tempfile.mkdtemp(prefix="warn-store-bench-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None)
+        try:
+            q = ctx.Queue()
+            ps = [ctx.Process(target=full_worker, args=(directory, kind, puts, q)) for _ in range(2)]
+            for p in ps:
+                p.start()
+            cpu = [q.get(timeout=600) for _ in ps]
+            for p in ps:
+                p.join()
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+        rows.append({"entry": kind, "cpu_ms": float(np.mean(cpu))})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--seconds", type=float, default=5)
+    ap.add_argument("--full", action="store_true", help="the service's disk store, full: CPU per put")
+    ap.add_argument("--puts", type=int, default=600, help="with --full: puts per process, timed")
     a = ap.parse_args()
+    if a.full:
+        print("| entry | CPU ms per put, full store (2 processes) |\n|---|---|")
+        for r in full(a.puts):
+            print(f"| {r['entry']} | {r['cpu_ms']:.3f} |")
+        return
     rows, tmp = [], Path(tempfile.mkdtemp(prefix="warn-store-bench-"))
     try:
         rows.append(measure("diskcache", str(tmp / "dc"), a.seconds))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import itertools
 import json
 import os
 import re
@@ -85,13 +86,13 @@ class StoredPrediction:
             image = 3 * w * h
         return sum(a.nbytes for a in arrays) + image + 1024  # plus about the JSON answer
 
-    def to_bytes(self) -> bytes:
-        """A JSON header (the answer, the box, each array's dtype and shape, how the image is kept), then
-        the arrays' raw bytes, then the image: the upload as sent, or (H, W, 3) uint8 pixels."""
-        arrays = [*self.masks, *self.maps, self.combined]
+    def parts(self) -> list[bytes | memoryview]:
+        """`to_bytes` in pieces, without copying the arrays or the image: a JSON header (the answer, the box,
+        each array's dtype and shape, how the image is kept), the arrays' raw bytes, then the image (the
+        upload as sent, or (H, W, 3) uint8 pixels)."""
+        arrays = [np.ascontiguousarray(a) for a in (*self.masks, *self.maps, self.combined)]
         encoded = self.encoded
         pixels = None if encoded is not None else np.ascontiguousarray(np.asarray(self.image))  # a PIL image: a copy
-        tail = encoded if pixels is None else pixels.data
         head = json.dumps(
             {
                 "result": self.result,
@@ -101,9 +102,11 @@ class StoredPrediction:
                 "image": "encoded" if pixels is None else [pixels.dtype.str, list(pixels.shape)],
             }
         ).encode()
-        return b"".join(
-            [MAGIC, len(head).to_bytes(4, "big"), head, *(np.ascontiguousarray(a).data for a in arrays), tail]
-        )
+        tail = encoded if pixels is None else pixels.data.cast("B")
+        return [MAGIC, len(head).to_bytes(4, "big"), head, *(a.data.cast("B") for a in arrays), tail]
+
+    def to_bytes(self) -> bytes:
+        return b"".join(self.parts())
 
     @classmethod
     def from_bytes(cls, data: bytes) -> StoredPrediction:
@@ -234,6 +237,26 @@ class MemoryStore:
         return len(self._items)
 
 
+class Pieces(io.RawIOBase):
+    """A read-only stream over buffers, read without joining them into one."""
+
+    def __init__(self, parts: list[bytes | memoryview]) -> None:
+        self._parts = [memoryview(p).cast("B") for p in parts]
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes | memoryview:  # a view: no copy
+        while self._parts and not len(self._parts[0]):
+            self._parts.pop(0)
+        if not self._parts:
+            return b""
+        part = self._parts[0]
+        n = len(part) if size is None or size < 0 else min(size, len(part))
+        self._parts[0] = part[n:]
+        return part[:n]
+
+
 class DiskStore:
     """diskcache in `directory`: safe across processes, least recently stored evicted first past
     `max_bytes` (diskcache's size limit) or `max_items`, each entry expiring after `ttl_s`.
@@ -280,22 +303,23 @@ class DiskStore:
         """Bytes on disk, every shard's."""
         return sum(cache.volume() for cache in self.shards)
 
-    def _put(self, key: str, data: bytes) -> None:
+    def _put(self, key: str, value: StoredPrediction) -> None:
         cache = self.shard(key)
-        # as a reader: diskcache writes a bytes value line by line (thousands of small writes)
-        cache.set(key, io.BytesIO(data), read=True, expire=self.ttl_s)
+        # as a reader: diskcache then writes each piece as it comes (given bytes, it writes them line by line)
+        cache.set(key, Pieces(value.parts()), read=True, expire=self.ttl_s)
         excess = len(cache) - self.max_items
-        for _ in range(min(excess, 16)):
-            # the oldest by insertion; peekitem also reads its value, a cost paid only past max_items
-            oldest, _ = cache.peekitem(last=False)
-            cache.delete(oldest)
+        if excess > 0:
+            # ids are UUIDv7 (`new_key`), so key order is age order: the oldest come from the key index,
+            # without reading their values back as peekitem would
+            for oldest in list(itertools.islice(cache.iterkeys(), min(excess, 16))):
+                cache.delete(oldest)
 
     def _get(self, key: str) -> StoredPrediction | None:
         data = self.shard(key).get(key)
         return None if data is None else StoredPrediction.from_bytes(data)
 
     async def put(self, key: str, value: StoredPrediction) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._writer, lambda: self._put(key, value.to_bytes()))
+        await asyncio.get_running_loop().run_in_executor(self._writer, self._put, key, value)
 
     async def get(self, key: str) -> StoredPrediction | None:
         return await run_in_threadpool(self._get, key)

@@ -1,11 +1,19 @@
 """Prediction stores: bounded by count, bytes and age, and the serialized form round-trips."""
 
 import asyncio
+import random
 import time
 
 import numpy as np
 
 from service.store import DiskStore, MemoryStore, StoredPrediction
+
+
+def keys(n: int) -> list[str]:
+    """Prediction ids as `new_key` makes them, a millisecond apart, oldest first (a disk store evicts in
+    id order); the same every run, so they fall into the same shards."""
+    rng = random.Random(0)
+    return [f"{0x019AC1D2E3F4 + i:012x}7{rng.getrandbits(12):03x}8{rng.getrandbits(60):015x}" for i in range(n)]
 
 
 def sample(i: int, side: int = 8) -> StoredPrediction:
@@ -88,14 +96,16 @@ def test_entries_of_the_previous_format_still_read():
 
 
 def test_disk_store_bounds_count_and_age(tmp_path):
+    ids = keys(6)
+
     async def main():
         store = DiskStore(tmp_path, max_items=3, ttl_s=0.4, max_bytes=64 << 20)
         for i in range(6):
-            await store.put(f"k{i}", sample(i))
-        assert [await store.get(f"k{i}") is not None for i in range(6)] == [False] * 3 + [True] * 3
-        assert (await store.get("k5")).result == {"top_k": [{"label": "5"}]}
+            await store.put(ids[i], sample(i))
+        assert [await store.get(ids[i]) is not None for i in range(6)] == [False] * 3 + [True] * 3
+        assert (await store.get(ids[5])).result == {"top_k": [{"label": "5"}]}
         time.sleep(0.5)
-        assert await store.get("k5") is None
+        assert await store.get(ids[5]) is None
         await store.close()
 
     asyncio.run(main())
@@ -104,13 +114,15 @@ def test_disk_store_bounds_count_and_age(tmp_path):
 def test_disk_store_bounds_bytes(tmp_path):
     """1,000 large predictions would hold about 3 GB; the byte bound keeps the store's volume under it."""
 
+    ids = keys(40)
+
     async def main():
         limit = 4 << 20
         store = DiskStore(tmp_path, max_items=1000, ttl_s=60, max_bytes=limit)
         for i in range(40):
-            await store.put(f"k{i}", sample(i, side=256))  # about 200 KB each, 8 MB in all
+            await store.put(ids[i], sample(i, side=256))  # about 200 KB each, 8 MB in all
         volume = store.volume()
-        kept = [i for i in range(40) if await store.get(f"k{i}") is not None]
+        kept = [i for i in range(40) if await store.get(ids[i]) is not None]
         await store.close()
         return volume, kept, limit
 
@@ -122,11 +134,13 @@ def test_disk_store_bounds_bytes(tmp_path):
 def test_a_sharded_disk_store_spreads_entries_within_its_bounds(tmp_path):
     """Several workers then rarely wait for the same SQLite write lock; each shard holds its share."""
 
+    ids = keys(40)
+
     async def main():
         store = DiskStore(tmp_path, max_items=8, ttl_s=60, max_bytes=64 << 20, shards=4)
         for i in range(40):
-            await store.put(f"k{i}", sample(i))
-        kept = [i for i in range(40) if await store.get(f"k{i}") is not None]
+            await store.put(ids[i], sample(i))
+        kept = [i for i in range(40) if await store.get(ids[i]) is not None]
         counts = [len(cache) for cache in store.shards]
         await store.close()
         return kept, counts
@@ -138,16 +152,54 @@ def test_a_sharded_disk_store_spreads_entries_within_its_bounds(tmp_path):
 
 
 def test_a_sharded_disk_store_never_holds_more_than_its_count(tmp_path):
+    ids = keys(30)
+
     async def main():
         store = DiskStore(tmp_path, max_items=3, ttl_s=60, max_bytes=64 << 20, shards=8)
         for i in range(30):
-            await store.put(f"k{i}", sample(i))
+            await store.put(ids[i], sample(i))
         counts = [len(cache) for cache in store.shards]
         await store.close()
         return counts
 
     counts = asyncio.run(main())
     assert len(counts) == 3 and sum(counts) == 3
+
+
+def test_a_full_disk_store_writes_without_copying_or_reading_back(tmp_path, monkeypatch):
+    """Past its count, each put evicts the oldest by id from the key index alone: reading the evicted value
+    back, as diskcache's peekitem does, cost a full store of 2 MB entries a third of its write time
+    (`python -m bench.store --full`). And an entry is written in its pieces, never joined into one copy."""
+    import diskcache
+    import pytest
+
+    fetch = diskcache.Disk.fetch
+    reads = []
+
+    def counted(self, *args, **kwargs):
+        reads.append(args)
+        return fetch(self, *args, **kwargs)
+
+    monkeypatch.setattr(diskcache.Disk, "fetch", counted)
+    monkeypatch.setattr(StoredPrediction, "to_bytes", lambda self: pytest.fail("the entry was joined into one copy"))
+    ids = keys(10)
+
+    async def main():
+        store = DiskStore(tmp_path, max_items=3, ttl_s=60, max_bytes=64 << 20)
+        for i in range(10):
+            await store.put(ids[i], sample(i, side=40))
+        assert reads == []
+        kept = [i for i in range(10) if await store.get(ids[i]) is not None]
+        got = await store.get(ids[9])
+        await store.close()
+        return kept, got
+
+    kept, got = asyncio.run(main())
+    assert kept == [7, 8, 9]
+    want = sample(9, side=40)
+    np.testing.assert_array_equal(got.image, want.image)
+    np.testing.assert_array_equal(got.masks[1], want.masks[1])
+    assert got.result == want.result
 
 
 def test_disk_store_writes_one_at_a_time_on_one_thread(tmp_path, monkeypatch):
