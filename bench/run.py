@@ -352,18 +352,17 @@ def service_rows(threads: int, seconds: float, quick: bool) -> list[dict]:
     v2_body, header_length = protocols.http_body(x[None], "probabilities")
     (work / "v2.bin").write_bytes(v2_body)
 
-    ceilings = {
-        label: pipeline.measure(DEFAULT_ONNX, path.read_bytes(), seconds) for label, (path, _) in images.items()
-    }
     levels = (1, 32) if quick else (1, 8, 32)
     # as `make serve` runs it: one worker per core, every other setting at its default
     grpc_port = Uvicorn.free_port()
     server = Uvicorn("service", {"WARN_MODEL_PATH": str(DEFAULT_ONNX), "WARN_GRPC_PORT": str(grpc_port)}, launcher=True)
     try:
         for label, (path, ctype) in images.items():
+            # next to the service's own figures (its idle workers do not spin), so that drift in this
+            # machine's speed over the run falls on both sides of the ratio alike
+            ceiling = pipeline.measure(DEFAULT_ONNX, path.read_bytes(), seconds)
             for c in levels:
                 r = wrk(server.url + "/v1/predict", c, seconds, path, ctype, server=server)
-                ceiling = ceilings[label]
                 rows.append(
                     {
                         "row": 4,
