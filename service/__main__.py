@@ -2,7 +2,8 @@
 
 WARN_WORKERS sets the number of workers (0, the default: one per core); uvicorn's own options and
 UVICORN_* variables (host, port, ...) pass through. Each worker listens on a socket of its own
-(WARN_REUSE_PORT, see service/workers.py). Several workers share stored predictions
+(WARN_REUSE_PORT) and, one per core, runs on a core of its own (WARN_PIN_WORKERS; see
+service/workers.py). Several workers share stored predictions
 through the disk (or Redis) store and report metrics together (Prometheus multiprocess mode). With
 WARN_SHARED_SESSION they also share one session, in a process of its own (service/shared_session.py).
 """
@@ -38,8 +39,12 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if settings.GRPC_HOST is None:  # gRPC listens where HTTP does
         os.environ["WARN_GRPC_HOST"] = http_host(argv)
-    if workers > 1 and settings.REUSE_PORT and workers_module.available():
-        workers_module.use_own_sockets()
+    if workers > 1:
+        core_locks = None
+        if settings.pinned():
+            core_locks = tempfile.mkdtemp(prefix="warn-cores-")
+            made.append(core_locks)
+        workers_module.use(settings.REUSE_PORT and workers_module.available(), core_locks)
     from uvicorn.main import main as uvicorn
 
     args = [

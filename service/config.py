@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import cache
 from pathlib import Path
 from typing import Any, Literal
@@ -43,6 +44,13 @@ class Settings(BaseSettings):
         True,
         description="each worker of `python -m service` listens on its own socket (SO_REUSEPORT), so the "
         "kernel spreads connections evenly; false: one socket shared by all, as uvicorn does",
+    )
+    PIN_WORKERS: Literal["auto", "true", "false"] = Field(
+        "auto",
+        description="each worker of `python -m service` runs on a core of its own, where each has one: as many "
+        "workers as the CPUs it may run on, one onnxruntime thread each, never under a CPU quota (whose CPUs "
+        "other containers share). auto: on the CPU provider only (on CUDA a worker's thread that waits for "
+        "the GPU spins, and would take its own core's time from its decoding; not measured there)",
     )
     INTRA_OP_THREADS: int = Field(
         0,
@@ -174,6 +182,19 @@ class Settings(BaseSettings):
         # Left at 0, onnxruntime pins its threads to cores 1..n-1, the same cores in every worker
         # process; an explicit count is not pinned. Each worker gets its share of the cores.
         return max(1, self.share())
+
+    def pinned(self) -> bool:
+        """Whether `python -m service` gives each worker a core of its own (PIN_WORKERS)."""
+        if self.PIN_WORKERS == "false" or not hasattr(os, "sched_setaffinity"):
+            return False
+        workers = self.workers()
+        if not 1 < workers == len(os.sched_getaffinity(0)) or self.intra_op_threads() != 1:
+            return False
+        if self.PIN_WORKERS == "auto":
+            from service.model import choose_providers
+
+            return choose_providers(self.PROVIDERS)[0] == "CPUExecutionProvider"
+        return True
 
     def decode_threads(self) -> int:
         return self.DECODE_THREADS or max(2, self.share())

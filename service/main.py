@@ -11,7 +11,7 @@ from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from PIL import Image
 
-from service import __version__, errors
+from service import __version__, errors, workers
 from service.config import Settings
 from service.deps import require_api_key
 from service.limits import BodyLimitMiddleware
@@ -40,6 +40,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.error("cannot start: %s", e)
             raise  # uvicorn reports the failed start-up and exits non-zero
         await runtime.start()
+        if (cpu := workers.claimed_core()) is not None:
+            log.info("worker %d runs on CPU %d", os.getpid(), cpu)
+        elif os.environ.get(workers.CORES_ENV):
+            log.warning("worker %d found every core claimed by another; it runs on any", os.getpid())
         grpc = None
         if settings.GRPC_PORT:
             from service.grpc_v2 import GrpcServer

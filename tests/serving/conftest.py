@@ -55,7 +55,9 @@ def free_port() -> int:
 class Server:
     """The app on real uvicorn; `launcher=True` starts it as `make serve` and the image do (`python -m service`)."""
 
-    def __init__(self, env: dict[str, str], python: str = sys.executable, launcher: bool = False) -> None:
+    def __init__(
+        self, env: dict[str, str], python: str = sys.executable, launcher: bool = False, cpus: set[int] | None = None
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         module = ["service"] if launcher else ["uvicorn", "service.main:app"]
@@ -68,6 +70,7 @@ class Server:
             stdout=self.log,
             stderr=subprocess.STDOUT,
             text=True,
+            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,  # as taskset or a cpuset would
         )
 
     def output(self) -> str:

@@ -98,6 +98,14 @@ def connections_by_worker(server: Server) -> dict[int, int]:
     return counts
 
 
+def listening_sockets(server: Server) -> int:
+    return sum(
+        int(fields[1].rsplit(":", 1)[1], 16) == server.port and fields[3] == "0A"  # LISTEN
+        for table in ("/proc/net/tcp", "/proc/net/tcp6")
+        for fields in (line.split() for line in Path(table).read_text().splitlines()[1:])
+    )
+
+
 def test_a_burst_of_connections_spreads_over_every_worker(model_path):
     """A pool that opens its connections at once (wrk, aiohttp, a proxy) reaches every worker, not the
     first to wake: with one shared socket, a waking worker accepts every connection waiting."""
@@ -120,6 +128,7 @@ def test_a_burst_of_connections_spreads_over_every_worker(model_path):
             assert conn.recv(4096).startswith(b"HTTP/1.1 200")
         counts = connections_by_worker(server)
         assert sum(counts.values()) == 64
+        assert listening_sockets(server) == 4  # a socket of its own per worker, none shared
         # hashed evenly, a worker gets none or half of them about once in ten million runs
         assert len(counts) == 4 and max(counts.values()) <= 32, f"per worker: {sorted(counts.values())}"
     finally:
@@ -175,3 +184,98 @@ def test_one_per_core_counts_the_cores_this_process_may_use():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env, check=True)
     workers, decoders, host = map(int, out.stdout.split())
     assert (workers, decoders) == (1, 2) and host >= 2
+
+
+CLAIMS = """
+import os, sys
+from service import workers
+
+every = os.sched_getaffinity(0)
+claims = []
+for _ in range(3):  # three workers' claims, each made with every CPU allowed, as a new worker has
+    claims.append(workers.claim_core(sys.argv[1]))
+    claims.append(sorted(os.sched_getaffinity(0)))
+    os.sched_setaffinity(0, every)
+workers._claimed.pop(0)[1].close()  # the first worker dies: the kernel drops its lock
+claims.append(workers.claim_core(sys.argv[1]))
+print(claims)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2, reason="Linux, 2+ cores")
+def test_each_worker_claims_a_core_no_other_holds_and_a_dead_ones_core_is_claimed_again(tmp_path):
+    a, b = sorted(os.sched_getaffinity(0))[:2]
+    out = subprocess.run(
+        [sys.executable, "-c", CLAIMS, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        preexec_fn=lambda: os.sched_setaffinity(0, {a, b}),
+    )
+    assert out.stdout.strip() == str([a, [a], b, [b], None, [a, b], a]), out.stdout + out.stderr
+
+
+def test_workers_are_pinned_only_where_each_has_a_core_of_its_own(monkeypatch):
+    import onnxruntime
+
+    from service.config import Settings
+
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert Settings(WORKERS=allowed).pinned() == (allowed > 1)
+    assert not Settings(WORKERS=allowed, PIN_WORKERS="false").pinned()
+    # on a GPU host only when asked for: a worker's thread waiting for the GPU spins on its own core
+    gpu = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: gpu)
+    assert not Settings(WORKERS=allowed).pinned()
+    assert Settings(WORKERS=allowed, PIN_WORKERS="true").pinned() == (allowed > 1)
+    assert Settings(WORKERS=allowed, PROVIDERS="CPUExecutionProvider").pinned() == (allowed > 1)
+    assert not Settings(WORKERS=allowed, INTRA_OP_THREADS=2).pinned()  # its threads would queue on one core
+    assert not Settings(WORKERS=allowed + 1).pinned()  # more workers than CPUs
+    assert not Settings(WORKERS=1).pinned()
+    # under a CPU quota (`docker run --cpus`, a Kubernetes limit) the process may run on every CPU of the
+    # host, which other containers share: one worker per core of the quota is fewer workers than CPUs
+    assert not Settings(WORKERS=max(1, allowed - 1)).pinned()
+
+
+def worker_pids(server: Server) -> list[int]:
+    """The server's worker processes (multiprocessing's resource tracker left out)."""
+    children = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children").read_text().split()
+    return [int(p) for p in children if b"resource_tracker" not in Path(f"/proc/{p}/cmdline").read_bytes()]
+
+
+def cpus_of(pid: int) -> set[frozenset[int]]:
+    """The CPU sets of every thread of a process."""
+    return {frozenset(os.sched_getaffinity(int(t))) for t in os.listdir(f"/proc/{pid}/task")}
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2, reason="Linux, 2+ cores")
+def test_one_worker_per_core_runs_each_on_a_core_of_its_own(model_path):
+    """`python -m service` on two CPUs (a cpuset of two): two workers, each with every thread on its own
+    CPU; a worker started in place of a killed one runs on the CPU it left."""
+    two = set(sorted(os.sched_getaffinity(0))[:2])
+    env = {"WARN_MODEL_PATH": str(model_path), "WARN_GRPC_PORT": "0"}
+    server = Server(env, launcher=True, cpus=two)
+    try:
+        server.wait_ready(90)
+        deadline = time.monotonic() + 90
+        while server.output().count("Application startup complete") < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        pids = worker_pids(server)
+        assert len(pids) == 2
+        each = [cpus_of(pid) for pid in pids]
+        assert all(len(threads) == 1 for threads in each), each  # every thread of a worker on the same CPUs
+        assert {cpus for (cpus,) in each} == {frozenset({c}) for c in two}, each  # one CPU each, not the same
+        assert server.output().count(" runs on CPU ") == 2
+        killed, kept = pids
+        left = next(iter(cpus_of(killed)))
+        os.kill(killed, 9)
+        while time.monotonic() < deadline and (len(worker_pids(server)) < 2 or killed in worker_pids(server)):
+            time.sleep(0.2)
+        (replacement,) = set(worker_pids(server)) - {kept}
+        while server.output().count(" runs on CPU ") < 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert cpus_of(replacement) == {left}
+    finally:
+        server.stop()
