@@ -12,6 +12,7 @@ drift in this machine's speed falls on both alike; each figure is the median of 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import subprocess
 import tempfile
@@ -90,28 +91,39 @@ def main() -> None:
             for _ in range(a.rounds):
                 for label, server in servers.items():
                     url = f"{server.url}{route}"
-                    r = paced(url, a.seconds, path, ctype) if c == "paced" else wrk(url, int(c), a.seconds, path, ctype)
+                    if c == "paced":
+                        r = paced(url, a.seconds, path, ctype)
+                    else:
+                        r = wrk(url, int(c), a.seconds, path, ctype, server=server)
+                        r["cpu_ms"] = r["server_cpu"] / r["req_s"] * 1e3  # the server's CPU per request
                     turns.setdefault((name, c), {}).setdefault(label, []).append(r)
     finally:
         for server in servers.values():
             server.stop()
         subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=ROOT, check=False)
-    rows = {
-        key: {
-            label: {k: statistics.median(r[k] for r in rs) for k in ("req_s", "p50_ms", "p99_ms")}
-            for label, rs in by.items()
-        }
-        for key, by in turns.items()
-    }
-    print(f"| request | connections | before ({a.base}) req/s, p50, p99 | after req/s, p50, p99 | ratio |")
-    print("|---|---|---|---|---|")
-    for (name, c), r in rows.items():
-        b, n = r["before"], r["after"]
-        print(
-            f"| {name} | {c} | {b['req_s']:.1f}, {b['p50_ms']:.1f} ms, {b['p99_ms']:.0f} ms "
-            f"| {n['req_s']:.1f}, {n['p50_ms']:.1f} ms, {n['p99_ms']:.0f} ms | "
-            f"{n['req_s'] / b['req_s']:.2f}x |"
-        )
+    print(table(turns, a.base))
+
+
+SIDES = ("before", "after")
+
+
+def table(turns: dict[tuple[str, str], dict[str, list[dict]]], base: str) -> str:
+    """Medians of each side's turns. CPU per request (under wrk's load) moves less with this machine's
+    speed than req/s does, since it does not count the time a process waits for a core."""
+    keys = ("req_s", "p50_ms", "p99_ms", "cpu_ms")
+    lines = [
+        f"| request | connections | before ({base}) req/s, p50, p99, CPU per request | after | ratio |",
+        "|---|---|---|---|---|",
+    ]
+    for (name, c), by in turns.items():
+        b, n = ({k: statistics.median(r.get(k, math.nan) for r in by[side]) for k in keys} for side in SIDES)
+        lines.append(f"| {name} | {c} | {figures(b)} | {figures(n)} | {n['req_s'] / b['req_s']:.2f}x |")
+    return "\n".join(lines)
+
+
+def figures(r: dict[str, float]) -> str:
+    cpu = "" if math.isnan(r["cpu_ms"]) else f", {r['cpu_ms']:.2f} ms CPU"
+    return f"{r['req_s']:.1f}, {r['p50_ms']:.1f} ms, {r['p99_ms']:.0f} ms{cpu}"
 
 
 if __name__ == "__main__":

@@ -2,10 +2,10 @@
 
 WARN_WORKERS sets the number of workers (0, the default: one per core); uvicorn's own options and
 UVICORN_* variables (host, port, ...) pass through. Each worker listens on a socket of its own
-(WARN_REUSE_PORT) and, one per core, runs on a core of its own (WARN_PIN_WORKERS; see
-service/workers.py). Several workers share stored predictions
-through the disk (or Redis) store and report metrics together (Prometheus multiprocess mode). With
-WARN_SHARED_SESSION they also share one session, in a process of its own (service/shared_session.py).
+(WARN_REUSE_PORT) and may run on a core of its own (WARN_PIN_WORKERS; see service/workers.py).
+Several workers share stored predictions through the disk (or Redis) store and report metrics
+together (Prometheus multiprocess mode). With WARN_SHARED_SESSION they also share one session, in a
+process of its own (service/shared_session.py).
 """
 
 from __future__ import annotations

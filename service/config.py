@@ -45,12 +45,12 @@ class Settings(BaseSettings):
         description="each worker of `python -m service` listens on its own socket (SO_REUSEPORT), so the "
         "kernel spreads connections evenly; false: one socket shared by all, as uvicorn does",
     )
-    PIN_WORKERS: Literal["auto", "true", "false"] = Field(
-        "auto",
+    PIN_WORKERS: bool = Field(
+        False,
         description="each worker of `python -m service` runs on a core of its own, where each has one: as many "
         "workers as the CPUs it may run on, one onnxruntime thread each, never under a CPU quota (whose CPUs "
-        "other containers share). auto: on the CPU provider only (on CUDA a worker's thread that waits for "
-        "the GPU spins, and would take its own core's time from its decoding; not measured there)",
+        "other containers share). Off: a worker that the kernel gave more connections than the others may "
+        "then use no idle core but its own",
     )
     INTRA_OP_THREADS: int = Field(
         0,
@@ -185,16 +185,9 @@ class Settings(BaseSettings):
 
     def pinned(self) -> bool:
         """Whether `python -m service` gives each worker a core of its own (PIN_WORKERS)."""
-        if self.PIN_WORKERS == "false" or not hasattr(os, "sched_setaffinity"):
+        if not (self.PIN_WORKERS and hasattr(os, "sched_setaffinity")):
             return False
-        workers = self.workers()
-        if not 1 < workers == len(os.sched_getaffinity(0)) or self.intra_op_threads() != 1:
-            return False
-        if self.PIN_WORKERS == "auto":
-            from service.model import choose_providers
-
-            return choose_providers(self.PROVIDERS)[0] == "CPUExecutionProvider"
-        return True
+        return 1 < self.workers() == len(os.sched_getaffinity(0)) and self.intra_op_threads() == 1
 
     def decode_threads(self) -> int:
         return self.DECODE_THREADS or max(2, self.share())

@@ -1,5 +1,5 @@
 """Worker processes of `python -m service`: each listens on a socket of its own (SO_REUSEPORT), so the
-kernel spreads connections over them evenly, and, with one worker per core, runs on a core of its own.
+kernel spreads connections over them evenly, and, with WARN_PIN_WORKERS, runs on a core of its own.
 
 uvicorn's workers share one listening socket, and a worker that wakes accepts every connection
 waiting. A client that opens its pool at once (wrk, aiohttp, a load balancer after a restart) lands
@@ -11,8 +11,9 @@ there as before) and supervises the workers; each worker binds a twin of that so
 SO_REUSEPORT and listens on it. The supervisor's socket never listens, so no connection waits on it.
 Only processes of the same user can join the port this way.
 
-A worker's threads (its event loop, decoders, inference and store writer) then share one core and its
-caches rather than migrate over all of them. Each worker claims its core by locking a file named after
+Pinned, a worker's threads (its event loop, decoders, inference and store writer) share one core and its
+caches rather than migrate over all of them; but a worker the kernel gave more connections than the
+others then cannot use an idle core, so it is off by default. Each worker claims its core by locking a file named after
 it in a directory the launcher makes; the kernel drops the lock when the worker dies, so a worker
 started in its place claims the same core. One that finds every core claimed runs unpinned.
 """

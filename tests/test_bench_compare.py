@@ -24,3 +24,22 @@ def test_the_setting_reaches_only_the_service_it_is_given_to(monkeypatch, tmp_pa
     compare.serve(tmp_path)
     compare.serve(tmp_path, **dict([compare.setting("WARN_SHARED_SESSION=true")]))
     assert "WARN_SHARED_SESSION" not in started[0] and started[1]["WARN_SHARED_SESSION"] == "true"
+
+
+def test_the_table_gives_each_side_its_medians_and_cpu_per_request():
+    def run(req_s: float, cpu_ms: float, p50_ms: float) -> dict:
+        return {"req_s": req_s, "p50_ms": p50_ms, "p99_ms": 2 * p50_ms + 10, "cpu_ms": cpu_ms}
+
+    turns = {
+        ("photo", "8"): {
+            "before": [run(100, 10, 40), run(90, 11, 40), run(110, 12, 40)],
+            "after": [run(120, 9, 35), run(130, 8, 30), run(125, 7, 25)],
+        },
+        ("photo", "paced"): {  # one request at a time: no CPU figure
+            "before": [{"req_s": 20.0, "p50_ms": 12.0, "p99_ms": 15.0}],
+            "after": [{"req_s": 21.0, "p50_ms": 11.0, "p99_ms": 14.0}],
+        },
+    }
+    rows = compare.table(turns, "abc123").splitlines()
+    assert rows[2] == "| photo | 8 | 100.0, 40.0 ms, 90 ms, 11.00 ms CPU | 125.0, 30.0 ms, 70 ms, 8.00 ms CPU | 1.25x |"
+    assert rows[3] == "| photo | paced | 20.0, 12.0 ms, 15 ms | 21.0, 11.0 ms, 14 ms | 1.05x |"

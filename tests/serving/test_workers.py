@@ -216,27 +216,18 @@ def test_each_worker_claims_a_core_no_other_holds_and_a_dead_ones_core_is_claime
     assert out.stdout.strip() == str([a, [a], b, [b], None, [a, b], a]), out.stdout + out.stderr
 
 
-def test_workers_are_pinned_only_where_each_has_a_core_of_its_own(monkeypatch):
-    import onnxruntime
-
+def test_workers_are_pinned_only_where_each_has_a_core_of_its_own():
     from service.config import Settings
 
     allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
-    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
-    assert Settings(WORKERS=allowed).pinned() == (allowed > 1)
-    assert not Settings(WORKERS=allowed, PIN_WORKERS="false").pinned()
-    # on a GPU host only when asked for: a worker's thread waiting for the GPU spins on its own core
-    gpu = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: gpu)
-    assert not Settings(WORKERS=allowed).pinned()
-    assert Settings(WORKERS=allowed, PIN_WORKERS="true").pinned() == (allowed > 1)
-    assert Settings(WORKERS=allowed, PROVIDERS="CPUExecutionProvider").pinned() == (allowed > 1)
-    assert not Settings(WORKERS=allowed, INTRA_OP_THREADS=2).pinned()  # its threads would queue on one core
-    assert not Settings(WORKERS=allowed + 1).pinned()  # more workers than CPUs
-    assert not Settings(WORKERS=1).pinned()
+    assert not Settings(WORKERS=allowed).pinned()  # off unless asked for
+    assert Settings(WORKERS=allowed, PIN_WORKERS=True).pinned() == (allowed > 1)
+    assert not Settings(WORKERS=allowed, PIN_WORKERS=True, INTRA_OP_THREADS=2).pinned()  # threads would queue
+    assert not Settings(WORKERS=allowed + 1, PIN_WORKERS=True).pinned()  # more workers than CPUs
+    assert not Settings(WORKERS=1, PIN_WORKERS=True).pinned()
     # under a CPU quota (`docker run --cpus`, a Kubernetes limit) the process may run on every CPU of the
     # host, which other containers share: one worker per core of the quota is fewer workers than CPUs
-    assert not Settings(WORKERS=max(1, allowed - 1)).pinned()
+    assert not Settings(WORKERS=max(1, allowed - 1), PIN_WORKERS=True).pinned()
 
 
 def worker_pids(server: Server) -> list[int]:
@@ -252,10 +243,10 @@ def cpus_of(pid: int) -> set[frozenset[int]]:
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2, reason="Linux, 2+ cores")
 def test_one_worker_per_core_runs_each_on_a_core_of_its_own(model_path):
-    """`python -m service` on two CPUs (a cpuset of two): two workers, each with every thread on its own
-    CPU; a worker started in place of a killed one runs on the CPU it left."""
+    """`python -m service` on two CPUs (a cpuset of two) with WARN_PIN_WORKERS: two workers, each with every
+    thread on its own CPU; a worker started in place of a killed one runs on the CPU it left."""
     two = set(sorted(os.sched_getaffinity(0))[:2])
-    env = {"WARN_MODEL_PATH": str(model_path), "WARN_GRPC_PORT": "0"}
+    env = {"WARN_MODEL_PATH": str(model_path), "WARN_GRPC_PORT": "0", "WARN_PIN_WORKERS": "true"}
     server = Server(env, launcher=True, cpus=two)
     try:
         server.wait_ready(90)
