@@ -11,11 +11,12 @@ there as before) and supervises the workers; each worker binds a twin of that so
 SO_REUSEPORT and listens on it. The supervisor's socket never listens, so no connection waits on it.
 Only processes of the same user can join the port this way.
 
-Pinned, a worker's threads (its event loop, decoders, inference and store writer) share one core and its
-caches rather than migrate over all of them; but a worker the kernel gave more connections than the
-others then cannot use an idle core, so it is off by default. Each worker claims its core by locking a file named after
-it in a directory the launcher makes; the kernel drops the lock when the worker dies, so a worker
-started in its place claims the same core. One that finds every core claimed runs unpinned.
+Pinned, a worker's threads (its event loop, decoders, inference and store writer) share one core and
+its caches rather than migrate over all of them; but a worker the kernel gave more connections than
+the others then cannot use an idle core, so it is off by default. Each worker claims its core by
+locking a file named after it in a directory the launcher makes; the kernel drops the lock when the
+worker dies, so a worker started in its place claims the same core. One that finds every core claimed
+runs unpinned.
 """
 
 from __future__ import annotations
