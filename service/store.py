@@ -102,8 +102,8 @@ class StoredPrediction:
                 "image": "encoded" if pixels is None else [pixels.dtype.str, list(pixels.shape)],
             }
         ).encode()
-        tail = encoded if pixels is None else pixels.data.cast("B")
-        return [MAGIC, len(head).to_bytes(4, "big"), head, *(a.data.cast("B") for a in arrays), tail]
+        tail = encoded if pixels is None else pixels.data
+        return [MAGIC, len(head).to_bytes(4, "big"), head, *(a.data for a in arrays), tail]
 
     def to_bytes(self) -> bytes:
         return b"".join(self.parts())
@@ -238,7 +238,7 @@ class MemoryStore:
 
 
 class Pieces(io.RawIOBase):
-    """A read-only stream over buffers, read without joining them into one."""
+    """A read-only stream over buffers (read as flat bytes), without joining them into one."""
 
     def __init__(self, parts: list[bytes | memoryview]) -> None:
         self._parts = [memoryview(p).cast("B") for p in parts]

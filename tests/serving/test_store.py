@@ -16,6 +16,17 @@ def keys(n: int) -> list[str]:
     return [f"{0x019AC1D2E3F4 + i:012x}7{rng.getrandbits(12):03x}8{rng.getrandbits(60):015x}" for i in range(n)]
 
 
+async def fill(store, ids: list[str], side: int = 8) -> None:
+    """Put sample(i) under ids[i], oldest first."""
+    for i, key in enumerate(ids):
+        await store.put(key, sample(i, side=side))
+
+
+async def kept(store, ids: list[str]) -> list[int]:
+    """The indexes of the ids the store still holds."""
+    return [i for i, key in enumerate(ids) if await store.get(key) is not None]
+
+
 def sample(i: int, side: int = 8) -> StoredPrediction:
     return StoredPrediction(
         result={"top_k": [{"label": str(i)}]},
@@ -100,9 +111,8 @@ def test_disk_store_bounds_count_and_age(tmp_path):
 
     async def main():
         store = DiskStore(tmp_path, max_items=3, ttl_s=0.4, max_bytes=64 << 20)
-        for i in range(6):
-            await store.put(ids[i], sample(i))
-        assert [await store.get(ids[i]) is not None for i in range(6)] == [False] * 3 + [True] * 3
+        await fill(store, ids)
+        assert await kept(store, ids) == [3, 4, 5]
         assert (await store.get(ids[5])).result == {"top_k": [{"label": "5"}]}
         time.sleep(0.5)
         assert await store.get(ids[5]) is None
@@ -119,16 +129,15 @@ def test_disk_store_bounds_bytes(tmp_path):
     async def main():
         limit = 4 << 20
         store = DiskStore(tmp_path, max_items=1000, ttl_s=60, max_bytes=limit)
-        for i in range(40):
-            await store.put(ids[i], sample(i, side=256))  # about 200 KB each, 8 MB in all
+        await fill(store, ids, side=256)  # about 200 KB each, 8 MB in all
         volume = store.volume()
-        kept = [i for i in range(40) if await store.get(ids[i]) is not None]
+        held = await kept(store, ids)
         await store.close()
-        return volume, kept, limit
+        return volume, held, limit
 
-    volume, kept, limit = asyncio.run(main())
+    volume, held, limit = asyncio.run(main())
     assert volume <= limit * 1.1, f"{volume} bytes on disk past a {limit}-byte limit"
-    assert 39 in kept and 0 not in kept and len(kept) < 40
+    assert 39 in held and 0 not in held and len(held) < 40
 
 
 def test_a_sharded_disk_store_spreads_entries_within_its_bounds(tmp_path):
@@ -138,17 +147,16 @@ def test_a_sharded_disk_store_spreads_entries_within_its_bounds(tmp_path):
 
     async def main():
         store = DiskStore(tmp_path, max_items=8, ttl_s=60, max_bytes=64 << 20, shards=4)
-        for i in range(40):
-            await store.put(ids[i], sample(i))
-        kept = [i for i in range(40) if await store.get(ids[i]) is not None]
+        await fill(store, ids)
+        held = await kept(store, ids)
         counts = [len(cache) for cache in store.shards]
         await store.close()
-        return kept, counts
+        return held, counts
 
-    kept, counts = asyncio.run(main())
+    held, counts = asyncio.run(main())
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"shard-{i}" for i in range(4)]
-    assert counts == [2, 2, 2, 2] and len(kept) == 8
-    assert 39 in kept and 0 not in kept
+    assert counts == [2, 2, 2, 2] and len(held) == 8
+    assert 39 in held and 0 not in held
 
 
 def test_a_sharded_disk_store_never_holds_more_than_its_count(tmp_path):
@@ -156,8 +164,7 @@ def test_a_sharded_disk_store_never_holds_more_than_its_count(tmp_path):
 
     async def main():
         store = DiskStore(tmp_path, max_items=3, ttl_s=60, max_bytes=64 << 20, shards=8)
-        for i in range(30):
-            await store.put(ids[i], sample(i))
+        await fill(store, ids)
         counts = [len(cache) for cache in store.shards]
         await store.close()
         return counts
@@ -186,16 +193,15 @@ def test_a_full_disk_store_writes_without_copying_or_reading_back(tmp_path, monk
 
     async def main():
         store = DiskStore(tmp_path, max_items=3, ttl_s=60, max_bytes=64 << 20)
-        for i in range(10):
-            await store.put(ids[i], sample(i, side=40))
+        await fill(store, ids, side=40)
         assert reads == []
-        kept = [i for i in range(10) if await store.get(ids[i]) is not None]
+        held = await kept(store, ids)
         got = await store.get(ids[9])
         await store.close()
-        return kept, got
+        return held, got
 
-    kept, got = asyncio.run(main())
-    assert kept == [7, 8, 9]
+    held, got = asyncio.run(main())
+    assert held == [7, 8, 9]
     want = sample(9, side=40)
     np.testing.assert_array_equal(got.image, want.image)
     np.testing.assert_array_equal(got.masks[1], want.masks[1])
