@@ -150,6 +150,8 @@ def main() -> None:
     ap.add_argument("--full", action="store_true", help="the service's disk store, full: CPU per put")
     ap.add_argument("--puts", type=int, default=600, help="with --full: puts per process, timed")
     a = ap.parse_args()
+    if a.puts < 1:
+        ap.error("--puts must be at least 1")
     if a.full:
         print("| entry | CPU ms per put, full store (2 processes) |\n|---|---|")
         for r in full(a.puts):
