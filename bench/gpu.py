@@ -18,6 +18,7 @@ Needs onnxruntime-gpu. Load comes from bench.load (aiohttp): GPU images rarely h
      and 64 connections (needs the model's own packages: torch and tyro)
   G10 (with --kserve-python) KServe's ModelServer on the same ONNX file, onnxruntime on CUDA, vs the
      service: the same binary v2 request at 16 and 64 connections
+  G11 session.run with the batch size the same every run or changing, per cuDNN search mode, and padded
 With --profile, py-spy samples each variant's shared session process (idle threads included) and its busiest
 worker (running threads only) under load.
 The fine-grained model is exported with random weights unless --fine and --fine-backbone name files.
@@ -26,6 +27,7 @@ The fine-grained model is exported with random weights unless --fine and --fine-
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -41,7 +43,7 @@ import numpy as np
 import onnxruntime as ort
 
 from bench import load, protocols
-from bench.server import ROOT, KServe, Uvicorn, bench_images, f, rate, smi
+from bench.server import ROOT, KServe, Uvicorn, bench_images, f, rate, scrape, smi, stages
 from bench.server import machine as host
 
 DEFAULT_ONNX = ROOT / "default_model/model.onnx"
@@ -136,6 +138,36 @@ def parity(path: Path, batch: int, size: tuple[int, int]) -> dict:
         got = cuda_session(path, tf32).run(["probabilities"], {"image": x})[0]
         out["tf32_on" if tf32 else "tf32_off"] = float(np.abs(got - want).max())
     return out
+
+
+def shape_rows(seconds: float) -> list[dict]:
+    """G11: ms per run on the service's path (IO binding, TF32 off) when every run has the same batch size, and
+    when it changes from run to run as a busy worker's batches do (1..8), for each cuDNN search mode; and the
+    changing batches padded to 8 (WARN_CUDA_FIXED_BATCH)."""
+    from service.config import Settings
+    from service.model import OnnxModel
+
+    size = cpu_session(DEFAULT_ONNX).get_inputs()[0].shape[2:]
+    x = np.random.default_rng(0).random((8, 3, *size), dtype=np.float32)
+    rows = []
+    for search in ("HEURISTIC", "DEFAULT", "EXHAUSTIVE"):
+        options = {**Settings().cuda_options(), "cudnn_conv_algo_search": search}
+        for label, fixed, sizes in (
+            ("4 every run", 0, [4]),
+            ("1..8", 0, range(1, 9)),
+            ("1..8 padded to 8", 8, range(1, 9)),
+        ):
+            model = OnnxModel(DEFAULT_ONNX, CUDA, 1, options, fixed_batch=fixed)
+            cycle = itertools.cycle(sizes)
+            for _ in range(2 * len(sizes)):  # every size seen: what is cached per shape, cached
+                model.run(x[: next(cycle)])
+            runs, started = 0, time.perf_counter()
+            while (elapsed := time.perf_counter() - started) < seconds:
+                model.run(x[: next(cycle)])
+                runs += 1
+            rows.append({"row": "G11", "search": search, "batches": label, "ms_per_run": elapsed / runs * 1e3})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def probe(path: str, batch: int, seconds: float, tf32: bool) -> None:
@@ -295,14 +327,18 @@ def kserve_rows(python: str, seconds: float, ours_v2: dict[int, dict]) -> list[d
 
 def predict_load(server: Uvicorn, path: Path, ctype: str, connections: int, seconds: float) -> dict:
     """bench.load on /v1/predict, with the server's CPU (in cores, each worker's too) and the GPU's busy share."""
+    metrics = scrape(server.url)
     before, t0 = server.cpu_by_process(), time.perf_counter()
     with GpuBusy() as busy:
         r = load.measure(server.url + "/v1/predict", path.read_bytes(), ctype, connections, seconds)
     wall = time.perf_counter() - t0  # spawning the load included: the cores are a little understated
     after = server.cpu_by_process()
     cores = {pid: (after[pid] - before.get(pid, 0.0)) / wall for pid in after}
+    seen = stages(metrics, scrape(server.url))
     return {
         **r,
+        **seen,
+        "runs_s": seen["runs"] / wall,
         "server_cpu": sum(cores.values()),
         "worker_cores": sorted((round(cores[pid], 2) for pid in server.workers()), reverse=True),
         "session_cores": [round(cores[pid], 2) for pid in server.sessions() if pid in cores],
@@ -310,7 +346,9 @@ def predict_load(server: Uvicorn, path: Path, ctype: str, connections: int, seco
     }
 
 
-def variant_rows(images: dict, seconds: float, label: str, env: dict[str, str], profile: str = "") -> list[dict]:
+def variant_rows(
+    images: dict, seconds: float, label: str, env: dict[str, str], profile: str = "", native: bool = False
+) -> list[dict]:
     env = dict(env)
     checkout = env.pop("checkout", None)
     server = serve(Path(checkout) if checkout else ROOT, **env)
@@ -322,7 +360,9 @@ def variant_rows(images: dict, seconds: float, label: str, env: dict[str, str], 
                 spies.append(spy_later(lambda pid=pid: pid, 0, seconds * 0.8, f"{profile}-{slug(label)}-session.txt"))
             lead = min(1.0, seconds / 4)  # the load's start, then half a second to find the busiest worker
             spies.append(
-                spy_later(lambda: busiest(server), lead, seconds * 0.6, f"{profile}-{slug(label)}-worker.txt", False)
+                spy_later(
+                    lambda: busiest(server), lead, seconds * 0.6, f"{profile}-{slug(label)}-worker.txt", False, native
+                )
             )
         r = predict_load(server, path, ctype, 64, seconds)
         for spy in spies:
@@ -340,27 +380,42 @@ def busiest(server: Uvicorn, window: float = 0.5) -> int:
     return max(server.workers(), key=lambda pid: after.get(pid, 0.0) - before.get(pid, 0.0))
 
 
-def spy_later(pick, delay: float, seconds: float, out: str, idle: bool = True) -> threading.Thread:
+def spy_later(
+    pick, delay: float, seconds: float, out: str, idle: bool = True, native: bool = False
+) -> threading.Thread:
     """py-spy, in a thread: after `delay` seconds, on the process `pick()` names."""
 
     def run() -> None:
         time.sleep(delay)
-        subprocess.run(py_spy(pick(), seconds, out, idle), stdout=subprocess.DEVNULL, timeout=seconds + 60)
+        argv = py_spy(pick(), seconds, out, idle, native)
+        subprocess.run(argv, stdout=subprocess.DEVNULL, timeout=seconds + 60)
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread
 
 
-def py_spy(pid: int, seconds: float, out: str, idle: bool = True) -> list[str]:
+def py_spy(pid: int, seconds: float, out: str, idle: bool = True, native: bool = False) -> list[str]:
     """py-spy sampling `pid` without pausing it, as collapsed stacks in `out`: idle threads included, or
-    (`idle` False) only where threads run, so a worker's six mostly waiting threads do not drown it."""
-    return ["py-spy", "record", "-p", str(pid), "-d", str(max(1, round(seconds))), "-r", "200",
-            *(["--idle"] if idle else []), "--nonblocking", "-f", "raw", "-o", out]  # fmt: skip
+    (`idle` False) only where threads run, so a worker's six mostly waiting threads do not drown it.
+    `native` adds the C/C++ frames (onnxruntime, CUDA, libjpeg), which needs the process paused per sample."""
+    how = ["--native", "-r", "100"] if native else ["--nonblocking", "-r", "200"]
+    return ["py-spy", "record", "-p", str(pid), "-d", str(max(1, round(seconds))), *how,
+            *(["--idle"] if idle else []), "-f", "raw", "-o", out]  # fmt: skip
 
 
 def slug(label: str) -> str:
     return "-".join("".join(c if c.isalnum() else " " for c in label.lower()).split())
+
+
+def inside(r: dict) -> str:
+    """The service's own view of a load (its metrics): runs, their batch and time, an image's stages."""
+    if not r.get("runs"):
+        return ""
+    return (
+        f"; {r['runs_s']:,.0f} runs/s of {f(r['mean_batch'], 2)} images, {f(r['run_ms'], 2)} ms "
+        f"each; per image decode {f(r['decode_ms'], 2)} ms, model (queue + run) {f(r['model_ms'], 2)} ms"
+    )
 
 
 def machine() -> dict:
@@ -416,14 +471,14 @@ def markdown(m: dict, rows: list[dict]) -> str:
                 f"| G5 | /v1/predict, {r['image']}, {r['connections']} conn | {f(r['req_s'])} req/s{vs}; p50 "
                 f"{f(r['p50_ms'], 2)} ms, p99 {f(r['p99_ms'], 2)} ms; not 2xx {failed}; GPU busy "
                 f"{f(r['gpu_busy'], 0)}%; server CPU {r['server_cpu']:.1f} cores{spread}, "
-                f"load {r['client_cpu']:.1f} cores |"
+                f"load {r['client_cpu']:.1f} cores{inside(r)} |"
             )
         elif n == "G7":
             lines.append(
                 f"| G7 | /v1/predict, photo (640x427 JPEG), 64 conn, {r['variant']} | {f(r['req_s'])} req/s; p50 "
                 f"{f(r['p50_ms'], 2)} ms, p99 {f(r['p99_ms'], 2)} ms; not 2xx {r['non_2xx']}; GPU busy "
                 f"{f(r['gpu_busy'], 0)}%; server CPU {r['server_cpu']:.1f} cores{spread}, "
-                f"load {r['client_cpu']:.1f} cores |"
+                f"load {r['client_cpu']:.1f} cores{inside(r)} |"
             )
         elif n == "G8":
             mb, shared = r["gpu_mb"], r.get("session_gpu_mb")
@@ -446,6 +501,11 @@ def markdown(m: dict, rows: list[dict]) -> str:
                     f"p99 ours {f(r['ours_p99_ms'], 2)} ms ({r['p99_ratio']:.2f}x)"
                 )
             lines.append(f"| {n} | {what}, {r['connections']} conn | {text} |")
+        elif n == "G11":
+            lines.append(
+                f"| G11 | session.run, default model, batch size {r['batches']}, cuDNN search {r['search']} | "
+                f"{f(r['ms_per_run'], 2)} ms per run |"
+            )
         elif n == "G6":
             lines.append(
                 f"| G6 | /v1/attention?max_size=512 (PNG), digit.png, 16 conn | {f(r['req_s'])} req/s vs "
@@ -479,6 +539,12 @@ def main(argv: list[str] | None = None) -> None:
         "--profile",
         action="store_true",
         help="py-spy each --variant's shared session process and busiest worker under load (<out>-<variant>-*.txt)",
+    )
+    p.add_argument(
+        "--native",
+        action="store_true",
+        help="with --profile: the busiest worker's C/C++ frames too (onnxruntime, CUDA, libjpeg), each sample "
+        "pausing it",
     )
     p.add_argument(
         "--kserve-python",
@@ -518,6 +584,7 @@ def main(argv: list[str] | None = None) -> None:
     section("G1", lambda: raw_rows(a.seconds))
     size = tuple(cpu_session(DEFAULT_ONNX).get_inputs()[0].shape[2:])
     section("G2", lambda: [{"row": "G2", "model": "default", "batch": 64, **parity(DEFAULT_ONNX, 64, size)}])
+    section("G11", lambda: shape_rows(min(a.seconds, 2.0)))
     with tempfile.TemporaryDirectory() as tmp:
 
         def fine() -> list[dict]:
@@ -542,7 +609,7 @@ def main(argv: list[str] | None = None) -> None:
         section("G10", lambda: kserve_rows(a.kserve_python, a.seconds, ours_v2))
     profile = a.out if a.profile else ""
     for label, env in a.variant:
-        section("G7", lambda label=label, env=env: variant_rows(images, a.seconds, label, env, profile))
+        section("G7", lambda label=label, env=env: variant_rows(images, a.seconds, label, env, profile, a.native))
     shutil.rmtree(work, ignore_errors=True)
     print(markdown(m, rows))
 

@@ -163,6 +163,44 @@ class Uvicorn:
         self.proc.wait(20)
 
 
+def scrape(url: str) -> dict[str, float]:
+    """The service's /metrics, each sample by its name and labels ('' where it cannot be read)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        text = httpx.get(url + "/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return {}
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            samples[f"{s.name}{{{labels}}}"] = s.value
+    return samples
+
+
+def stages(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:
+    """What the service's own metrics say of the load between two scrapes: session.runs, their mean
+    batch and time, and each image's mean decode and model (queue + run) time, in ms."""
+
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    def mean(name: str, labels: str = "", scale: float = 1e3) -> float | None:
+        count = delta(f"{name}_count{{{labels}}}")
+        return delta(f"{name}_sum{{{labels}}}") / count * scale if count else None
+
+    return {
+        "images": delta("warn_stage_duration_seconds_count{stage=decode}"),
+        "runs": delta("warn_batch_size_count{}"),
+        "mean_batch": mean("warn_batch_size", scale=1),
+        "run_ms": mean("warn_inference_duration_seconds"),
+        "decode_ms": mean("warn_stage_duration_seconds", "stage=decode"),
+        "model_ms": mean("warn_stage_duration_seconds", "stage=model"),
+    }
+
+
 class KServe:
     """KServe's ModelServer (bench/kserve_server.py) run by `python`, a Python that has kserve, on `model`:
     the v2 protocol over HTTP at `url` and over gRPC at `grpc_address`; `cuda` runs onnxruntime on CUDA."""

@@ -70,6 +70,11 @@ class Settings(BaseSettings):
         "HEURISTIC", description="cuDNN convolution algorithm search (EXHAUSTIVE benchmarks every new shape)"
     )
     IO_BINDING: bool = Field(True, description="on CUDA: outputs bound to host memory, no extra copies")
+    CUDA_FIXED_BATCH: bool = Field(
+        False,
+        description="on CUDA: every session.run gets MAX_BATCH_SIZE rows, a smaller batch padded with zeros, since "
+        "onnxruntime plans its convolutions again (cuDNN's heuristics) whenever the batch size changes",
+    )
     CUDA_BLOCKING_SYNC: bool = Field(
         False,
         description="on CUDA: a run waits for the GPU asleep, not spinning on a core as CUDA does by default "

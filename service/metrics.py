@@ -49,6 +49,14 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self.stages = Histogram(
+            "warn_stage_duration_seconds",
+            "Per /v1 image: decode (bytes to model input, waiting for a decoding thread included) and model "
+            "(queued for a batch, then its session.run)",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.images = Counter("warn_images", "Images classified", registry=r)
         self.store_failures = Counter(
             "warn_store_write_failures", "Predictions answered but not stored (their URLs answer 404)", registry=r

@@ -121,7 +121,9 @@ class OnnxModel:
     `cuda_options` are the CUDA provider's options (TF32, memory limit, arena growth, cuDNN search);
     `io_binding` binds the outputs to host memory on CUDA, so each run copies once. `spin` lets idle
     intra-op threads spin for the next run (fastest for one process alone on a machine).
-    `blocking_sync` makes a run on CUDA wait for the GPU asleep (`cuda_blocking_sync`).
+    `blocking_sync` makes a run on CUDA wait for the GPU asleep (`cuda_blocking_sync`). `fixed_batch`: on
+    CUDA, a run of fewer rows is padded to that many, since the provider plans its convolutions again (cuDNN's
+    heuristics, milliseconds of CPU) whenever the batch size differs from its last run.
     """
 
     def __init__(
@@ -133,6 +135,7 @@ class OnnxModel:
         io_binding: bool = True,
         spin: bool = True,
         blocking_sync: bool = False,
+        fixed_batch: int = 0,
     ) -> None:
         path = Path(path)
         if not path.is_file():
@@ -186,6 +189,7 @@ class OnnxModel:
         self.input_name = self.info.inputs[0].name
         self.output_names = [o.name for o in self.info.outputs]
         self.io_binding = io_binding and active[0] == "CUDAExecutionProvider"
+        self.fixed_batch = fixed_batch if active[0] == "CUDAExecutionProvider" else 0
         log.info("loaded %s v%s from %s on %s", self.info.name, self.info.version, path, active[0])
 
     @classmethod
@@ -199,10 +203,18 @@ class OnnxModel:
             s.IO_BINDING,
             spin=s.workers() == 1,
             blocking_sync=s.CUDA_BLOCKING_SYNC,
+            fixed_batch=s.MAX_BATCH_SIZE if s.CUDA_FIXED_BATCH else 0,
         )
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """(N, 3, H, W) float32 in [0, 1] -> every output by name, N first."""
+        n = len(batch)
+        if n >= self.fixed_batch:
+            return self._run(batch)
+        padding = np.zeros((self.fixed_batch - n, *batch.shape[1:]), batch.dtype)
+        return {k: v[:n] for k, v in self._run(np.concatenate([batch, padding])).items()}
+
+    def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         if not self.io_binding:
             return dict(zip(self.output_names, self.session.run(None, {self.input_name: batch})))
         binding = self.session.io_binding()

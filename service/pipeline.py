@@ -141,6 +141,8 @@ class Runtime:
             decoded = time.perf_counter()
             outputs = await self.batcher.submit_admitted(x[None])
             done = time.perf_counter()
+        self.metrics.stages.labels("decode").observe(decoded - started)
+        self.metrics.stages.labels("model").observe(done - decoded)
         row = {k: v[0] for k, v in outputs.items()}
         timings = {"decode_ms": (decoded - started) * 1e3, "inference_ms": (done - decoded) * 1e3}
         return Classified(row, geometry, img, timings)

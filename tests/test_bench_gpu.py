@@ -12,6 +12,8 @@ def test_py_spy_samples_the_process_without_pausing_it():
     argv = gpu.py_spy(1234, 2.6, "out/x.txt")
     assert argv[:4] == ["py-spy", "record", "-p", "1234"]
     assert argv[argv.index("-d") + 1] == "3" and "--nonblocking" in argv and argv[-2:] == ["-o", "out/x.txt"]
+    native = gpu.py_spy(1234, 2.6, "out/x.txt", native=True)  # py-spy refuses --native with --nonblocking
+    assert "--native" in native and "--nonblocking" not in native
 
 
 def test_a_variant_label_becomes_a_file_name():

@@ -1,6 +1,7 @@
 """The REST API through httpx against the app."""
 
 import io
+import re
 import time
 
 import numpy as np
@@ -119,8 +120,17 @@ def test_model_endpoint_shows_the_provider(client):
     assert info["metadata"]["weights_sha256"] and info["input_size"]["height"] > 0
 
 
+def stage_counts(client) -> dict[str, float]:
+    text = client.get("/metrics").text
+    return {
+        s: float(re.search(rf'warn_stage_duration_seconds_count{{stage="{s}"}} (\S+)', text)[1])
+        for s in ("decode", "model")
+    }
+
+
 def test_metrics(client, photo):
     client.post("/v1/predict", content=photo, headers={"content-type": "image/png"})
+    before = stage_counts(client)
     client.post("/v1/predict", content=b"", headers={"content-type": "image/png"})
     text = client.get("/metrics").text
     assert 'warn_http_requests_total{method="POST",route="/v1/predict",status="200"}' in text
@@ -128,6 +138,9 @@ def test_metrics(client, photo):
     assert "warn_http_request_duration_seconds_bucket" in text
     assert "warn_batch_size_count" in text and "warn_inference_duration_seconds_count" in text
     assert "warn_queue_depth" in text
+    client.post("/v1/predict", content=photo, headers={"content-type": "image/png"})
+    client.post("/v1/predict", content=b"", headers={"content-type": "image/png"})
+    assert stage_counts(client) == {s: n + 1 for s, n in before.items()}  # the empty body reached neither stage
 
 
 def test_api_key(model_path, photo):

@@ -22,3 +22,14 @@ def test_counts_refusals_by_status(server):
     r = load.measure(server.url + "/v1/predict", b"not an image", "image/png", 1, 0.3)
     assert r["non_2xx"] == sum(r["codes"].values()) > 0
     assert set(r["codes"]) == {"415"}
+
+
+def test_the_service_metrics_say_where_a_load_went(server):
+    from bench.server import scrape, stages
+
+    before = scrape(server.url)
+    r = load.measure(server.url + "/v1/predict", (ROOT / "docs/digit.png").read_bytes(), "image/png", 2, 0.5)
+    seen = stages(before, scrape(server.url))
+    assert seen["images"] == r["codes"]["200"]  # every answered image, and no earlier one
+    assert 1 <= seen["runs"] <= seen["images"] and 1 <= seen["mean_batch"] <= 2
+    assert 0 < seen["run_ms"] and 0 < seen["decode_ms"] and 0 < seen["model_ms"]

@@ -1,4 +1,5 @@
-"""The CUDA provider where onnxruntime has it (skipped elsewhere): it is the one in use, and agrees with CPU."""
+"""The CUDA provider where onnxruntime has it (skipped elsewhere): it is the one in use, and agrees with CPU;
+and what the service does only on CUDA (padded batches), checked on the CPU too."""
 
 import ctypes
 
@@ -73,3 +74,32 @@ def test_the_shared_session_runs_on_cuda_and_matches_cpu(model_path, monkeypatch
         np.testing.assert_allclose(remote.run(x)["probabilities"], want["probabilities"], atol=1e-4)
     finally:
         session.stop()
+
+
+def test_a_padded_batch_answers_as_the_batch_itself(model_path):
+    """WARN_CUDA_FIXED_BATCH: every run has the fixed number of rows, the padding's answers dropped."""
+    model = OnnxModel(model_path, "CPUExecutionProvider", fixed_batch=8)
+    assert model.fixed_batch == 0  # only where the session runs on CUDA
+    x = np.random.default_rng(0).random((11, 3, *model.info.input_size), dtype=np.float32)
+    want = model.run(x)
+    seen = []
+    run = model._run
+    model._run = lambda batch: seen.append(len(batch)) or run(batch)
+    model.fixed_batch = 8  # as on CUDA
+    for n in (1, 3, 8, 11):
+        got = model.run(x[:n])
+        for name, value in got.items():
+            assert value.shape == want[name][:n].shape
+            np.testing.assert_allclose(value, want[name][:n], atol=1e-6, err_msg=name)
+    assert seen == [8, 8, 8, 11]  # a larger batch runs as it is
+
+
+@pytest.mark.skipif(not CUDA or driver() is None, reason="no CUDA provider or no CUDA driver here")
+def test_padded_batches_on_cuda_match_cpu(model_path):
+    s = Settings(MODEL_PATH=model_path)
+    cuda = OnnxModel(model_path, "CUDAExecutionProvider", 0, s.cuda_options(), fixed_batch=8)
+    cpu = OnnxModel(model_path, "CPUExecutionProvider")
+    assert cuda.fixed_batch == 8
+    x = np.random.default_rng(0).random((5, 3, *cuda.info.input_size), dtype=np.float32)
+    for n in (1, 5):
+        np.testing.assert_allclose(cuda.run(x[:n])["probabilities"], cpu.run(x[:n])["probabilities"], atol=1e-4)
