@@ -4,8 +4,8 @@ WARN_WORKERS sets the number of workers (0, the default: one per core); uvicorn'
 UVICORN_* variables (host, port, ...) pass through. Each worker listens on a socket of its own
 (WARN_REUSE_PORT) and may run on a core of its own (WARN_PIN_WORKERS; see service/workers.py).
 Several workers share stored predictions through the disk (or Redis) store and report metrics
-together (Prometheus multiprocess mode). With WARN_SHARED_SESSION they also share one session, in a
-process of its own (service/shared_session.py).
+together (Prometheus multiprocess mode). On a GPU (WARN_SHARED_SESSION) they also share one session, in
+a process of its own (service/shared_session.py).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         made.append(tempfile.mkdtemp(prefix="warn-metrics-"))
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = made[-1]
-    session = SharedSession() if settings.SHARED_SESSION else None
+    session = SharedSession() if settings.shared_session() else None
     for name in (ADDRESS_ENV, KEY_ENV):  # the workers' own, never one inherited
         os.environ.pop(name, None)
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -93,6 +93,24 @@ def _parse(raw: dict[str, str]) -> dict[str, Any]:
 CU_CTX_SCHED_BLOCKING_SYNC = 0x04
 
 
+def cuda_devices() -> int:
+    """GPUs the CUDA driver sees (0 without a driver), asked without making a context."""
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    count = ctypes.c_int()
+    if driver.cuInit(0) != 0 or driver.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return count.value
+
+
+def runs_on_cuda(providers: str) -> bool:
+    """Whether a session made with this PROVIDERS setting would run on a GPU: onnxruntime has the CUDA
+    provider, the setting allows it, and the driver sees a device."""
+    return "CUDAExecutionProvider" in choose_providers(providers) and cuda_devices() > 0
+
+
 def cuda_blocking_sync(device: int = 0) -> str | None:
     """Make threads that wait for `device` sleep until it is done, instead of spinning on a core.
 

@@ -262,3 +262,21 @@ def test_a_session_address_without_its_key_is_refused_with_why(monkeypatch, tmp_
         monkeypatch.setenv("WARN_SESSION_KEY", key)
     with pytest.raises(ModelUnavailable, match="WARN_SESSION_KEY"):
         RemoteModel.from_env()
+
+
+def test_the_shared_session_is_on_by_itself_only_where_the_workers_would_use_a_gpu(monkeypatch):
+    from service import model
+    from service.config import Settings
+
+    assert Settings(WORKERS=4).shared_session() is model.runs_on_cuda("auto")  # here: no GPU, so off
+    monkeypatch.setattr(model, "cuda_devices", lambda: 1)
+    monkeypatch.setattr(model, "choose_providers", lambda setting: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert Settings(WORKERS=4).shared_session()
+    assert not Settings(WORKERS=1).shared_session()  # one worker: nothing to share
+    monkeypatch.setattr(model, "cuda_devices", lambda: 0)  # onnxruntime-gpu on a host without a GPU
+    assert not Settings(WORKERS=4).shared_session()
+    monkeypatch.setenv("WARN_SHARED_SESSION", "true")
+    assert Settings(WORKERS=4).shared_session() is True
+    monkeypatch.setenv("WARN_SHARED_SESSION", "false")
+    monkeypatch.setattr(model, "cuda_devices", lambda: 1)
+    assert Settings(WORKERS=4).shared_session() is False
