@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shutil
 import statistics
 import subprocess
 import tempfile
@@ -74,11 +75,13 @@ def main() -> None:
         help="a setting for this checkout's service only (repeatable): compares settings at one revision",
     )
     a = p.parse_args()
+    levels = a.connections.split(",")
+    if any(c != "paced" for c in levels) and not shutil.which("wrk"):
+        p.error("wrk is not installed (`make bench` installs it; or: apt-get install wrk)")
     work = Path(tempfile.mkdtemp(prefix="warn-compare-"))
     images = bench_images(work)
     base = work / "base"
     subprocess.run(["git", "worktree", "add", "-q", "--detach", str(base), a.base], cwd=ROOT, check=True)
-    levels = a.connections.split(",")
     loads = [(name, path, ctype, c) for name, (path, ctype) in images.items() for c in levels]
     loads.append(("/v1/attention, digit.png", *images["digit.png (640x400 PNG)"], "8"))
     turns: dict[tuple[str, str], dict[str, list[dict]]] = {}

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import joblib
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "default_model" / "model.onnx"
@@ -183,6 +183,12 @@ class Settings(BaseSettings):
         default_factory=list, description='origins allowed by CORS, e.g. ["https://grafana.example"]'
     )
     PUBLIC_URL: str | None = Field(None, description="base of the overlay URLs (default: from the request)")
+
+    @field_validator("SHARED_SESSION", mode="before")
+    @classmethod
+    def _auto_in_any_case(cls, value: Any) -> Any:
+        """AUTO and Auto as well, as TRUE and True are booleans."""
+        return "auto" if isinstance(value, str) and value.strip().lower() == "auto" else value
 
     def workers(self) -> int:
         return self.WORKERS or cores()

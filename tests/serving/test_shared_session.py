@@ -275,6 +275,11 @@ def test_the_shared_session_is_on_by_itself_only_where_the_workers_would_use_a_g
     assert not Settings(WORKERS=1).shared_session()  # one worker: nothing to share
     monkeypatch.setattr(model, "cuda_devices", lambda: 0)  # onnxruntime-gpu on a host without a GPU
     assert not Settings(WORKERS=4).shared_session()
+    monkeypatch.setenv("WARN_SHARED_SESSION", " AUTO ")
+    assert Settings(WORKERS=4).SHARED_SESSION == "auto"
+    monkeypatch.setenv("WARN_SHARED_SESSION", "maybe")
+    with pytest.raises(ValueError, match="SHARED_SESSION"):
+        Settings()
     monkeypatch.setenv("WARN_SHARED_SESSION", "true")
     assert Settings(WORKERS=4).shared_session() is True
     monkeypatch.setenv("WARN_SHARED_SESSION", "false")
