@@ -412,10 +412,16 @@ def inside(r: dict) -> str:
     """The service's own view of a load (its metrics): runs, their batch and time, an image's stages."""
     if not r.get("runs"):
         return ""
-    return (
+    text = (
         f"; {r['runs_s']:,.0f} runs/s of {f(r['mean_batch'], 2)} images, {f(r['run_ms'], 2)} ms "
         f"each; per image decode {f(r['decode_ms'], 2)} ms, model (queue + run) {f(r['model_ms'], 2)} ms"
     )
+    if r.get("session_runs"):
+        text += (
+            f"; the shared session {r['session_runs'] / r['runs'] * r['runs_s']:,.0f} runs/s of "
+            f"{f(r['session_batch'], 2)} images, {f(r['session_run_ms'], 2)} ms each"
+        )
+    return text
 
 
 def machine() -> dict:

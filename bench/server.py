@@ -182,7 +182,8 @@ def scrape(url: str) -> dict[str, float]:
 
 def stages(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:
     """What the service's own metrics say of the load between two scrapes: session.runs, their mean
-    batch and time, and each image's mean decode and model (queue + run) time, in ms."""
+    batch and time, and each image's mean decode and model (queue + run) time, in ms; where the workers
+    share a session, its own runs too."""
 
     def delta(name: str) -> float:
         return after.get(name, 0.0) - before.get(name, 0.0)
@@ -198,6 +199,10 @@ def stages(before: dict[str, float], after: dict[str, float]) -> dict[str, float
         "run_ms": mean("warn_inference_duration_seconds"),
         "decode_ms": mean("warn_stage_duration_seconds", "stage=decode"),
         "model_ms": mean("warn_stage_duration_seconds", "stage=model"),
+        # the shared session's process, where the workers share one: its runs (every worker's batches)
+        "session_runs": delta("warn_shared_session_batch_size_count{}"),
+        "session_batch": mean("warn_shared_session_batch_size", scale=1),
+        "session_run_ms": mean("warn_shared_session_inference_duration_seconds"),
     }
 
 

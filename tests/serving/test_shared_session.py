@@ -17,6 +17,7 @@ import pytest
 import tritonclient.grpc as tc
 from PIL import Image
 
+from bench.server import scrape, stages
 from service.errors import ModelUnavailable
 from service.model import OnnxModel
 from service.shared_session import Failed, RemoteModel, Runner, SharedSession
@@ -150,6 +151,7 @@ def test_workers_of_python_m_service_share_one_session(model_path, tmp_path):
     )
     try:
         server.wait_ready(90)
+        before = scrape(server.url)
         images = [png(Image.new("RGB", (40 + i, 32), (5 * i, 200 - 3 * i, 90))) for i in range(24)]
 
         async def predict_all() -> list[httpx.Response]:
@@ -179,6 +181,9 @@ def test_workers_of_python_m_service_share_one_session(model_path, tmp_path):
         metrics = httpx.get(f"{server.url}/metrics").text
         shared = re.search(r"^warn_shared_session_batch_size_sum ([\d.e+]+)$", metrics, re.M)
         assert shared and float(shared.group(1)) == images_in  # every image ran in the shared session
+        seen = stages(before, scrape(server.url))  # as bench.gpu reads a load
+        assert seen["images"] == len(images) and 1 <= seen["session_runs"] <= images_in
+        assert seen["session_batch"] * seen["session_runs"] == images_in and seen["session_run_ms"] > 0
         # the workers' sessions: none; only the one process holds the model
         named = [p for p in os.listdir("/proc") if p.isdigit() and _comm(p) == "warn-session"]
         ours = [p for p in named if _parent(p) == server.proc.pid]
