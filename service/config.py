@@ -73,8 +73,9 @@ class Settings(BaseSettings):
     IO_BINDING: bool = Field(True, description="on CUDA: outputs bound to host memory, no extra copies")
     CUDA_FIXED_BATCH: bool = Field(
         True,
-        description="on CUDA: every session.run gets MAX_BATCH_SIZE rows, a smaller batch padded with zeros, since "
-        "onnxruntime plans its convolutions again (cuDNN's heuristics, 30 ms a run on an H100) whenever the "
+        description="on CUDA: every session.run gets MAX_BATCH_SIZE rows, a smaller batch padded with zeros, a "
+        "larger one (a v2 request of more images) run in parts of that size, since onnxruntime plans its "
+        "convolutions again (cuDNN's heuristics, 30 ms a run on an H100) whenever the "
         "batch size changes. Off: a large model's padding may cost more GPU time than that",
     )
     CUDA_BLOCKING_SYNC: bool = Field(

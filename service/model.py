@@ -140,8 +140,9 @@ class OnnxModel:
     `io_binding` binds the outputs to host memory on CUDA, so each run copies once. `spin` lets idle
     intra-op threads spin for the next run (fastest for one process alone on a machine).
     `blocking_sync` makes a run on CUDA wait for the GPU asleep (`cuda_blocking_sync`). `fixed_batch`: on
-    CUDA, a run of fewer rows is padded to that many, since the provider plans its convolutions again (cuDNN's
-    heuristics, milliseconds of CPU) whenever the batch size differs from its last run.
+    CUDA, every run has that many rows (fewer are padded, more run in chunks of it), since the provider plans
+    its convolutions again (cuDNN's heuristics, milliseconds of CPU) whenever the batch size differs from its
+    last run.
     """
 
     def __init__(
@@ -226,11 +227,19 @@ class OnnxModel:
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """(N, 3, H, W) float32 in [0, 1] -> every output by name, N first."""
-        n = len(batch)
-        if n >= self.fixed_batch:
+        size = self.fixed_batch
+        if not size or len(batch) == size:
             return self._run(batch)
-        padding = np.zeros((self.fixed_batch - n, *batch.shape[1:]), batch.dtype)
-        return {k: v[:n] for k, v in self._run(np.concatenate([batch, padding])).items()}
+        parts = [self._run_padded(batch[start : start + size]) for start in range(0, len(batch), size)]
+        return parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def _run_padded(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """At most `fixed_batch` rows, run as exactly that many."""
+        n = len(rows)
+        if n == self.fixed_batch:
+            return self._run(rows)
+        padding = np.zeros((self.fixed_batch - n, *rows.shape[1:]), rows.dtype)
+        return {k: v[:n] for k, v in self._run(np.concatenate([rows, padding])).items()}
 
     def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         if not self.io_binding:

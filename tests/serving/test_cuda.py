@@ -77,7 +77,8 @@ def test_the_shared_session_runs_on_cuda_and_matches_cpu(model_path, monkeypatch
 
 
 def test_a_padded_batch_answers_as_the_batch_itself(model_path):
-    """WARN_CUDA_FIXED_BATCH: every run has the fixed number of rows, the padding's answers dropped."""
+    """WARN_CUDA_FIXED_BATCH: every run has the fixed number of rows (a larger batch in chunks), the padding's
+    answers dropped."""
     model = OnnxModel(model_path, "CPUExecutionProvider", fixed_batch=8)
     assert model.fixed_batch == 0  # only where the session runs on CUDA
     x = np.random.default_rng(0).random((11, 3, *model.info.input_size), dtype=np.float32)
@@ -91,7 +92,7 @@ def test_a_padded_batch_answers_as_the_batch_itself(model_path):
         for name, value in got.items():
             assert value.shape == want[name][:n].shape
             np.testing.assert_allclose(value, want[name][:n], atol=1e-6, err_msg=name)
-    assert seen == [8, 8, 8, 11]  # a larger batch runs as it is
+    assert seen == [8, 8, 8, 8, 8]  # 11 rows: 8, then 3 padded to 8
 
 
 @pytest.mark.skipif(not CUDA or driver() is None, reason="no CUDA provider or no CUDA driver here")
