@@ -164,7 +164,7 @@ class Uvicorn:
 
 
 def scrape(url: str) -> dict[str, float]:
-    """The service's /metrics, each sample by its name and labels ('' where it cannot be read)."""
+    """The service's /metrics, each sample by its name and labels (empty where it cannot be read)."""
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 

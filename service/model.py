@@ -228,7 +228,7 @@ class OnnxModel:
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """(N, 3, H, W) float32 in [0, 1] -> every output by name, N first."""
         size = self.fixed_batch
-        if not size or len(batch) == size:
+        if not size or len(batch) in (0, size):  # none: the routes refuse an empty batch before this
             return self._run(batch)
         parts = [self._run_padded(batch[start : start + size]) for start in range(0, len(batch), size)]
         return parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
