@@ -157,12 +157,12 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
         async with self._call("ServerReady", context, guarded=False):
-            return pb.ServerReadyResponse(ready=self.serving)
+            return pb.ServerReadyResponse(ready=self.serving and self.rt.model.serving())
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
         async with self._call("ModelReady", context):
             check_model(self.rt, request.name, request.version or None)
-            return pb.ModelReadyResponse(ready=self.serving)
+            return pb.ModelReadyResponse(ready=self.serving and self.rt.model.serving())
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
         async with self._call("ServerMetadata", context):

@@ -225,6 +225,10 @@ class OnnxModel:
             fixed_batch=s.MAX_BATCH_SIZE if s.CUDA_FIXED_BATCH else 0,
         )
 
+    def serving(self) -> bool:
+        """Loaded in this process: always, unlike a shared session's process."""
+        return True
+
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """(N, 3, H, W) float32 in [0, 1] -> every output by name, N first."""
         size = self.fixed_batch

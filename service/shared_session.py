@@ -199,6 +199,11 @@ class RemoteModel:
         self._conn = conn
         return info
 
+    def serving(self) -> bool:
+        """Whether the session's process is there to run a batch: its socket exists from when the model is
+        loaded, and goes when the launcher replaces a process that died."""
+        return Path(self.address).exists()
+
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """Only one thread calls this (the batcher's), so one batch at most is in flight per worker."""
         if self._conn is None:

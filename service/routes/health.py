@@ -19,10 +19,13 @@ async def live() -> dict[str, bool]:
     "/v2/health/ready",
     summary="Readiness: the model is loaded and serving",
     response_model=Ready,
-    responses={503: {"model": Ready, "description": "not ready yet, or shutting down"}},
+    responses={
+        503: {"model": Ready, "description": "not ready yet, shutting down, or the shared session is restarting"}
+    },
 )
 async def ready(request: Request) -> Response:
-    ok = getattr(request.app.state, "runtime", None) is not None
+    runtime = getattr(request.app.state, "runtime", None)
+    ok = runtime is not None and runtime.model.serving()
     return Response(
         '{"ready":%s}' % ("true" if ok else "false"), status_code=200 if ok else 503, media_type="application/json"
     )

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from service.deps import RuntimeDep
+from service.errors import ModelUnavailable
 from service.pipeline import Runtime
 from service.protocol import check_model, model_metadata, server_metadata, to_model_input
 from service.schemas import InferResponse, ModelMetadata, ModelReady, ServerMetadata, errors
@@ -53,12 +54,27 @@ async def get_model_metadata(rt: RuntimeDep, name: str, version: str | None = No
     return model_metadata(rt)
 
 
+RESTARTING = "the shared session's process is being restarted; retry shortly"
+
+
 @router.get(
-    "/models/{name}/ready", summary="Model readiness", response_model=ModelReady, responses=errors(401, 404, 422, 500)
+    "/models/{name}/ready",
+    summary="Model readiness",
+    response_model=ModelReady,
+    responses={
+        **errors(401, 404, 422, 500),
+        503: {
+            **errors(503)[503],
+            "description": "the shared session's process is restarting: retry after Retry-After seconds",
+            "content": {"application/json": {"example": {"error": RESTARTING, "code": "model_unavailable"}}},
+        },
+    },
 )
 @router.get("/models/{name}/versions/{version}/ready", include_in_schema=False)
 async def model_ready(rt: RuntimeDep, name: str, version: str | None = None) -> dict[str, Any]:
     check_model(rt, name, version)
+    if not rt.model.serving():  # a status, not 200 with ready false: clients (tritonclient) read the status
+        raise ModelUnavailable(RESTARTING)
     return {"name": name, "ready": True}
 
 

@@ -326,3 +326,30 @@ def test_other_uploads_are_stored_decoded(model_path, photo, why, upload, ctype)
         assert stored.encoded is None and max(stored.picture().size) <= 64, why
         r = client.get(body["attention_urls"]["combined"])
         assert r.status_code == 200 and Image.open(io.BytesIO(r.content)).size == stored.picture().size == (50, 30)
+
+
+def test_readiness_follows_a_shared_session_that_is_down(model_path, monkeypatch):
+    """While the launcher replaces a dead session process, every readiness probe says not ready (503 over
+    HTTP: clients such as tritonclient read the status, not the body)."""
+    import asyncio
+
+    from tritonclient.grpc import service_pb2 as pb
+
+    from service.grpc_v2 import Servicer
+
+    with make_client(model_path) as c:
+        rt = c.app.state.runtime
+        servicer = Servicer(rt, rt.settings, rt.metrics)
+
+        def grpc_ready() -> tuple[bool, bool]:
+            server = asyncio.run(servicer.ServerReady(pb.ServerReadyRequest(), None)).ready
+            model = asyncio.run(servicer.ModelReady(pb.ModelReadyRequest(name=rt.info.name), None)).ready
+            return server, model
+
+        assert c.get("/v2/health/ready").status_code == 200 and grpc_ready() == (True, True)
+        monkeypatch.setattr(rt.model, "serving", lambda: False)
+        r = c.get("/v2/health/ready")
+        assert r.status_code == 503 and r.json() == {"ready": False}
+        r = c.get(f"/v2/models/{rt.info.name}/ready")
+        assert r.status_code == 503 and r.json()["code"] == "model_unavailable" and r.headers["retry-after"] == "1"
+        assert grpc_ready() == (False, False)

@@ -194,10 +194,18 @@ def test_workers_of_python_m_service_share_one_session(model_path, tmp_path):
         lost = httpx.post(f"{server.url}/v1/predict", **post)
         assert lost.status_code == 503 and lost.json()["code"] == "model_unavailable"
         assert lost.headers["retry-after"] == "1"
+        # while the launcher replaces it, readiness says so, and a balancer sends requests elsewhere
+        deadline = time.monotonic() + 30
+        while (probe := httpx.get(f"{server.url}/v2/health/ready")).status_code != 503:
+            assert time.monotonic() < deadline, "readiness never said the session was gone"
+            time.sleep(0.02)
+        assert probe.json() == {"ready": False}
         deadline = time.monotonic() + 60
         while httpx.post(f"{server.url}/v1/predict", **post).status_code != 200:
             assert time.monotonic() < deadline, "the service did not come back"
             time.sleep(0.2)
+        assert httpx.get(f"{server.url}/v2/health/ready").status_code == 200
+        assert httpx.get(f"{server.url}/v2/models/warn-cluttered-digits/ready").json()["ready"] is True
         ours = [p for p in os.listdir("/proc") if p.isdigit() and _comm(p) == "warn-session"]
         ours = [p for p in ours if _parent(p) == server.proc.pid]
         # SIGTERM to every process, as a container's stop sends it: the session outlives the workers' last
