@@ -93,14 +93,21 @@ def _parse(raw: dict[str, str]) -> dict[str, Any]:
 CU_CTX_SCHED_BLOCKING_SYNC = 0x04
 
 
-def cuda_devices() -> int:
-    """GPUs the CUDA driver sees (0 without a driver), asked without making a context."""
+def cuda_driver() -> tuple[ctypes.CDLL | None, str | None]:
+    """The CUDA driver API, initialised (no context made), or None and why not."""
     try:
         driver = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return 0
+    except OSError as e:
+        return None, f"no CUDA driver ({e})"
+    status = driver.cuInit(0)
+    return (driver, None) if status == 0 else (None, f"the CUDA driver refused with error {status}")
+
+
+def cuda_devices() -> int:
+    """GPUs the CUDA driver sees (0 without a driver)."""
+    driver, _ = cuda_driver()
     count = ctypes.c_int()
-    if driver.cuInit(0) != 0 or driver.cuDeviceGetCount(ctypes.byref(count)) != 0:
+    if driver is None or driver.cuDeviceGetCount(ctypes.byref(count)) != 0:
         return 0
     return count.value
 
@@ -119,15 +126,12 @@ def cuda_blocking_sync(device: int = 0) -> str | None:
     the host has cores, so each worker would burn a core for as long as its run is on the GPU.
     Returns None, or why it could not (no driver, or the driver's error code).
     """
-    try:
-        driver = ctypes.CDLL("libcuda.so.1")
-    except OSError as e:
-        return f"no CUDA driver ({e})"
+    driver, why = cuda_driver()
+    if driver is None:
+        return why
     handle = ctypes.c_int()
     set_flags = getattr(driver, "cuDevicePrimaryCtxSetFlags_v2", None) or driver.cuDevicePrimaryCtxSetFlags
-    status = driver.cuInit(0)
-    if status == 0:
-        status = driver.cuDeviceGet(ctypes.byref(handle), device)
+    status = driver.cuDeviceGet(ctypes.byref(handle), device)
     if status == 0:
         status = set_flags(handle, CU_CTX_SCHED_BLOCKING_SYNC)
     return None if status == 0 else f"the CUDA driver refused with error {status}"
