@@ -3,11 +3,14 @@
 Greedy, never idle: when the model is free a request runs at once; while a batch runs, requests
 queue, and the next batch takes everything queued (up to `max_batch` rows). A batch waits for more
 only while admitted requests are still being decoded, and never longer than `max_wait_ms`.
+A request alone in its worker runs in the thread that decoded it (`run_alone`), skipping the hops
+to the batcher's thread and back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -54,6 +57,8 @@ class MicroBatcher:
         self._on_batch = on_batch
         self._on_depth = on_depth  # (queued, admitted), on every change
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self._running = threading.Lock()  # one run at a time: a batch's, or a lone request's
+        self._alone = 0  # 1 while a lone request runs in its decoding thread: admitted, yet not decoding
         self._task: asyncio.Task[None] | None = None
         self._carry: Item | None = None  # a request that did not fit the last batch
 
@@ -94,6 +99,27 @@ class MicroBatcher:
         self._report()
         return await future
 
+    def run_alone(self, x: np.ndarray) -> Outputs | None:
+        """Run `x` in the calling thread (a decoding thread) where its request is the only one admitted and
+        no batch is running; None otherwise, and the caller submits it. Nothing else is queued or being
+        decoded then, so no batch would have formed."""
+        if self.admitted != 1 or not self._running.acquire(blocking=False):
+            return None
+        self._alone = 1
+        try:
+            started = time.perf_counter()
+            outputs = self._run(x)
+        finally:
+            self._alone = 0
+            self._running.release()
+        if self._on_batch:
+            self._on_batch(len(x), time.perf_counter() - started)
+        return outputs
+
+    def _run_batch(self, batch: np.ndarray) -> Outputs:
+        with self._running:
+            return self._run(batch)
+
     def _take(self, items: list[Item], rows: int, item: Item | None = None) -> int:
         """Add `item`, then queued requests, to `items` while they fit `max_batch`; returns the row count.
 
@@ -123,7 +149,7 @@ class MicroBatcher:
         deadline = time.perf_counter() + self.max_wait
         while rows < self.max_batch and self._carry is None:
             left = deadline - time.perf_counter()
-            decoding = self.admitted - len(items) - self.queue.qsize()
+            decoding = self.admitted - len(items) - self.queue.qsize() - self._alone
             if left <= 0 or decoding <= 0:
                 break
             try:
@@ -143,7 +169,7 @@ class MicroBatcher:
             batch = items[0][0] if len(items) == 1 else np.concatenate([x for x, _ in items])
             started = time.perf_counter()
             try:
-                outputs = await loop.run_in_executor(self._executor, self._run, batch)
+                outputs = await loop.run_in_executor(self._executor, self._run_batch, batch)
             except Exception as e:  # one bad batch fails its own requests, never the loop
                 for _, f in items:
                     if not f.done():

@@ -19,7 +19,7 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from service import overlay
-from service.batcher import MicroBatcher
+from service.batcher import MicroBatcher, Outputs
 from service.config import Settings
 from service.decode import Need, decode
 from service.errors import ModelLoadError, ModelUnavailable
@@ -133,13 +133,24 @@ class Runtime:
         """`prepare` in a decoding thread."""
         return await anyio.to_thread.run_sync(self.prepare, data, side, limiter=self.decoders)
 
+    def _prepare_and_run_alone(
+        self, data: bytes, side: int
+    ) -> tuple[Image.Image, np.ndarray, Geometry, float, Outputs | None]:
+        """`prepare`, then the run where the request is alone (`MicroBatcher.run_alone`), and when decoding ended."""
+        img, x, geometry = self.prepare(data, side)
+        decoded = time.perf_counter()
+        return img, x, geometry, decoded, self.batcher.run_alone(x[None])
+
     async def classify(self, data: bytes, overlay_side: int = 0) -> Classified:
-        """Decode and run one image; `overlay_side` is the longest side an overlay will be drawn at."""
+        """Decode and run one image; `overlay_side` is the longest side an overlay will be drawn at. A request
+        alone in this worker runs in its decoding thread; others are batched."""
         with self.batcher.admit():  # a full queue refuses here, before any decoding
             started = time.perf_counter()
-            img, x, geometry = await self.decode(data, overlay_side)
-            decoded = time.perf_counter()
-            outputs = await self.batcher.submit_admitted(x[None])
+            img, x, geometry, decoded, outputs = await anyio.to_thread.run_sync(
+                self._prepare_and_run_alone, data, overlay_side, limiter=self.decoders
+            )
+            if outputs is None:
+                outputs = await self.batcher.submit_admitted(x[None])
             done = time.perf_counter()
         self.metrics.stages.labels("decode").observe(decoded - started)
         self.metrics.stages.labels("model").observe(done - decoded)

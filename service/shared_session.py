@@ -205,7 +205,8 @@ class RemoteModel:
         return Path(self.address).exists()
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        """Only one thread calls this (the batcher's), so one batch at most is in flight per worker."""
+        """The batcher runs one batch at a time (its own, or a lone request's), so one at most is in flight
+        per worker."""
         if self._conn is None:
             self._connect()  # the process was restarted
         conn = self._conn

@@ -261,7 +261,35 @@ def test_only_real_work_takes_a_thread_hop(model_path, photo, monkeypatch):
         assert r.status_code == 200
         assert client.get(r.json()["attention_urls"]["combined"], headers=auth).status_code == 200
         assert client.get("/v1/model", headers=auth).status_code == 200
-    assert hops and set(hops) <= {"Runtime.prepare", "Runtime.picture", "Runtime.render"}, hops
+    assert hops and set(hops) <= {"Runtime._prepare_and_run_alone", "Runtime.picture", "Runtime.render"}, hops
+
+
+def test_a_lone_request_runs_in_its_decoding_thread_and_concurrent_ones_are_batched(model_path, photo):
+    """One request at a time runs where it was decoded; requests that overlap share the batcher's runs."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    with make_client(model_path, STORE="memory") as c:
+        batcher = c.app.state.runtime.batcher
+        runs: list[tuple[str, int]] = []
+        run = batcher._run
+
+        def spy(x):
+            runs.append((threading.current_thread().name, len(x)))
+            time.sleep(0.05)  # long enough for the requests below to overlap
+            return run(x)
+
+        batcher._run = spy
+        headers = {"content-type": "image/jpeg"}
+        for _ in range(3):
+            assert c.post("/v1/predict", content=photo, headers=headers).status_code == 200
+        alone = list(runs)
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: c.post("/v1/predict", content=photo, headers=headers), range(8)))
+    assert [a.status_code for a in answers] == [200] * 8
+    assert len(alone) == 3 and not any(name.startswith("inference") for name, _ in alone), alone
+    together = runs[3:]
+    assert sum(n for _, n in together) == 8 and max(n for _, n in together) > 1, together
 
 
 def test_predict_keeps_the_upload_and_decodes_it_once_for_its_overlays(model_path, monkeypatch):

@@ -212,3 +212,82 @@ def test_concurrent_http_requests_are_batched(server):
         assert s["probabilities"] == pytest.approx(t["probabilities"], abs=1e-5)
     assert after[0] - before[0] == 12, "every image ran exactly once"
     assert after[1] - before[1] < 12, "concurrent requests should have shared batches"
+
+
+def gated_run(threads: list[str], gate: threading.Event):
+    """Records each run's thread; a run whose first value is 1 waits for `gate`."""
+
+    def run(x):
+        threads.append(threading.current_thread().name)
+        if x[0, 0] == 1:
+            gate.wait(5)
+        return {"y": x * 2}
+
+    return run
+
+
+def test_a_lone_request_runs_in_the_calling_thread_and_one_among_others_is_batched():
+    threads: list[str] = []
+
+    async def main():
+        b = MicroBatcher(gated_run(threads, threading.Event()), max_batch=8, max_wait_ms=5000, queue_size=8)
+        b.start()
+        with b.admit():
+            out = await asyncio.to_thread(b.run_alone, np.full((1, 1), 3, np.float32))
+        with b.admit(), b.admit():  # another request in progress: they may share a batch
+            refused = await asyncio.to_thread(b.run_alone, np.zeros((1, 1), np.float32))
+        await b.stop()
+        return out, refused
+
+    out, refused = asyncio.run(main())
+    np.testing.assert_array_equal(out["y"], [[6]])
+    assert refused is None
+    assert len(threads) == 1 and not threads[0].startswith("inference"), threads
+
+
+def test_a_lone_request_does_not_run_beside_a_batch_still_running():
+    threads: list[str] = []
+    gate = threading.Event()
+
+    async def main():
+        b = MicroBatcher(gated_run(threads, gate), max_batch=8, max_wait_ms=0, queue_size=8)
+        b.start()
+        gone = asyncio.ensure_future(b.submit(np.ones((1, 1), np.float32)))
+        while not threads:
+            await asyncio.sleep(0.001)
+        gone.cancel()  # its client gave up: it leaves admission while its batch runs on
+        await asyncio.gather(gone, return_exceptions=True)
+        with b.admit():
+            refused = await asyncio.to_thread(b.run_alone, np.zeros((1, 1), np.float32))
+        gate.set()
+        await b.stop()
+        return refused
+
+    assert asyncio.run(main()) is None
+    assert threads == ["inference_0"], threads
+
+
+def test_a_batch_does_not_wait_for_a_request_running_alone_as_if_it_were_decoding():
+    threads: list[str] = []
+    gate = threading.Event()
+
+    async def main():
+        b = MicroBatcher(gated_run(threads, gate), max_batch=8, max_wait_ms=5000, queue_size=8)
+        b.start()
+        started = time.perf_counter()
+        with b.admit():
+            lone = asyncio.ensure_future(asyncio.to_thread(b.run_alone, np.ones((1, 1), np.float32)))
+            while not threads:
+                await asyncio.sleep(0.001)
+            batched = asyncio.ensure_future(b.submit(np.zeros((1, 1), np.float32)))
+            await asyncio.sleep(0.05)
+            gate.set()
+            outs = await asyncio.gather(lone, batched)
+        await b.stop()
+        return outs, time.perf_counter() - started
+
+    (lone, batched), took = asyncio.run(main())
+    np.testing.assert_array_equal(lone["y"], [[2]])
+    np.testing.assert_array_equal(batched["y"], [[0]])
+    assert len(threads) == 2 and threads[1].startswith("inference") and not threads[0].startswith("inference")
+    assert took < 2.5, f"the batch waited {took:.2f} s (max_wait 5 s) for a request that was running alone"
