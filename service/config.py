@@ -41,6 +41,12 @@ class Settings(BaseSettings):
         "workers would run on a GPU (an H100, padded batches of 16: 1,856-1,909 req/s at 64 connections; a "
         "session per worker, padded to 4, 8 or 32: 1,080-1,440), off on the CPU",
     )
+    SHARED_SESSION_RUNS: int = Field(
+        2,
+        ge=1,
+        description="runs the shared session keeps in flight at once: while one is on the GPU, the next batches "
+        "are stacked and sent, and answers sent back. Each holds its own activations in memory",
+    )
     REUSE_PORT: bool = Field(
         True,
         description="each worker of `python -m service` listens on its own socket (SO_REUSEPORT), so the "

@@ -4,9 +4,10 @@ workers would run on a GPU).
 With a session per worker, a GPU host holds a copy of the model and a CUDA context per worker (16
 workers of the default model: 12 GB), and each worker's small batches reach the GPU one by one. Here one
 process of its own holds the only session. Each worker sends its batch over a Unix socket, and that
-process runs what every worker sent since its last run as one batch (up to MAX_BATCH_SIZE rows, padded to
-that many on CUDA: see CUDA_FIXED_BATCH). On an H100, padded to 16 rows, it served 1,856-1,909 req/s at
-64 connections; a session per worker, padded to 4, 8 or 32 rows, 1,080-1,440 (README, "On a GPU host").
+process runs what every worker sent while its run threads were busy as one batch (up to MAX_BATCH_SIZE rows,
+padded to that many on CUDA: see CUDA_FIXED_BATCH), SHARED_SESSION_RUNS of them at once. On an H100, padded
+to 16 rows and one run at a time, it served 1,856-1,909 req/s at 64 connections; a session per worker,
+padded to 4, 8 or 32 rows, 1,080-1,440 (README, "On a GPU host").
 
 The socket lives in a directory only this user may enter, and a peer must prove the run's random
 key (multiprocessing's HMAC handshake) before anything it sends is unpickled.
@@ -27,6 +28,7 @@ import tempfile
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Client, Connection, Listener, wait
 from pathlib import Path
@@ -78,7 +80,10 @@ class Runner:
         return items
 
     def run_once(self) -> None:
-        items = self.take()
+        self.run(self.take())
+
+    def run(self, items: list[Pending]) -> None:
+        """One shared run of `items`, each connection answered with its own rows (or why the run failed)."""
         started = time.perf_counter()
         try:
             batch = items[0][1] if len(items) == 1 else np.concatenate([x for _, x in items])
@@ -114,27 +119,46 @@ def accept(listener: Listener, info: ModelInfo, arrived: queue.SimpleQueue[Conne
         wake.send(b"\0")
 
 
-def serve_connections(listener: Listener, info: ModelInfo, runner: Runner) -> None:
-    """One thread reads every worker's connection and runs: whatever arrived while a run was on the
-    GPU goes into the next. (A reader thread per worker took twice as long a round trip on 2 cores.)"""
+def serve_connections(listener: Listener, info: ModelInfo, runner: Runner, runs: int = 2) -> None:
+    """One thread reads every worker's connection and hands what arrived to a free one of `runs` run threads,
+    so the next run is stacked, and the last one answered, while one is on the GPU (SHARED_SESSION_RUNS).
+    (A reader thread per worker took twice as long a round trip on 2 cores.)"""
     wake, woken = socket.socketpair()
     arrived: queue.SimpleQueue[Connection] = queue.SimpleQueue()
     threading.Thread(target=accept, args=(listener, info, arrived, wake), daemon=True, name="session-accept").start()
+    free = threading.Semaphore(runs)
+    running = ThreadPoolExecutor(runs, thread_name_prefix="session-run")
+    answered: queue.SimpleQueue[list[Connection]] = queue.SimpleQueue()
+
+    def run(items: list[Pending]) -> None:
+        try:
+            runner.run(items)
+        finally:
+            answered.put([conn for conn, _ in items])
+            free.release()
+            wake.send(b"\0")  # batches may be waiting for this run thread
+
     conns: list[Connection] = []
+    # Connections whose batch is not answered yet. A worker sends nothing more until then, so they are not read,
+    # and one that hung up is closed only after its answer failed: never while a run thread may write to it.
+    waiting: set[Connection] = set()
     while True:
-        for ready in wait([woken, *conns], timeout=0 if runner.pending else None):
+        for ready in wait([woken, *(c for c in conns if c not in waiting)]):
             if ready is woken:
                 woken.recv(4096)
                 while not arrived.empty():
                     conns.append(arrived.get())
+                while not answered.empty():
+                    waiting.difference_update(answered.get())
                 continue
             try:
                 runner.pending.append((ready, ready.recv()))
+                waiting.add(ready)
             except (EOFError, OSError):  # that worker exited
                 conns.remove(ready)
                 ready.close()
-        if runner.pending:
-            runner.run_once()
+        while runner.pending and free.acquire(blocking=False):
+            running.submit(run, runner.take())
 
 
 def as_child_of_the_service(name: bytes) -> None:
@@ -177,7 +201,10 @@ def serve(address: str, authkey: bytes) -> None:
         seconds.observe(took)
 
     serve_connections(
-        Listener(address, "AF_UNIX", authkey=authkey), model.info, Runner(model.run, s.MAX_BATCH_SIZE, observe)
+        Listener(address, "AF_UNIX", authkey=authkey),
+        model.info,
+        Runner(model.run, s.MAX_BATCH_SIZE, observe),
+        s.SHARED_SESSION_RUNS,
     )
 
 

@@ -6,9 +6,10 @@ import os
 import re
 import signal
 import tempfile
+import threading
 import time
 from multiprocessing import Pipe
-from multiprocessing.connection import Client
+from multiprocessing.connection import Client, Listener
 from pathlib import Path
 
 import httpx
@@ -20,7 +21,7 @@ from PIL import Image
 from bench.server import scrape, stages
 from service.errors import ModelUnavailable
 from service.model import OnnxModel
-from service.shared_session import Failed, RemoteModel, Runner, SharedSession
+from service.shared_session import Failed, RemoteModel, Runner, SharedSession, serve_connections
 from tests.serving.conftest import Server, free_port, png
 
 
@@ -298,3 +299,56 @@ def test_the_shared_session_is_on_by_itself_only_where_the_workers_would_use_a_g
     monkeypatch.setenv("WARN_SHARED_SESSION", "false")
     monkeypatch.setattr(model, "cuda_devices", lambda: 1)
     assert Settings(WORKERS=4).shared_session() is False
+
+
+@pytest.mark.parametrize("runs", [1, 2])
+def test_a_batch_is_answered_while_another_run_is_still_on_the_device(tmp_path, runs):
+    """With two run threads, a second worker's batch does not wait for a slow run (SHARED_SESSION_RUNS)."""
+    gate = threading.Event()
+
+    def run(batch):
+        if batch[0, 0] == 1:
+            gate.wait(10)
+        return {"y": batch * 2}
+
+    address, key = str(tmp_path / "socket"), os.urandom(16)
+    listener = Listener(address, "AF_UNIX", authkey=key)
+    serving = threading.Thread(target=serve_connections, args=(listener, "info", Runner(run, 8), runs), daemon=True)
+    serving.start()
+    slow, quick = Client(address, "AF_UNIX", authkey=key), Client(address, "AF_UNIX", authkey=key)
+    assert slow.recv() == quick.recv() == "info"
+    slow.send(rows(1, 1))
+    time.sleep(0.2)  # the slow batch is now in its run
+    quick.send(rows(2, 5))
+    answered_first = quick.poll(2)
+    gate.set()
+    np.testing.assert_array_equal(slow.recv()["y"], rows(1, 1) * 2)
+    np.testing.assert_array_equal(quick.recv()["y"], rows(2, 5) * 2)
+    assert answered_first == (runs == 2)
+
+
+def test_a_worker_that_hangs_up_mid_run_leaves_the_session_serving_the_others(tmp_path):
+    gate = threading.Event()
+
+    def run(batch):
+        if batch[0, 0] == 1:
+            gate.wait(10)
+        return {"y": batch * 2}
+
+    address, key = str(tmp_path / "socket"), os.urandom(16)
+    listener = Listener(address, "AF_UNIX", authkey=key)
+    threading.Thread(target=serve_connections, args=(listener, "info", Runner(run, 8)), daemon=True).start()
+    gone, other = Client(address, "AF_UNIX", authkey=key), Client(address, "AF_UNIX", authkey=key)
+    assert gone.recv() == other.recv() == "info"
+    gone.send(rows(1, 1))
+    time.sleep(0.2)
+    gone.close()  # its batch is still running
+    gate.set()
+    for start in (5, 9):  # answered, and answered again after the run that lost its worker
+        other.send(rows(2, start))
+        assert other.poll(5)
+        np.testing.assert_array_equal(other.recv()["y"], rows(2, start) * 2)
+    late = Client(address, "AF_UNIX", authkey=key)
+    assert late.recv() == "info"
+    late.send(rows(1, 3))
+    assert late.poll(5) and late.recv()["y"][0, 0] == 6
