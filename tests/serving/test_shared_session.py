@@ -301,9 +301,9 @@ def test_the_shared_session_is_on_by_itself_only_where_the_workers_would_use_a_g
     assert Settings(WORKERS=4).shared_session() is False
 
 
-@pytest.mark.parametrize("runs", [1, 2])
-def test_a_batch_is_answered_while_another_run_is_still_on_the_device(tmp_path, runs):
-    """With two run threads, a second worker's batch does not wait for a slow run (SHARED_SESSION_RUNS)."""
+def gated_session(tmp_path: Path, runs: int = 2):
+    """serve_connections in a thread, over a run that doubles its rows, and that waits for the returned gate
+    when its first value is 1; and a function that connects a worker to it."""
     gate = threading.Event()
 
     def run(batch):
@@ -313,10 +313,21 @@ def test_a_batch_is_answered_while_another_run_is_still_on_the_device(tmp_path, 
 
     address, key = str(tmp_path / "socket"), os.urandom(16)
     listener = Listener(address, "AF_UNIX", authkey=key)
-    serving = threading.Thread(target=serve_connections, args=(listener, "info", Runner(run, 8), runs), daemon=True)
-    serving.start()
-    slow, quick = Client(address, "AF_UNIX", authkey=key), Client(address, "AF_UNIX", authkey=key)
-    assert slow.recv() == quick.recv() == "info"
+    threading.Thread(target=serve_connections, args=(listener, "info", Runner(run, 8), runs), daemon=True).start()
+
+    def connect():
+        conn = Client(address, "AF_UNIX", authkey=key)
+        assert conn.recv() == "info"
+        return conn
+
+    return gate, connect
+
+
+@pytest.mark.parametrize("runs", [1, 2])
+def test_a_batch_is_answered_while_another_run_is_still_on_the_device(tmp_path, runs):
+    """With two run threads, a second worker's batch does not wait for a slow run (SHARED_SESSION_RUNS)."""
+    gate, connect = gated_session(tmp_path, runs)
+    slow, quick = connect(), connect()
     slow.send(rows(1, 1))
     time.sleep(0.2)  # the slow batch is now in its run
     quick.send(rows(2, 5))
@@ -328,18 +339,8 @@ def test_a_batch_is_answered_while_another_run_is_still_on_the_device(tmp_path, 
 
 
 def test_a_worker_that_hangs_up_mid_run_leaves_the_session_serving_the_others(tmp_path):
-    gate = threading.Event()
-
-    def run(batch):
-        if batch[0, 0] == 1:
-            gate.wait(10)
-        return {"y": batch * 2}
-
-    address, key = str(tmp_path / "socket"), os.urandom(16)
-    listener = Listener(address, "AF_UNIX", authkey=key)
-    threading.Thread(target=serve_connections, args=(listener, "info", Runner(run, 8)), daemon=True).start()
-    gone, other = Client(address, "AF_UNIX", authkey=key), Client(address, "AF_UNIX", authkey=key)
-    assert gone.recv() == other.recv() == "info"
+    gate, connect = gated_session(tmp_path)
+    gone, other = connect(), connect()
     gone.send(rows(1, 1))
     time.sleep(0.2)
     gone.close()  # its batch is still running
@@ -348,7 +349,6 @@ def test_a_worker_that_hangs_up_mid_run_leaves_the_session_serving_the_others(tm
         other.send(rows(2, start))
         assert other.poll(5)
         np.testing.assert_array_equal(other.recv()["y"], rows(2, start) * 2)
-    late = Client(address, "AF_UNIX", authkey=key)
-    assert late.recv() == "info"
+    late = connect()
     late.send(rows(1, 3))
     assert late.poll(5) and late.recv()["y"][0, 0] == 6
