@@ -104,8 +104,8 @@ def to_image_grid(
     scaled to `width` x `height`, as 8-bit levels (an "L" image).
 
     The resizes and the crop are linear, so they run as one matrix per axis, (height, h) @ map @ (w, width):
-    exact to float rounding, where resizing the levels image was within 4 of 255 levels, and w multiply-adds
-    an output pixel.
+    exact to float rounding, where resizing the levels image was within 4 of 255 levels, at about h
+    multiply-adds an output pixel.
     """
     x0, y0, x1, y1 = content
     h, w = grid_map.shape
