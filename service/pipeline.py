@@ -69,6 +69,13 @@ def prepare(
     return fit(img, side) if side else img, x, geometry
 
 
+def may_run_alone(model: OnnxModel | RemoteModel) -> bool:
+    """Whether a lone request may run the model in its decoding thread: not where this process runs it on
+    CUDA, whose provider keeps cuDNN and cuBLAS handles per calling thread, so runs stay on the batcher's one
+    thread. A shared session's worker only sends its batch over a socket."""
+    return isinstance(model, RemoteModel) or model.info.providers[0] != "CUDAExecutionProvider"
+
+
 def make_store(settings: Settings) -> PredictionStore:
     s = settings
     if s.STORE == "redis":
@@ -97,6 +104,7 @@ class Runtime:
             raise ModelLoadError(str(e)) from e
         self.model: OnnxModel | RemoteModel = remote or OnnxModel.from_settings(settings)
         self.info: ModelInfo = self.model.info
+        self.runs_alone = may_run_alone(self.model)
         self.store = store or make_store(settings)
         self.batcher = MicroBatcher(
             self.model.run,
@@ -139,7 +147,7 @@ class Runtime:
         """`prepare`, then the run where the request is alone (`MicroBatcher.run_alone`), and when decoding ended."""
         img, x, geometry = self.prepare(data, side)
         decoded = time.perf_counter()
-        return img, x, geometry, decoded, self.batcher.run_alone(x[None])
+        return img, x, geometry, decoded, self.batcher.run_alone(x[None]) if self.runs_alone else None
 
     async def classify(self, data: bytes, overlay_side: int = 0) -> Classified:
         """Decode and run one image; `overlay_side` is the longest side an overlay will be drawn at. A request

@@ -291,3 +291,19 @@ def test_a_batch_does_not_wait_for_a_request_running_alone_as_if_it_were_decodin
     np.testing.assert_array_equal(batched["y"], [[0]])
     assert len(threads) == 2 and threads[1].startswith("inference") and not threads[0].startswith("inference")
     assert took < 2.5, f"the batch waited {took:.2f} s (max_wait 5 s) for a request that was running alone"
+
+
+def test_a_lone_request_runs_in_its_decoding_thread_except_on_a_local_cuda_session():
+    from types import SimpleNamespace
+
+    from service.pipeline import may_run_alone
+    from service.shared_session import RemoteModel
+
+    def local(*providers):
+        return SimpleNamespace(info=SimpleNamespace(providers=list(providers)))
+
+    assert may_run_alone(local("CPUExecutionProvider"))
+    assert not may_run_alone(local("CUDAExecutionProvider", "CPUExecutionProvider"))
+    remote = RemoteModel.__new__(RemoteModel)  # a shared session's worker: it only sends batches
+    remote.info = local("CUDAExecutionProvider").info
+    assert may_run_alone(remote)
