@@ -44,6 +44,7 @@ class Settings(BaseSettings):
     SHARED_SESSION_RUNS: int = Field(
         2,
         ge=1,
+        le=8,
         description="runs the shared session keeps in flight at once: while one is on the GPU, the next batches "
         "are stacked and sent, and answers sent back. Each holds its own activations in memory",
     )
