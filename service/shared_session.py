@@ -79,9 +79,6 @@ class Runner:
             rows += len(items[-1][1])
         return items
 
-    def run_once(self) -> None:
-        self.run(self.take())
-
     def run(self, items: list[Pending]) -> None:
         """One shared run of `items`, each connection answered with its own rows (or why the run failed)."""
         started = time.perf_counter()

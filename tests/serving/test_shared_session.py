@@ -40,14 +40,14 @@ def test_batches_sent_together_run_as_one_and_each_gets_its_own_rows():
     ends = [Pipe() for _ in range(3)]  # (worker end, session end)
     for i, (_, session) in enumerate(ends):
         runner.pending.append((session, rows(i + 2, 10 * i)))  # 2 + 3 + 4 rows: the third does not fit
-    runner.run_once()
+    runner.run(runner.take())
     assert calls == [5]
     for i, (worker, _) in enumerate(ends[:2]):
         got = worker.recv()
         np.testing.assert_array_equal(got["double"], rows(i + 2, 10 * i) * 2)
         np.testing.assert_array_equal(got["first"], rows(i + 2, 10 * i)[:, 0])
     assert not ends[2][0].poll(0.05)
-    runner.run_once()  # the one carried over runs next, alone
+    runner.run(runner.take())  # the one carried over runs next, alone
     assert calls == [5, 4]
     np.testing.assert_array_equal(ends[2][0].recv()["double"], rows(4, 20) * 2)
 
@@ -62,16 +62,16 @@ def test_a_failing_run_answers_each_of_its_batches_and_the_runner_goes_on():
     (w1, s1), (w2, s2) = Pipe(), Pipe()
     runner.pending.append((s1, rows(2, 0)))
     runner.pending.append((s2, rows(1, 5)))
-    runner.run_once()
+    runner.run(runner.take())
     for worker in (w1, w2):
         reply = worker.recv()
         assert isinstance(reply, Failed) and "boom" in reply.message
     runner.pending.append((s1, rows(1, 7)))
     runner.pending.append((s2, np.zeros((1, 2), np.float32)))  # rows of another shape cannot be stacked
-    runner.run_once()
+    runner.run(runner.take())
     assert isinstance(w1.recv(), Failed) and isinstance(w2.recv(), Failed)
     runner.pending.append((s1, rows(1, 7)))
-    runner.run_once()
+    runner.run(runner.take())
     np.testing.assert_array_equal(w1.recv()["y"], rows(1, 7))
 
 
@@ -81,7 +81,7 @@ def test_a_worker_that_is_gone_does_not_stop_the_others_answers():
     w1.close()
     runner.pending.append((s1, rows(1, 0)))
     runner.pending.append((s2, rows(1, 1)))
-    runner.run_once()
+    runner.run(runner.take())
     np.testing.assert_array_equal(w2.recv()["y"], rows(1, 1))
 
 
