@@ -297,6 +297,10 @@ def export(
         proto.doc_string = "WARN (Attend and Rectify) classifier with attention masks and gates as outputs"
         onnx.save(proto, str(tmp))
         report = {p: verify(tmp, model, images, provider=p) for p in verify_providers}
+        umask = os.umask(0)
+        os.umask(umask)
+        # as open() would create it: mkstemp's 0600 keeps out the service's own user (uid 10001 in the image)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)

@@ -1,6 +1,8 @@
 """ONNX export: parity with PyTorch, metadata, dynamic batch, atomic writes, Triton repository."""
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +86,18 @@ def test_outputs_and_metadata_round_trip(exported):
     assert json.loads(meta["pointing_game"]) == {"layers": [None] * 3, "combined": None, "tolerance_px": None}
     assert meta["dataset"] == "cluttered-digits"
     assert len(meta["weights_sha256"]) == 64
+
+
+def test_the_file_is_readable_by_other_users_as_open_would_make_it(trained_model, tmp_path):
+    """A container's non-root user reads a model mounted from the host or copied into the image."""
+    model, meta = checkpoint.load(trained_model)
+    images = verification_images(meta, model.config.input_size, count=4)
+    umask = os.umask(0o027)
+    try:
+        export(model, meta, tmp_path / "m.onnx", images, name="warn-test")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "m.onnx").stat().st_mode) == 0o640
 
 
 def test_dynamic_batch_in_one_session(exported):
