@@ -1,10 +1,12 @@
 """Where a model's time goes in onnxruntime (CPU): kernel time per node, from onnxruntime's profiler.
 
     python -m bench.ops                              # the default model and its AD=0 backbone, batch 32
-    python -m bench.ops --model m.onnx --batch 1
+    python -m bench.ops --batch 1
 
-Prints each session's kernel time per run and the costliest nodes of the WARN graph, so the attention's
-share (mask convolutions, the NCHW copies of attended stages, the pooling products) can be read off.
+Prints each graph's kernel time per run and the costliest nodes of the WARN graph, so the attention's
+share (mask convolutions, the NCHW copies of attended stages, the pooling products) can be read off,
+then the img/s of the three graphs taken in turn. The three: WARN as exported, WARN with every mask
+logit as one 3x3 convolution (the export before the separable form), and the AD=0 backbone.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from bench.run import interleaved, ort_session
 from export.onnx_export import _export
 from models import checkpoint
 from models.warn import plain_backbone
@@ -55,22 +58,33 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--top", type=int, default=15)
+    p.add_argument("--seconds", type=float, default=12.0, help="img/s: per graph, over all turns")
     a = p.parse_args(argv)
     model, _ = checkpoint.load(a.checkpoint)
-    plain = plain_backbone(model)
+    model.eval()
     with tempfile.TemporaryDirectory() as tmp:
-        paths = {"warn": Path(tmp) / "warn.onnx", "backbone": Path(tmp) / "plain.onnx"}
-        _export(model.eval(), paths["warn"])
-        _export(plain, paths["backbone"])
+        paths = {name: Path(tmp) / f"{name}.onnx" for name in ("warn", "single-conv masks", "backbone")}
+        _export(model, paths["warn"])
+        _export(model, paths["single-conv masks"], separable=False)
+        _export(plain_backbone(model), paths["backbone"])
         totals = {}
         for name, path in paths.items():
             totals[name], by_node = kernel_ms(path, a.batch, a.threads, a.runs)
             if name == "warn":
                 top = by_node.most_common(a.top)
-    print(f"kernel time per run at batch {a.batch}: WARN {totals['warn']:.2f} ms, backbone {totals['backbone']:.2f} ms")
+        sessions = {name: ort_session(path, a.threads) for name, path in paths.items()}
+        x = np.random.default_rng(0).random((a.batch, 3, *model.config.input_size), dtype=np.float32)
+        rates = interleaved(sessions, x, a.seconds, rounds=6)
+    print(f"kernel time per run at batch {a.batch}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in totals.items()))
     print(f"backbone / WARN: {totals['backbone'] / totals['warn']:.2f}x")
     for (op, node), ms in top:
         print(f"{ms:8.3f} ms {ms / totals['warn']:6.1%}  {op:16s} {node}")
+    print("img/s, six turns each, in turn: " + ", ".join(f"{k} {v:.0f}" for k, v in rates.items()))
+    print(
+        f"WARN vs backbone {rates['warn'] / rates['backbone']:.3f}x; "
+        f"single-conv masks vs backbone {rates['single-conv masks'] / rates['backbone']:.3f}x; "
+        f"WARN vs single-conv masks {rates['warn'] / rates['single-conv masks']:.3f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from models.attention import AttentionModule, GlobalGate, pool_patches
+from models.attention import AttentionModule, GlobalGate, mask_logits, pool_patches, separable_masks
 from models.checkpoint import load
 from models.warn import WARN, WARNConfig
 from service.config import DEFAULT_MODEL
@@ -81,3 +81,26 @@ def test_gradients_equal_the_per_pixel_formulation(monkeypatch):
     model.loss(reference_outputs(model, x, monkeypatch), y).backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(got[n], p.grad, atol=1e-10, rtol=1e-8, msg=n)
+
+
+@pytest.mark.parametrize(("heads", "cin", "size"), [(4, 5, (7, 6)), (1, 3, (1, 1)), (3, 8, (2, 9))])
+def test_separable_mask_logits_equal_the_convolution(heads, cin, size):
+    torch.manual_seed(3)
+    z = torch.randn(2, cin, *size, dtype=torch.float64)
+    w = torch.randn(heads, cin, 3, 3, dtype=torch.float64)
+    want = torch.nn.functional.conv2d(z, w, padding=1)
+    torch.testing.assert_close(mask_logits(z, w, separable=True), want, atol=1e-12, rtol=0)
+
+
+def test_separable_masks_change_no_output_and_are_undone(monkeypatch):
+    torch.manual_seed(4)
+    model = WARN(WARNConfig(depth=10, width=1, num_classes=7, attention_width=3, input_size=(20, 28))).double().eval()
+    x = torch.rand(2, 3, 20, 28, dtype=torch.float64)
+    modules = [*model.attention, model.global_gate]
+    with torch.no_grad():
+        want = model(x)
+        with separable_masks(modules):
+            assert all(m.separable for m in modules)
+            got = model(x)
+    assert not any(m.separable for m in modules)
+    assert_outputs_close(got, want, atol=1e-10)
