@@ -6,7 +6,7 @@
 Prints each graph's kernel time per run and the costliest nodes of the WARN graph, so the attention's
 share (mask convolutions, the NCHW copies of attended stages, the pooling products) can be read off,
 then the img/s of the three graphs taken in turn. The three: WARN as exported, WARN with every mask
-logit as one 3x3 convolution (the export before the separable form), and the AD=0 backbone.
+logit as one 3x3 convolution (the export before the reordered forms), and the AD=0 backbone.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         paths = {name: Path(tmp) / f"{name}.onnx" for name in ("warn", "single-conv masks", "backbone")}
         _export(model, paths["warn"])
-        _export(model, paths["single-conv masks"], separable=False)
+        _export(model, paths["single-conv masks"], reordered=False)
         _export(plain_backbone(model), paths["backbone"])
         totals = {}
         for name, path in paths.items():

@@ -33,7 +33,7 @@ import onnxscript
 import torch
 from torch import nn
 
-from models.attention import separable_masks
+from models.attention import mask_forms
 from models.warn import WARN
 
 OPSET = 18
@@ -158,14 +158,17 @@ def metadata(model: WARN, meta: dict[str, Any], name: str, version: str) -> dict
     }
 
 
-def _export(model: WARN, path: Path, separable: bool = True) -> None:
-    """`separable=False`: every mask logit as one 3x3 convolution, as before the separable form (bench.ops)."""
+def _export(model: WARN, path: Path, reordered: bool = True) -> None:
+    """`reordered=False`: every mask logit as one 3x3 convolution, as PyTorch computes it (bench.ops)."""
     h, w = model.config.input_size
     example = torch.rand(2, 3, h, w)
     batch = torch.export.Dim("batch", min=1, max=4096)
-    # Mask logits in their separable form (faster on onnxruntime's CPU provider), except at the
-    # shallowest attended layer: its 9K-channel intermediates at full resolution would raise peak memory.
-    with warnings.catch_warnings(), separable_masks([*model.attention[1:], model.global_gate] if separable else []):
+    # Mask logits in forms that onnxruntime's CPU provider runs faster (models.attention.mask_logits).
+    # The shallowest attended layer has the largest intermediates: "taps" there raised peak memory.
+    forms = {m: "taps" for m in [*model.attention[1:], model.global_gate] if m is not None}
+    if len(model.attention):
+        forms[model.attention[0]] = "rows"
+    with warnings.catch_warnings(), mask_forms(forms if reordered else {}):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             Flat(model).eval(),

@@ -16,8 +16,9 @@ the per-pixel formulation's, unchanged: one 3x3 convolution whose output channel
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -49,50 +50,64 @@ def pool_patches(z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return pooled.reshape(n, cin, k, 9).permute(0, 2, 1, 3).reshape(n, k, cin * 9)
 
 
-def mask_logits(z: torch.Tensor, weight: torch.Tensor, separable: bool = False) -> torch.Tensor:
+MASK_FORMS = ("conv", "taps", "rows")
+
+
+def mask_logits(z: torch.Tensor, weight: torch.Tensor, form: str = "conv") -> torch.Tensor:
     """The mask logits: Z convolved by the 3x3 `weight` (K, C_in, 3, 3), zero padding 1. (N, K, h, w).
 
-    `separable`: the same sums in another order, for export. Each of the 9 kernel taps becomes a 1x1
-    projection (9K channels), a depthwise one-hot 3x3 convolution shifts each to its tap, and a 1x1
-    convolution sums each head's nine. onnxruntime's CPU convolutions fill output channels in blocks
-    of 8 or 16, so a 3x3 convolution with K=4 outputs costs what one with 16 does; the 9K-channel
-    1x1 projection fills its blocks. In eager PyTorch, training included, the plain convolution is faster.
+    `form` orders the same sums. "conv" is one convolution, fastest in eager PyTorch. onnxruntime's
+    CPU convolutions fill output channels in blocks of 8 or 16, so there a 3x3 convolution with K=4
+    outputs costs what one with 16 does; the export's two forms fill their blocks:
+    - "taps": a 1x1 projection onto the 9K kernel taps, a depthwise one-hot 3x3 convolution that
+      shifts each tap to its place, and a 1x1 convolution that sums each head's nine;
+    - "rows": the same with the 3K kernel rows (1x3, then a 3x1 shift), padded with zero rows to 16
+      channels, below which onnxruntime leaves its blocked layout. Its intermediates are a third as
+      large, for the full-resolution layer.
     """
-    if not separable:
+    if form == "conv":
         return F.conv2d(z, weight, padding=1)
     k, cin = weight.shape[:2]
-    taps = weight.permute(0, 2, 3, 1).reshape(k * 9, cin, 1, 1)  # channel k*9 + ky*3 + kx
-    shift = torch.eye(9, dtype=z.dtype, device=z.device).reshape(9, 1, 3, 3).repeat(k, 1, 1, 1)
-    shifted = F.conv2d(F.conv2d(z, taps), shift, padding=1, groups=k * 9)  # tap (ky, kx) read at t + (ky-1, kx-1)
-    total = torch.eye(k, dtype=z.dtype, device=z.device).repeat_interleave(9, dim=1).reshape(k, k * 9, 1, 1)
-    return F.conv2d(shifted, total)
+    eye = partial(torch.eye, dtype=z.dtype, device=z.device)
+    if form == "taps":
+        parts, kernel, onehot_shape = weight.permute(0, 2, 3, 1).reshape(k * 9, cin, 1, 1), 9, (3, 3)
+    elif form == "rows":
+        parts, kernel, onehot_shape = weight.permute(0, 2, 1, 3).reshape(k * 3, cin, 1, 3), 3, (3, 1)
+    else:
+        raise ValueError(f"form must be one of {', '.join(MASK_FORMS)}, got {form!r}")
+    used = k * kernel  # part j = k*kernel + i, shifted by its i-th one-hot kernel
+    channels = max(used, 16) if form == "rows" else used
+    parts = F.pad(parts, (0, 0, 0, 0, 0, 0, 0, channels - used))
+    onehot = F.pad(eye(kernel).repeat(k, 1).reshape(used, 1, *onehot_shape), (0, 0, 0, 0, 0, 0, 0, channels - used))
+    total = F.pad(eye(k).repeat_interleave(kernel, dim=1), (0, channels - used)).reshape(k, channels, 1, 1)
+    projected = F.conv2d(z, parts, padding=(0, parts.shape[-1] // 2))
+    moved = F.conv2d(projected, onehot, padding=(1, onehot_shape[1] // 2), groups=channels)
+    return F.conv2d(moved, total)
 
 
-def attend(
-    z: torch.Tensor, weight: torch.Tensor, heads: int, separable: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
+def attend(z: torch.Tensor, weight: torch.Tensor, heads: int, form: str = "conv") -> tuple[torch.Tensor, torch.Tensor]:
     """K spatial-softmax masks from the first `heads` output channels of a 3x3 `weight`, and Z pooled through them.
 
     Returns the masks (N, K, h, w), each summing to 1 over space, and `pool_patches(z, masks)`.
-    `separable` picks `mask_logits`' export form.
+    `form`: how `mask_logits` orders its sums.
     """
     n, _, h, w = z.shape
-    logits = mask_logits(z, weight[:heads], separable)  # (N, K, h, w)
+    logits = mask_logits(z, weight[:heads], form)  # (N, K, h, w)
     mask = spatial_softmax(logits.flatten(2)).reshape(n, heads, h, w)
     return mask, pool_patches(z, mask)
 
 
 @contextmanager
-def separable_masks(modules: Iterable[nn.Module | None]) -> Iterator[None]:
-    """Within the block, these attention modules (and global gate) compute their mask logits in the separable form."""
-    saved = {m: m.separable for m in modules if m is not None}
-    for m in saved:
-        m.separable = True
+def mask_forms(forms: dict[nn.Module, str]) -> Iterator[None]:
+    """Within the block, these attention modules (or global gate) compute their mask logits in these forms."""
+    saved = {m: m.mask_form for m in forms}
+    for m, form in forms.items():
+        m.mask_form = form
     try:
         yield
     finally:
-        for m, value in saved.items():
-            m.separable = value
+        for m, form in saved.items():
+            m.mask_form = form
 
 
 class AttentionModule(nn.Module):
@@ -110,7 +125,7 @@ class AttentionModule(nn.Module):
         self.heads = heads
         self.num_classes = num_classes
         self.squash = squash  # the paper's tanh on the gate logits (see WARNConfig.gate_tanh)
-        self.separable = False  # mask_logits' export form (see separable_masks)
+        self.mask_form = "conv"  # see mask_logits; the export picks another (mask_forms)
         # Output channels [K attention | K*C output heads (head-major) | K gates], 3x3, no bias.
         self.conv = nn.Conv2d(in_planes, heads * (num_classes + 2), 3, 1, 1, bias=False)
 
@@ -125,7 +140,7 @@ class AttentionModule(nn.Module):
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (masks (N, K, h, w), gates (N, K), layer log-probabilities (N, C))."""
         c = self.num_classes
-        mask, pooled = attend(z, self.conv.weight, self.heads, self.separable)  # (N, K, h, w), (N, K, C_in*9)
+        mask, pooled = attend(z, self.conv.weight, self.heads, self.mask_form)  # (N, K, h, w), (N, K, C_in*9)
         y = (pooled.unsqueeze(2) @ self.head_weights().transpose(1, 2)).squeeze(2)  # (N, K, C+1)
         hyp, gate = y.split([c, 1], dim=-1)  # o_k: (N, K, C); pooled gate logit: (N, K, 1)
         logits = gate.squeeze(-1)
@@ -150,11 +165,11 @@ class GlobalGate(nn.Module):
         super().__init__()
         self.inputs = inputs
         self.squash = squash
-        self.separable = False
+        self.mask_form = "conv"
         self.conv = nn.Conv2d(in_planes, 1 + inputs, 3, 1, 1, bias=False)
 
     def forward(self, final: torch.Tensor) -> torch.Tensor:
-        _, pooled = attend(final, self.conv.weight, 1, self.separable)  # (N, 1, C_in*9)
+        _, pooled = attend(final, self.conv.weight, 1, self.mask_form)  # (N, 1, C_in*9)
         gate = pooled[:, 0] @ self.conv.weight[1:].flatten(1).T  # (N, L+1)
         return F.softmax(torch.tanh(gate) if self.squash else gate, dim=1)  # g_O: (N, L+1)
 

@@ -221,17 +221,20 @@ def test_each_attention_module_runs_as_soon_as_its_stage_is_done(tmp_path):
         assert pooled < next_stage, f"stage {stage}'s attention waits for stage {stage + 1}"
 
 
-def test_mask_logits_are_separable_below_the_shallowest_attended_layer(exported):
-    """Depthwise one-hot shifts of 9K tap projections (models.attention.mask_logits), but no such
-    full-resolution intermediates at the shallowest layer, where they would raise peak memory."""
+def test_mask_logits_are_exported_in_their_reordered_forms(exported):
+    """Kernel rows at the shallowest attended layer, kernel taps below it and at the global gate
+    (models.attention.mask_logits), and no 3x3 convolution with K outputs."""
     model, out, _, _ = exported
     graph = onnx.load(str(out)).graph
     shapes = {i.name: tuple(onnx.numpy_helper.to_array(i).shape) for i in graph.initializer}
-    groups = [next((a.i for a in n.attribute if a.name == "group"), 1) for n in graph.node if n.op_type == "Conv"]
-    k = model.config.attention_width
-    assert groups.count(9 * k) == 2 and groups.count(9) == 1  # layers 1 and 2, and the global gate (one head)
-    kernels = [shapes[n.input[1]] for n in graph.node if n.op_type == "Conv" and n.input[1] in shapes]
-    assert (k, model.backbone.stage_channels[model.attended[0]], 3, 3) in kernels
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    assert all(n.input[1] in shapes for n in convs)  # the reordered weights are folded into the file
+    groups = [next((a.i for a in n.attribute if a.name == "group"), 1) for n in convs]
+    kernels = [shapes[n.input[1]] for n in convs]
+    k, channels = model.config.attention_width, model.backbone.stage_channels
+    assert groups.count(9 * k) == 2 and groups.count(9) == 1  # taps: layers 1 and 2, the global gate (K=1)
+    assert (max(3 * k, 16), channels[model.attended[0]], 1, 3) in kernels  # rows: layer 0
+    assert not any(shape[0] == k and shape[2:] == (3, 3) for shape in kernels)
 
 
 def test_maps_are_graph_outputs_equal_to_pytorch(exported):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from models.attention import AttentionModule, GlobalGate, mask_logits, pool_patches, separable_masks
+from models.attention import AttentionModule, GlobalGate, mask_forms, mask_logits, pool_patches
 from models.checkpoint import load
 from models.warn import WARN, WARNConfig
 from service.config import DEFAULT_MODEL
@@ -83,24 +83,30 @@ def test_gradients_equal_the_per_pixel_formulation(monkeypatch):
         torch.testing.assert_close(got[n], p.grad, atol=1e-10, rtol=1e-8, msg=n)
 
 
-@pytest.mark.parametrize(("heads", "cin", "size"), [(4, 5, (7, 6)), (1, 3, (1, 1)), (3, 8, (2, 9))])
-def test_separable_mask_logits_equal_the_convolution(heads, cin, size):
+@pytest.mark.parametrize("form", ["taps", "rows"])
+@pytest.mark.parametrize(("heads", "cin", "size"), [(4, 5, (7, 6)), (1, 3, (1, 1)), (3, 8, (2, 9)), (6, 2, (5, 4))])
+def test_reordered_mask_logits_equal_the_convolution(form, heads, cin, size):
     torch.manual_seed(3)
     z = torch.randn(2, cin, *size, dtype=torch.float64)
     w = torch.randn(heads, cin, 3, 3, dtype=torch.float64)
     want = torch.nn.functional.conv2d(z, w, padding=1)
-    torch.testing.assert_close(mask_logits(z, w, separable=True), want, atol=1e-12, rtol=0)
+    torch.testing.assert_close(mask_logits(z, w, form), want, atol=1e-12, rtol=0)
 
 
-def test_separable_masks_change_no_output_and_are_undone(monkeypatch):
+def test_an_unknown_mask_form_is_refused():
+    with pytest.raises(ValueError, match="form must be one of"):
+        mask_logits(torch.zeros(1, 2, 3, 3), torch.zeros(1, 2, 3, 3), "cols")
+
+
+def test_mask_forms_change_no_output_and_are_undone():
     torch.manual_seed(4)
     model = WARN(WARNConfig(depth=10, width=1, num_classes=7, attention_width=3, input_size=(20, 28))).double().eval()
     x = torch.rand(2, 3, 20, 28, dtype=torch.float64)
-    modules = [*model.attention, model.global_gate]
+    forms = {model.attention[0]: "rows", model.attention[1]: "taps", model.global_gate: "taps"}
     with torch.no_grad():
         want = model(x)
-        with separable_masks(modules):
-            assert all(m.separable for m in modules)
+        with mask_forms(forms):
+            assert [m.mask_form for m in forms] == list(forms.values())
             got = model(x)
-    assert not any(m.separable for m in modules)
+    assert all(m.mask_form == "conv" for m in forms)
     assert_outputs_close(got, want, atol=1e-10)
