@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--seconds", type=float, default=12.0, help="img/s: per graph, over all turns")
     a = p.parse_args(argv)
+    if a.batch < 1 or a.threads < 0 or a.runs < 1 or a.top < 0 or not a.seconds > 0:
+        p.error("--batch and --runs must be at least 1, --threads and --top at least 0, --seconds positive")
     model, _ = checkpoint.load(a.checkpoint)
     model.eval()
     with tempfile.TemporaryDirectory() as tmp:

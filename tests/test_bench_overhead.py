@@ -1,4 +1,4 @@
-"""bench.overhead, the cost of attention on other shapes than the default model's (README, "Pool-first attention")."""
+"""bench.overhead, the cost of attention on other shapes (README, "Pool-first attention"); bench.ops' arguments."""
 
 import argparse
 
@@ -18,3 +18,12 @@ def test_a_shape_that_is_no_wide_resnet_is_refused(text):
     with pytest.raises(argparse.ArgumentTypeError):
         overhead.arch(text)
     assert overhead.arch("16-2:3") == (16, 2, 3)
+
+
+@pytest.mark.parametrize("args", [["--runs", "0"], ["--batch", "-1"], ["--seconds", "0"], ["--threads", "-2"]])
+def test_bench_ops_refuses_counts_it_cannot_run(args, capsys):
+    from bench import ops
+
+    with pytest.raises(SystemExit) as e:
+        ops.main(args)
+    assert e.value.code == 2 and "--seconds positive" in capsys.readouterr().err
