@@ -33,21 +33,28 @@ def spatial_softmax(x: torch.Tensor) -> torch.Tensor:
 def pool_patches(z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mask-weighted sums of Z's 3x3 neighbourhoods (zero-padded, as a padding-1 convolution sees them).
 
-    z: (N, C_in, h, w); mask: (N, K, h, w). Returns (N, K, C_in*9), ordered like a flattened 3x3
-    convolution weight (c, ky, kx), so `pooled @ weight.reshape(out, -1).T` equals the mask-weighted
-    sum of that convolution's output.
+    z: (N, C_in, h, w); mask: (N, K, h, w). Returns (N, K, 9*C_in), ordered (ky, kx, c) like
+    `patch_rows`, so `pooled @ patch_rows(weight).T` equals the mask-weighted sum of that convolution's
+    output.
 
     Rather than shifting Z nine times, the mask is: sum_s H(s) Z(s + d - 1) = sum_t Z(t) H(t - d + 1).
     The nine shifted copies come from one grouped convolution with one-hot kernels (faster in
-    onnxruntime than nine slices), and a single matrix product pools Z through all of them.
+    onnxruntime than nine slices), and a single matrix product pools Z through all of them. The
+    shifted masks are its left operand: onnxruntime runs (9K x hw) @ (hw x C_in) 1.8x faster than
+    (C_in x hw) @ (hw x 9K).
     """
     n, cin, h, w = z.shape
     k = mask.shape[1]
     # Kernel d = ky*3 + kx is one-hot at (2-ky, 2-kx), so output channel k*9 + d holds H(t - d + 1).
     onehot = torch.eye(9, dtype=mask.dtype, device=mask.device).reshape(9, 1, 3, 3).flip(-2, -1)
     shifted = F.conv2d(mask, onehot.repeat(k, 1, 1, 1), padding=1, groups=k)  # (N, K*9, h, w)
-    pooled = z.flatten(2) @ shifted.flatten(2).transpose(1, 2)  # (N, C_in, K*9)
-    return pooled.reshape(n, cin, k, 9).permute(0, 2, 1, 3).reshape(n, k, cin * 9)
+    pooled = shifted.flatten(2) @ z.flatten(2).transpose(1, 2)  # (N, K*9, C_in)
+    return pooled.reshape(n, k, 9 * cin)
+
+
+def patch_rows(weight: torch.Tensor) -> torch.Tensor:
+    """A 3x3 convolution weight (O, C_in, 3, 3) as rows over (ky, kx, c_in): (O, 9*C_in), `pool_patches`' order."""
+    return weight.permute(0, 2, 3, 1).flatten(1)
 
 
 MASK_FORMS = ("conv", "taps", "rows")
@@ -130,9 +137,9 @@ class AttentionModule(nn.Module):
         self.conv = nn.Conv2d(in_planes, heads * (num_classes + 2), 3, 1, 1, bias=False)
 
     def head_weights(self) -> torch.Tensor:
-        """Output-head and gate weights per head, as rows over (c_in, ky, kx): (K, C+1, C_in*9)."""
+        """Output-head and gate weights per head, as rows over (ky, kx, c_in): (K, C+1, 9*C_in)."""
         k, c = self.heads, self.num_classes
-        w = self.conv.weight.flatten(1)  # (K*(C+2), C_in*9)
+        w = patch_rows(self.conv.weight)  # (K*(C+2), 9*C_in)
         # Slices rather than split(): the exporter then folds this whole chain into one initializer.
         out, gate = w[k : k + k * c].reshape(k, c, -1), w[k + k * c :].reshape(k, 1, -1)
         return torch.cat([out, gate], dim=1)
@@ -140,8 +147,10 @@ class AttentionModule(nn.Module):
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (masks (N, K, h, w), gates (N, K), layer log-probabilities (N, C))."""
         c = self.num_classes
-        mask, pooled = attend(z, self.conv.weight, self.heads, self.mask_form)  # (N, K, h, w), (N, K, C_in*9)
-        y = (pooled.unsqueeze(2) @ self.head_weights().transpose(1, 2)).squeeze(2)  # (N, K, C+1)
+        mask, pooled = attend(z, self.conv.weight, self.heads, self.mask_form)  # (N, K, h, w), (N, K, 9*C_in)
+        # One (N x 9C_in) @ (9C_in x C+1) product per head: onnxruntime ran the (N, K, 1, 9C_in) form
+        # as N*K vector products, 2.4x slower
+        y = (pooled.transpose(0, 1) @ self.head_weights().transpose(1, 2)).transpose(0, 1)  # (N, K, C+1)
         hyp, gate = y.split([c, 1], dim=-1)  # o_k: (N, K, C); pooled gate logit: (N, K, 1)
         logits = gate.squeeze(-1)
         gates = F.softmax(torch.tanh(logits) if self.squash else logits, dim=1)  # g: (N, K)
@@ -169,8 +178,8 @@ class GlobalGate(nn.Module):
         self.conv = nn.Conv2d(in_planes, 1 + inputs, 3, 1, 1, bias=False)
 
     def forward(self, final: torch.Tensor) -> torch.Tensor:
-        _, pooled = attend(final, self.conv.weight, 1, self.mask_form)  # (N, 1, C_in*9)
-        gate = pooled[:, 0] @ self.conv.weight[1:].flatten(1).T  # (N, L+1)
+        _, pooled = attend(final, self.conv.weight, 1, self.mask_form)  # (N, 1, 9*C_in)
+        gate = pooled[:, 0] @ patch_rows(self.conv.weight[1:]).T  # (N, L+1)
         return F.softmax(torch.tanh(gate) if self.squash else gate, dim=1)  # g_O: (N, L+1)
 
 

@@ -215,7 +215,7 @@ def test_each_attention_module_runs_as_soon_as_its_stage_is_done(tmp_path):
     ]
     channels, sizes = model.backbone.stage_channels, (24, 12, 6)
     for stage in range(2):
-        pooled = shapes.index([2, channels[stage], 4 * 9])  # this stage's Z pooled through its 4 masks
+        pooled = shapes.index([2, 4 * 9, channels[stage]])  # this stage's Z pooled through its 4 masks
         size = sizes[stage + 1]
         next_stage = next(i for i, s in enumerate(shapes) if s[1:] == [channels[stage + 1], size, size])
         assert pooled < next_stage, f"stage {stage}'s attention waits for stage {stage + 1}"

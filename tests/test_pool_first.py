@@ -30,8 +30,8 @@ def test_pool_patches_is_the_masked_sum_of_unfolded_patches():
     torch.manual_seed(0)
     z = torch.randn(2, 5, 7, 6, dtype=torch.float64)
     mask = torch.rand(2, 3, 7, 6, dtype=torch.float64)
-    patches = torch.nn.functional.unfold(z, 3, padding=1)  # (N, C*9, S), ordered (c, ky, kx)
-    want = torch.einsum("njs,nks->nkj", patches, mask.flatten(2))
+    patches = torch.nn.functional.unfold(z, 3, padding=1).unflatten(1, (5, 9))  # (N, C, 9, S): (c, ky, kx)
+    want = torch.einsum("ncds,nks->nkdc", patches, mask.flatten(2)).flatten(2)  # (N, K, 9*C): (ky, kx, c)
     torch.testing.assert_close(pool_patches(z, mask), want, atol=1e-12, rtol=0)
 
 
