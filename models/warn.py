@@ -190,7 +190,8 @@ def gate_spread(gates: torch.Tensor) -> torch.Tensor:
 
 def mix_heads(mask: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
     """A layer's heads (N, K, h, w) mixed by its layer gates (N, K): (N, h, w), summing to 1."""
-    return (mask * gates[:, :, None, None]).sum(1)
+    # one product: a Mul and a ReduceSum took 3x as long in onnxruntime, through an (N, K, h, w) temporary
+    return (gates.unsqueeze(1) @ mask.flatten(2)).reshape(mask.shape[0], *mask.shape[2:])
 
 
 def combine_layers(maps: tuple[torch.Tensor, ...], global_gates: torch.Tensor) -> torch.Tensor:
