@@ -2,6 +2,8 @@
 
     python -m bench.ops                              # the default model and its AD=0 backbone, batch 32
     python -m bench.ops --batch 1
+    git show c5bd860:default_model/model.onnx > /tmp/before.onnx
+    python -m bench.ops --baseline /tmp/before.onnx   # also against another export of the model
 
 Prints each graph's kernel time per run and the costliest nodes of the WARN graph, so the attention's
 share (mask convolutions, the NCHW copies of attended stages, the pooling products) can be read off,
@@ -59,9 +61,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--seconds", type=float, default=12.0, help="img/s: per graph, over all turns")
+    p.add_argument("--baseline", type=Path, help="another ONNX export of the same model, to take turns with")
     a = p.parse_args(argv)
     if a.batch < 1 or a.threads < 0 or a.runs < 1 or a.top < 0 or not a.seconds > 0:
         p.error("--batch and --runs must be at least 1, --threads and --top at least 0, --seconds positive")
+    if a.baseline is not None and not a.baseline.is_file():
+        p.error(f"--baseline: no such file: {a.baseline}")
     model, _ = checkpoint.load(a.checkpoint)
     model.eval()
     with tempfile.TemporaryDirectory() as tmp:
@@ -74,6 +79,8 @@ def main(argv: list[str] | None = None) -> None:
             totals[name], by_node = kernel_ms(path, a.batch, a.threads, a.runs)
             if name == "warn":
                 top = by_node.most_common(a.top)
+        if a.baseline is not None:
+            paths["baseline"] = a.baseline
         sessions = {name: ort_session(path, a.threads) for name, path in paths.items()}
         x = np.random.default_rng(0).random((a.batch, 3, *model.config.input_size), dtype=np.float32)
         rates = interleaved(sessions, x, a.seconds, rounds=6)
@@ -86,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
         f"WARN vs backbone {rates['warn'] / rates['backbone']:.3f}x; "
         f"single-conv masks vs backbone {rates['single-conv masks'] / rates['backbone']:.3f}x; "
         f"WARN vs single-conv masks {rates['warn'] / rates['single-conv masks']:.3f}x"
+        + (f"; WARN vs baseline {rates['warn'] / rates['baseline']:.3f}x" if "baseline" in rates else "")
     )
 
 

@@ -27,3 +27,11 @@ def test_bench_ops_refuses_counts_it_cannot_run(args, capsys):
     with pytest.raises(SystemExit) as e:
         ops.main(args)
     assert e.value.code == 2 and "--seconds positive" in capsys.readouterr().err
+
+
+def test_bench_ops_refuses_a_baseline_that_is_not_there(tmp_path, capsys):
+    from bench import ops
+
+    with pytest.raises(SystemExit) as e:
+        ops.main(["--baseline", str(tmp_path / "before.onnx")])
+    assert e.value.code == 2 and "no such file" in capsys.readouterr().err
