@@ -233,6 +233,7 @@ def test_mask_logits_are_exported_in_their_reordered_forms(exported):
     kernels = [shapes[n.input[1]] for n in convs]
     k, channels = model.config.attention_width, model.backbone.stage_channels
     assert groups.count(9 * k) == 2 and groups.count(9) == 1  # taps: layers 1 and 2, the global gate (K=1)
+    assert groups.count(k) == len(model.attended)  # each layer's masks shifted by a one-hot convolution
     assert (max(3 * k, 16), channels[model.attended[0]], 1, 3) in kernels  # rows: layer 0
     assert not any(shape[0] == k and shape[2:] == (3, 3) for shape in kernels)
 

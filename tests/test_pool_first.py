@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from models.attention import AttentionModule, GlobalGate, mask_forms, mask_logits, pool_patches
+from models.attention import AttentionModule, GlobalGate, mask_forms, mask_logits, pool_patches, shifted_masks
 from models.checkpoint import load
 from models.warn import WARN, WARNConfig
 from service.config import DEFAULT_MODEL
@@ -33,6 +33,20 @@ def test_pool_patches_is_the_masked_sum_of_unfolded_patches():
     patches = torch.nn.functional.unfold(z, 3, padding=1).unflatten(1, (5, 9))  # (N, C, 9, S): (c, ky, kx)
     want = torch.einsum("ncds,nks->nkdc", patches, mask.flatten(2)).flatten(2)  # (N, K, 9*C): (ky, kx, c)
     torch.testing.assert_close(pool_patches(z, mask), want, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("size", [(7, 6), (1, 1), (2, 5)])
+def test_masks_are_shifted_alike_in_pytorch_and_in_the_export(monkeypatch, size):
+    """Slices in PyTorch, a one-hot grouped convolution in the export (models.attention.shifted_masks)."""
+    torch.manual_seed(2)
+    mask = torch.rand(2, 3, *size, dtype=torch.float64)
+    sliced = shifted_masks(mask)
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+    torch.testing.assert_close(shifted_masks(mask), sliced, atol=0, rtol=0)
+    h, w = size
+    padded = torch.nn.functional.pad(mask, (1, 1, 1, 1))
+    ky, kx = 0, 2  # channel 2 of head 1: H(y + 1, x - 1)
+    torch.testing.assert_close(sliced[:, 1 * 9 + ky * 3 + kx].reshape(2, h, w), padded[:, 1, 2:, :w])
 
 
 @pytest.mark.parametrize("size", [(48, 48), (33, 20)])
