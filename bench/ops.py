@@ -23,7 +23,7 @@ import numpy as np
 import onnxruntime as ort
 
 from bench.run import interleaved, ort_session
-from export.onnx_export import _export
+from export.onnx_export import INPUT_NAME, _export
 from models import checkpoint
 from models.warn import plain_backbone
 
@@ -53,6 +53,21 @@ def kernel_ms(path: Path, batch: int, threads: int, runs: int) -> tuple[float, C
     return sum(by_node.values()), by_node
 
 
+def baseline_session(
+    p: argparse.ArgumentParser, path: Path, threads: int, size: tuple[int, int]
+) -> ort.InferenceSession:
+    """--baseline's session, checked before the exports and profiles take their minutes."""
+    try:
+        session = ort_session(path, threads)
+    except Exception as e:  # onnxruntime raises its own classes (InvalidProtobuf, Fail, ...)
+        p.error(f"--baseline: onnxruntime cannot load {path}: {str(e)[:200]}")
+    inputs = session.get_inputs()
+    if [i.name for i in inputs] != [INPUT_NAME] or inputs[0].shape[2:] != list(size):
+        got = ", ".join(f"{i.name} {i.shape}" for i in inputs)
+        p.error(f"--baseline: expected one input {INPUT_NAME!r} of {size[0]}x{size[1]} images, got {got or 'none'}")
+    return session
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default=str(ROOT / "default_model/model.pt"))
@@ -69,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--baseline: no such file: {a.baseline}")
     model, _ = checkpoint.load(a.checkpoint)
     model.eval()
+    baseline = None if a.baseline is None else baseline_session(p, a.baseline, a.threads, model.config.input_size)
     with tempfile.TemporaryDirectory() as tmp:
         paths = {name: Path(tmp) / f"{name}.onnx" for name in ("warn", "single-conv masks", "backbone")}
         _export(model, paths["warn"])
@@ -79,9 +95,9 @@ def main(argv: list[str] | None = None) -> None:
             totals[name], by_node = kernel_ms(path, a.batch, a.threads, a.runs)
             if name == "warn":
                 top = by_node.most_common(a.top)
-        if a.baseline is not None:
-            paths["baseline"] = a.baseline
         sessions = {name: ort_session(path, a.threads) for name, path in paths.items()}
+        if baseline is not None:
+            sessions["baseline"] = baseline
         x = np.random.default_rng(0).random((a.batch, 3, *model.config.input_size), dtype=np.float32)
         rates = interleaved(sessions, x, a.seconds, rounds=6)
     print(f"kernel time per run at batch {a.batch}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in totals.items()))

@@ -35,3 +35,17 @@ def test_bench_ops_refuses_a_baseline_that_is_not_there(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         ops.main(["--baseline", str(tmp_path / "before.onnx")])
     assert e.value.code == 2 and "no such file" in capsys.readouterr().err
+
+
+def test_bench_ops_refuses_a_baseline_it_cannot_run(tmp_path, capsys):
+    """Before the exports: a file that is no ONNX, and a model for other images."""
+    from bench import ops
+    from export.onnx_export import _export
+    from models.warn import warn
+
+    (tmp_path / "junk.onnx").write_bytes(b"\x00not a model")
+    _export(warn(depth=10, width=1, input_size=(24, 24)).eval(), tmp_path / "small.onnx")
+    for name, says in (("junk.onnx", "cannot load"), ("small.onnx", "of 48x48 images")):
+        with pytest.raises(SystemExit) as e:
+            ops.main(["--baseline", str(tmp_path / name)])
+        assert e.value.code == 2 and says in capsys.readouterr().err
