@@ -90,7 +90,7 @@ def mask_logits(z: torch.Tensor, weight: torch.Tensor, form: str = "conv") -> to
     k, cin = weight.shape[:2]
     eye = partial(torch.eye, dtype=z.dtype, device=z.device)
     if form == "taps":
-        parts, kernel, onehot_shape = weight.permute(0, 2, 3, 1).reshape(k * 9, cin, 1, 1), 9, (3, 3)
+        parts, kernel, onehot_shape = patch_rows(weight).reshape(k * 9, cin, 1, 1), 9, (3, 3)
     elif form == "rows":
         parts, kernel, onehot_shape = weight.permute(0, 2, 1, 3).reshape(k * 3, cin, 1, 3), 3, (3, 1)
     else:
