@@ -136,6 +136,10 @@ def colorize(heat: Image.Image, colormap: str) -> Image.Image:
     return img
 
 
+def as_rgb(img: Image.Image) -> Image.Image:
+    return img if img.mode == "RGB" else img.convert("RGB")  # convert() would copy an RGB image too
+
+
 def encode(img: Image.Image, fmt: str = "png", encoding: Encoding = Encoding()) -> bytes:
     buf = io.BytesIO()
     if fmt == "png" and img.mode == "RGB":
@@ -148,9 +152,9 @@ def encode(img: Image.Image, fmt: str = "png", encoding: Encoding = Encoding()) 
     if fmt == "png":  # a palette heatmap: Pillow writes it unfiltered, a byte a pixel, fast already
         img.save(buf, format="PNG", compress_level=encoding.png_compress_level)
     elif fmt == "webp":
-        img.convert("RGB").save(buf, format="WEBP", quality=encoding.quality, method=0)
+        as_rgb(img).save(buf, format="WEBP", quality=encoding.quality, method=0)
     elif fmt == "jpeg":
-        img.convert("RGB").save(buf, format="JPEG", quality=encoding.quality)
+        as_rgb(img).save(buf, format="JPEG", quality=encoding.quality)
     else:
         raise InvalidRequest(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     return buf.getvalue()
