@@ -103,3 +103,39 @@ def test_layer_names_that_are_not_ascii_digits_are_a_400(client):
             assert r.json()["code"] == "invalid_request"
     att = client.post("/v1/attention?layer=%C2%B2", content=image, headers={"content-type": "image/png"})
     assert att.status_code == 400 and att.json()["code"] == "invalid_request"
+
+
+def test_a_revalidated_overlay_is_304_and_not_drawn(client):
+    image = png(Image.new("RGB", (64, 48), (30, 160, 90)))
+    body = client.post("/v1/predict", content=image, headers={"content-type": "image/png"}).json()
+    url = body["attention_urls"]["combined"]
+    first = client.get(url)
+    tag = first.headers["etag"]
+    assert first.status_code == 200 and tag.startswith('W/"') and first.headers["cache-control"]
+    rt = client.app.state.runtime
+    original = rt.overlay
+
+    async def no_drawing(*args):
+        raise AssertionError("a revalidated overlay was drawn")
+
+    rt.overlay = no_drawing
+    try:
+        for sent in (tag, tag.removeprefix("W/"), f'"other", {tag}', "*"):
+            again = client.get(url, headers={"if-none-match": sent})
+            assert again.status_code == 304 and again.content == b"" and again.headers["etag"] == tag, sent
+        # a layer out of range, or an id that is gone, is refused as it is without the header
+        base = url.removesuffix("combined.png")
+        assert client.get(base + "9.png", headers={"if-none-match": "*"}).status_code == 400
+        gone = client.get(url.replace(body["id"], "0" * 32), headers={"if-none-match": tag})
+        assert gone.status_code == 404
+    finally:
+        rt.overlay = original
+    # other parameters, another format or a stale tag: another picture, drawn
+    for other, headers in [
+        (url + "?alpha=0.2", {"if-none-match": tag}),
+        (url.replace(".png", ".jpeg"), {}),
+        (url, {"if-none-match": 'W/"stale"'}),
+    ]:
+        r = client.get(other, headers=headers)
+        assert r.status_code == 200 and r.content, other
+        assert (r.headers["etag"] == tag) == (other == url)
