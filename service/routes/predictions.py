@@ -47,8 +47,9 @@ def entity_tag(prediction_id: str, *settings: object) -> str:
 
 
 def matches(if_none_match: str | None, tag: str) -> bool:
-    """If-None-Match's weak comparison (RFC 9110, 13.1.2): any listed tag, or *, equal but for W/."""
-    if not if_none_match:
+    """If-None-Match's weak comparison (RFC 9110, 13.1.2): any listed tag, or *, equal but for W/. A list
+    longer than any client keeps for one URL is ignored (the overlay is sent) rather than split on the loop."""
+    if not if_none_match or len(if_none_match) > 4096:
         return False
     listed = {t.strip().removeprefix("W/") for t in if_none_match.split(",")}
     return "*" in listed or tag.removeprefix("W/") in listed

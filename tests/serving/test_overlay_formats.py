@@ -130,7 +130,9 @@ def test_a_revalidated_overlay_is_304_and_not_drawn(client):
         assert gone.status_code == 404
     finally:
         rt.overlay = original
-    # other parameters, another format or a stale tag: another picture, drawn
+    # other parameters, another format, a stale tag, or a list too long to read: drawn and sent
+    flood = ", ".join(['W/"x"'] * 2000 + [tag])
+    assert client.get(url, headers={"if-none-match": flood}).status_code == 200
     for other, headers in [
         (url + "?alpha=0.2", {"if-none-match": tag}),
         (url.replace(".png", ".jpeg"), {}),
