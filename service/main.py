@@ -14,6 +14,7 @@ from PIL import Image
 from service import __version__, errors, workers
 from service.config import Settings
 from service.deps import require_api_key
+from service.head import HeadAsGet
 from service.limits import BodyLimitMiddleware
 from service.logs import show_service_logs
 from service.memory import return_freed_memory
@@ -89,6 +90,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         viewer.mount_assets(app)
     docs.mount_assets(app)
     app.include_router(docs.router(app, serve_openapi=closed_docs), dependencies=guarded if closed_docs else [])
+    app.add_middleware(HeadAsGet)  # innermost: the routes see a GET, the metrics a HEAD
     app.add_middleware(
         BodyLimitMiddleware, max_bytes=settings.MAX_BODY_BYTES, read_timeout_s=settings.BODY_READ_TIMEOUT_S
     )

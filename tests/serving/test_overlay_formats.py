@@ -141,3 +141,21 @@ def test_a_revalidated_overlay_is_304_and_not_drawn(client):
         r = client.get(other, headers=headers)
         assert r.status_code == 200 and r.content, other
         assert (r.headers["etag"] == tag) == (other == url)
+
+
+def test_head_answers_what_get_would_without_the_body(client):
+    image = png(Image.new("RGB", (64, 48), (90, 30, 160)))
+    body = client.post("/v1/predict", content=image, headers={"content-type": "image/png"}).json()
+    url = body["attention_urls"]["1"].replace(".png", ".jpeg")
+    got, head = client.get(url), client.head(url)
+    assert head.status_code == 200 and head.content == b""
+    for name in ("content-type", "content-length", "etag", "cache-control"):
+        assert head.headers[name] == got.headers[name], name
+    assert client.head(url, headers={"if-none-match": got.headers["etag"]}).status_code == 304
+    assert client.head(url.replace(body["id"], "0" * 32)).status_code == 404
+    assert client.head("/v2/health/live").status_code == 200
+    refused = client.head("/v1/predict")  # a POST-only route: what GET gets
+    assert refused.status_code == 405 and refused.content == b"" and "POST" in refused.headers["allow"]
+    metrics = client.get("/metrics").text
+    route = "/v1/predictions/{prediction_id}/attention/{layer}.{ext}"
+    assert f'method="HEAD",route="{route}",status="200"' in metrics
