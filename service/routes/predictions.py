@@ -27,32 +27,42 @@ async def lookup(rt: RuntimeDep, prediction_id: str) -> StoredPrediction:
     return stored
 
 
-@router.get(
-    "/{prediction_id}", summary="A stored prediction", response_model=Prediction, responses=errors(401, 404, 422, 500)
-)
-async def get_prediction(rt: RuntimeDep, prediction_id: str) -> dict[str, Any]:
-    """The answer /v1/predict gave, without its timings."""
-    return {**(await lookup(rt, prediction_id)).result, "id": prediction_id}
-
-
 EXTENSIONS = {"png": "png", "webp": "webp", "jpeg": "jpeg", "jpg": "jpeg"}
 CACHE_CONTROL = "private, max-age=300"
 
 
 def entity_tag(prediction_id: str, *settings: object) -> str:
-    """A weak ETag for an overlay: a stored prediction never changes, so its id and everything that draws
-    the picture (the parameters, the encoder's settings, this version) name the picture without rendering it."""
+    """A weak ETag: a stored prediction never changes, so its id, this version and, for an overlay,
+    everything that draws the picture (the parameters, the encoder's settings) name what is sent,
+    without drawing or reading it."""
     digest = hashlib.blake2b(repr((prediction_id, *settings, __version__)).encode(), digest_size=12).hexdigest()
     return f'W/"{digest}"'
 
 
 def matches(if_none_match: str | None, tag: str) -> bool:
     """If-None-Match's weak comparison (RFC 9110, 13.1.2): any listed tag, or *, equal but for W/. A list
-    longer than any client keeps for one URL is ignored (the overlay is sent) rather than split on the loop."""
+    longer than any client keeps for one URL is ignored (the answer is sent) rather than split on the loop."""
     if not if_none_match or len(if_none_match) > 4096:
         return False
     listed = {t.strip().removeprefix("W/") for t in if_none_match.split(",")}
     return "*" in listed or tag.removeprefix("W/") in listed
+
+
+@router.get(
+    "/{prediction_id}",
+    summary="A stored prediction",
+    response_model=Prediction,
+    responses={304: {"description": "the copy the client holds (If-None-Match: its ETag) is current"}}
+    | errors(401, 404, 422, 500),
+)
+async def get_prediction(request: Request, response: Response, rt: RuntimeDep, prediction_id: str) -> Any:
+    """The answer /v1/predict gave, without its timings."""
+    stored = await lookup(rt, prediction_id)
+    headers = {"Cache-Control": CACHE_CONTROL, "ETag": entity_tag(prediction_id)}
+    if matches(request.headers.get("if-none-match"), headers["ETag"]):
+        return Response(status_code=304, headers=headers)
+    response.headers.update(headers)
+    return {**stored.result, "id": prediction_id}
 
 
 @router.get(

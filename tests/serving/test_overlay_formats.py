@@ -159,3 +159,20 @@ def test_head_answers_what_get_would_without_the_body(client):
     metrics = client.get("/metrics").text
     route = "/v1/predictions/{prediction_id}/attention/{layer}.{ext}"
     assert f'method="HEAD",route="{route}",status="200"' in metrics
+
+
+def test_a_stored_prediction_revalidates_like_its_overlays(client):
+    image = png(Image.new("RGB", (40, 40), (10, 200, 40)))
+    body = client.post("/v1/predict", content=image, headers={"content-type": "image/png"}).json()
+    url = f"/v1/predictions/{body['id']}"
+    first = client.get(url)
+    tag = first.headers["etag"]
+    stored = first.json()
+    assert first.status_code == 200 and stored["timings_ms"] is None
+    for key in ("id", "top_k", "global_gates", "attention_urls"):
+        assert stored[key] == body[key], key
+    again = client.get(url, headers={"if-none-match": tag})
+    assert again.status_code == 304 and again.content == b"" and again.headers["etag"] == tag
+    overlay = client.get(body["attention_urls"]["combined"]).headers["etag"]
+    assert overlay != tag and client.get(url, headers={"if-none-match": overlay}).status_code == 200
+    assert client.get(url.replace(body["id"], "0" * 32), headers={"if-none-match": "*"}).status_code == 404
