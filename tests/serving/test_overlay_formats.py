@@ -1,4 +1,5 @@
-"""Overlays as dashboards fetch them: formats, the render cache, size caps, and refusals before work."""
+"""Overlays as dashboards fetch them: formats, the render cache, size caps, refusals before work, and
+revalidation (ETag, 304) and HEAD, for overlays and stored predictions."""
 
 import io
 import threading
