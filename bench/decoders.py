@@ -24,7 +24,7 @@ import numpy as np
 import simplejpeg
 from PIL import Image
 
-from bench.server import ROOT
+from bench.server import ROOT, jpegs_of
 from service.config import Settings
 from service.decode import Need, decode
 from service.pipeline import need_for, prepare
@@ -36,11 +36,7 @@ MAX_PIXELS = 40_000_000
 def inputs() -> dict[str, bytes]:
     """make bench's JPEG sizes (scikit-learn's photo, resized) and the README's PNG."""
     photo = Image.open(io.BytesIO((files("sklearn.datasets") / "images" / "china.jpg").read_bytes())).convert("RGB")
-    out = {}
-    for side in (640, 1600, 4000):
-        buf = io.BytesIO()
-        photo.resize((side, side * 3 // 4), Image.BILINEAR).save(buf, "JPEG", quality=90)
-        out[f"{side}x{side * 3 // 4} JPEG"] = buf.getvalue()
+    out = {f"{side}x{side * 3 // 4} JPEG": data for side, data in jpegs_of(photo).items()}
     out["digit.png (640x400 PNG)"] = (ROOT / "docs/digit.png").read_bytes()
     return out
 

@@ -23,7 +23,6 @@ Service rows (default model, `python -m service` as `make serve` runs it, on loo
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import re
@@ -41,7 +40,7 @@ import torch
 from bench import protocols
 from bench.memory import measure as memory_row
 from bench.memory import per_pixel
-from bench.server import ROOT, KServe, Uvicorn, bench_images, f, rate
+from bench.server import ROOT, KServe, Uvicorn, bench_images, f, jpegs_of, rate
 from bench.server import machine as host
 from export.onnx_export import _export, output_names
 from models.checkpoint import load
@@ -281,10 +280,7 @@ def decode_rows(images: dict[str, tuple[Path, str]], size: tuple[int, int], seco
     settings = Settings()
     photo = Image.open(images["4000x3000 JPEG"][0]).convert("RGB")
     rows = []
-    for side in (640, 1600, 4000):
-        buf = io.BytesIO()
-        photo.resize((side, side * 3 // 4), Image.BILINEAR).save(buf, "JPEG", quality=90)
-        data = buf.getvalue()
+    for side, data in jpegs_of(photo).items():
 
         def ms(wanted: Need | None, d: bytes = data) -> float:
             return 1e3 / rate(lambda: decode(d, 40_000_000, need=wanted), 1, seconds / 3)

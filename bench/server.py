@@ -232,6 +232,18 @@ class KServe:
         self.log.close()
 
 
+def jpegs_of(photo, sides: tuple[int, ...] = (640, 1600, 4000)) -> dict[int, bytes]:
+    """`photo` (a PIL RGB image) resized to each side x 3/4 of it, as quality-90 JPEGs: row 9's inputs."""
+    from PIL import Image
+
+    out = {}
+    for side in sides:
+        buf = io.BytesIO()
+        photo.resize((side, side * 3 // 4), Image.BILINEAR).save(buf, "JPEG", quality=90)
+        out[side] = buf.getvalue()
+    return out
+
+
 def bench_images(work: Path) -> dict[str, tuple[Path, str]]:
     """The three inputs of the service rows: the README's PNG, a real photo, and a 12-megapixel JPEG."""
     from importlib.resources import files
