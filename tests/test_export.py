@@ -117,6 +117,27 @@ def test_a_mismatch_fails_verification(exported):
         verify(out, other, exported[3][:4], batch_sizes=(1,))
 
 
+CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+@pytest.mark.skipif(not CUDA, reason="onnxruntime has no CUDA provider here")
+def test_cuda_verification_agrees_with_pytorch_with_tf32_off(exported):
+    model, out, _, images = exported
+    report = verify(out, model, images, provider="cuda")
+    assert report["provider"] == "cuda" and set(report["batches"]) == {1, 3, 16}
+    for worst in report["batches"].values():
+        assert worst["probabilities"] <= 1e-4 and worst["top1_agreement"] == 1.0
+
+
+@pytest.mark.skipif(CUDA, reason="this onnxruntime has the CUDA provider")
+def test_cuda_verification_without_the_provider_says_what_to_install(exported):
+    model, out, _, images = exported
+    with pytest.raises(ExportError, match="install onnxruntime-gpu"):
+        verify(out, model, images[:2], provider="cuda")
+    with pytest.raises(ExportError, match="unknown verification provider"):
+        verify(out, model, images[:2], provider="tpu")
+
+
 def test_bad_checkpoints_fail_cleanly_and_leave_nothing(tmp_path, capsys):
     target = tmp_path / "model.onnx"
     with pytest.raises(SystemExit, match="checkpoint not found"):
