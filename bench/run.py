@@ -299,6 +299,7 @@ def render_rows(img_path: Path, session: ort.InferenceSession, size: tuple[int, 
     from service import overlay
     from service.preprocess import to_input
 
+    overlay.one_blas_thread()  # as the service renders
     img = Image.open(img_path).convert("RGB")
     x, _ = to_input(img, size)
     grid = dict(zip(output_names(3), session.run(None, {"image": x[None]})))["attention_combined"][0]

@@ -1,7 +1,10 @@
 """Overlay maths: maps sum to 1, cropping and scaling keep attention on the right pixels."""
 
 import io
+import os
 import platform
+import subprocess
+import sys
 
 import numpy as np
 from PIL import Image
@@ -107,3 +110,20 @@ def test_memory_store_bounds_count_and_age():
         assert await store.get("c") is None
 
     asyncio.run(main())
+
+
+def test_a_worker_renders_its_matrix_products_on_one_thread(model_path):
+    """OpenBLAS would run each of `to_image_grid`'s products on a thread per core, spinning on cores the
+    other requests need. In a process of its own: threadpoolctl lets only the first thread that sets a
+    limit set one."""
+    code = (
+        "import sys; from threadpoolctl import threadpool_info as info; from fastapi.testclient import TestClient\n"
+        "from service.config import Settings; from service.main import create_app\n"
+        "blas = lambda: {p['num_threads'] for p in info() if p['user_api'] == 'blas'}\n"
+        "print(blas())\n"
+        "with TestClient(create_app(Settings(MODEL_PATH=sys.argv[1]))): print(blas())\n"
+    )
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "2"}
+    done = subprocess.run([sys.executable, "-c", code, str(model_path)], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["{2}", "{1}"]
