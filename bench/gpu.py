@@ -203,9 +203,9 @@ def fine_rows(warn: Path, plain: Path, seconds: float) -> list[dict]:
 def pipeline_rows(images: dict, seconds: float) -> dict:
     from bench import pipeline
 
-    return {
-        label: pipeline.measure(DEFAULT_ONNX, path.read_bytes(), seconds, CUDA) for label, (path, _) in images.items()
-    }
+    return pipeline.measure_images(
+        DEFAULT_ONNX, {label: path.read_bytes() for label, (path, _) in images.items()}, seconds, CUDA
+    )
 
 
 def serve(checkout: Path = ROOT, **env: str) -> Uvicorn:

@@ -19,48 +19,64 @@ from service.model import OnnxModel
 from service.pipeline import prepare
 
 
-def _loop(model_path: str, data: bytes, threads: int, seconds: float, providers: str, out) -> None:
+def _loop(model_path: str, images: dict[str, bytes], threads: int, seconds: float, providers: str, start, out) -> None:
     settings = Settings()
     model = OnnxModel(Path(model_path), providers, threads, settings.cuda_options())  # as the service runs it
     size = model.info.input_size
+    for label, data in images.items():
 
-    def once() -> None:
-        _, x, _ = prepare(data, 0, size, settings)
-        model.run(x[None])
+        def once(data: bytes = data) -> None:
+            _, x, _ = prepare(data, 0, size, settings)
+            model.run(x[None])
 
-    for _ in range(3):
-        once()
-    lat = []
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        t = time.perf_counter()
-        once()
-        lat.append(time.perf_counter() - t)
-    out.put(lat)
+        for _ in range(3):
+            once()
+        start.wait()  # every process times this image over the same seconds
+        lat = []
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            t = time.perf_counter()
+            once()
+            lat.append(time.perf_counter() - t)
+        out.put((label, lat))
 
 
-def measure(model_path: Path, data: bytes, seconds: float, providers: str = "CPUExecutionProvider") -> dict:
-    """Images/s over one process per core, and p50 latency of one image alone (every core)."""
+def measure_images(
+    model_path: Path, images: dict[str, bytes], seconds: float, providers: str = "CPUExecutionProvider"
+) -> dict[str, dict]:
+    """`measure` for each image, by the same processes one image after another: each process makes its
+    session once (on a GPU host 16 processes take seconds to, for every image they were started for)."""
     ctx = mp.get_context("spawn")
     usable = cores()  # as the service counts them
 
-    def run(processes: int, threads: int) -> list[list[float]]:
-        q = ctx.Queue()
+    def run(processes: int, threads: int) -> dict[str, list[list[float]]]:
+        q, start = ctx.Queue(), ctx.Barrier(processes)
         ps = [
-            ctx.Process(target=_loop, args=(str(model_path), data, threads, seconds, providers, q))
+            ctx.Process(target=_loop, args=(str(model_path), images, threads, seconds, providers, start, q))
             for _ in range(processes)
         ]
         for p in ps:
             p.start()
-        lats = [q.get() for _ in ps]
+        lats: dict[str, list[list[float]]] = {label: [] for label in images}
+        for _ in range(processes * len(images)):
+            label, lat = q.get()
+            lats[label].append(lat)
         for p in ps:
             p.join()
         return lats
 
     parallel = run(usable, 1)
-    alone = run(1, usable)[0]
+    alone = run(1, usable)
     return {
-        "img_s": sum(len(lat) / sum(lat) for lat in parallel),
-        "single_p50_ms": float(np.percentile(alone, 50)) * 1e3,
-        "processes": usable,
+        label: {
+            "img_s": sum(len(lat) / sum(lat) for lat in parallel[label]),
+            "single_p50_ms": float(np.percentile(alone[label][0], 50)) * 1e3,
+            "processes": usable,
+        }
+        for label in images
     }
+
+
+def measure(model_path: Path, data: bytes, seconds: float, providers: str = "CPUExecutionProvider") -> dict:
+    """Images/s over one process per core, and p50 latency of one image alone (every core)."""
+    return measure_images(model_path, {"image": data}, seconds, providers)["image"]
