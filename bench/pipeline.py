@@ -9,6 +9,7 @@ with every core.
 from __future__ import annotations
 
 import multiprocessing as mp
+import queue
 import time
 from pathlib import Path
 
@@ -17,6 +18,9 @@ import numpy as np
 from service.config import Settings, cores
 from service.model import OnnxModel
 from service.pipeline import prepare
+
+# A process that died leaves the others waiting at the barrier for no longer than this.
+BARRIER_TIMEOUT_S = 600.0
 
 
 def _loop(model_path: str, images: dict[str, bytes], threads: int, seconds: float, providers: str, start, out) -> None:
@@ -31,7 +35,7 @@ def _loop(model_path: str, images: dict[str, bytes], threads: int, seconds: floa
 
         for _ in range(3):
             once()
-        start.wait()  # every process times this image over the same seconds
+        start.wait(BARRIER_TIMEOUT_S)  # every process times this image over the same seconds
         lat = []
         deadline = time.perf_counter() + seconds
         while time.perf_counter() < deadline:
@@ -39,6 +43,16 @@ def _loop(model_path: str, images: dict[str, bytes], threads: int, seconds: floa
             once()
             lat.append(time.perf_counter() - t)
         out.put((label, lat))
+
+
+def answer(q, processes: list) -> tuple[str, list[float]]:
+    """The next (image, latencies) a process sent; raises instead where one of them died."""
+    while True:
+        try:
+            return q.get(timeout=1)
+        except queue.Empty:
+            if dead := [p.exitcode for p in processes if p.exitcode not in (None, 0)]:
+                raise RuntimeError(f"a pipeline process exited with code {dead[0]}") from None
 
 
 def measure_images(
@@ -58,11 +72,17 @@ def measure_images(
         for p in ps:
             p.start()
         lats: dict[str, list[list[float]]] = {label: [] for label in images}
-        for _ in range(processes * len(images)):
-            label, lat = q.get()
-            lats[label].append(lat)
-        for p in ps:
-            p.join()
+        try:
+            for _ in range(processes * len(images)):
+                label, lat = answer(q, ps)
+                lats[label].append(lat)
+        except BaseException:
+            for p in ps:
+                p.kill()
+            raise
+        finally:
+            for p in ps:
+                p.join()
         return lats
 
     parallel = run(usable, 1)

@@ -53,7 +53,7 @@ class Encoding:
 def one_blas_thread() -> None:
     """Run this process's matrix products (`to_image_grid`) on the calling thread. Overlays already render
     in parallel, one per request; OpenBLAS would add a thread per core to each product, which then spin on
-    those cores: a 512x512 overlay took 9.7 ms of CPU for 4.8 ms of wall time on 2 cores, 5.0 ms with this."""
+    those cores: a 512x512 overlay took 9.5 ms of CPU for 4.8 ms of wall time on 2 cores, 4.8 ms with this."""
     threadpool_limits(1, user_api="blas")
 
 

@@ -3,6 +3,7 @@
 import io
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from bench import pipeline
@@ -25,3 +26,8 @@ def test_each_image_gets_its_own_figures_from_the_same_processes():
     # decoding 3.8 million pixels, against a thousand: figures kept apart by image, not mixed
     assert got["large"]["single_p50_ms"] > 2 * got["small"]["single_p50_ms"]
     assert got["small"]["img_s"] > 2 * got["large"]["img_s"]
+
+
+def test_a_process_that_dies_fails_the_measure_instead_of_hanging_it(tmp_path):
+    with pytest.raises(RuntimeError, match="exited with code 1"):
+        pipeline.measure_images(tmp_path / "missing.onnx", {"small": png(32, 32)}, 0.5)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from service import overlay
@@ -126,4 +127,7 @@ def test_a_worker_renders_its_matrix_products_on_one_thread(model_path):
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "2"}
     done = subprocess.run([sys.executable, "-c", code, str(model_path)], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["{2}", "{1}"]
+    before, after = done.stdout.split()
+    if before == "{1}":  # OpenBLAS takes no more threads than there are cores
+        pytest.skip("one core: OpenBLAS runs on one thread anyway")
+    assert (before, after) == ("{2}", "{1}")
