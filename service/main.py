@@ -11,7 +11,7 @@ from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from PIL import Image
 
-from service import __version__, errors, workers
+from service import __version__, errors, overlay, workers
 from service.config import Settings
 from service.deps import require_api_key
 from service.head import HeadAsGet
@@ -35,6 +35,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         return_freed_memory()
+        overlay.one_blas_thread()
         try:
             runtime = Runtime(settings, metrics)
         except errors.ModelLoadError as e:

@@ -118,7 +118,6 @@ class Runtime:
         self.decoders = anyio.CapacityLimiter(settings.decode_threads())
         self.writes: dict[str, asyncio.Task[None]] = {}  # stores still under way, by prediction id
         self.overlays = OverlayCache(settings.OVERLAY_CACHE_BYTES)
-        overlay.one_blas_thread()
         self.encoding = overlay.Encoding(settings.OVERLAY_PNG_COMPRESSION, settings.OVERLAY_QUALITY)
 
     async def start(self) -> None:
