@@ -33,7 +33,8 @@ class BodyLimitMiddleware:
         async def limited() -> Message:
             nonlocal seen
             try:
-                msg = await asyncio.wait_for(receive(), self.read_timeout_s)
+                async with asyncio.timeout(self.read_timeout_s):  # a timer, where wait_for made a task per read
+                    msg = await receive()
             except TimeoutError:
                 raise BodyTooSlow(f"the request body stalled for more than {self.read_timeout_s:g} s") from None
             if msg["type"] == "http.request":

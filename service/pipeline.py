@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-import anyio
 import numpy as np
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
@@ -31,6 +32,7 @@ from service.shared_session import RemoteModel
 from service.store import DiskStore, MemoryStore, PredictionStore, RedisStore, StoredPrediction, key_time
 
 log = logging.getLogger("service")
+T = TypeVar("T")
 
 
 @dataclass
@@ -115,7 +117,7 @@ class Runtime:
             on_depth=metrics.observe_depth,
         )
         # Decodes at once per worker: more only thrash its cores, and each holds a decoded image in memory.
-        self.decoders = anyio.CapacityLimiter(settings.decode_threads())
+        self.decoders = ThreadPoolExecutor(settings.decode_threads(), thread_name_prefix="decode")
         self.writes: dict[str, asyncio.Task[None]] = {}  # stores still under way, by prediction id
         self.overlays = OverlayCache(settings.OVERLAY_CACHE_BYTES)
         self.encoding = overlay.Encoding(settings.OVERLAY_PNG_COMPRESSION, settings.OVERLAY_QUALITY)
@@ -133,13 +135,19 @@ class Runtime:
         if self.writes:  # answered ids stay fetchable, unless the store hangs
             await asyncio.wait(list(self.writes.values()), timeout=self.settings.SHUTDOWN_TIMEOUT_S)
         await self.store.close()
+        self.decoders.shutdown(wait=False, cancel_futures=True)
 
     def prepare(self, data: bytes, side: int = 0) -> tuple[Image.Image, np.ndarray, Geometry]:
         return prepare(data, side, self.info.input_size, self.settings)
 
+    async def in_decoder(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` in one of the decoding threads. Work beyond them waits in the pool's queue (bounded by
+        admission), and queued work whose request is cancelled never runs."""
+        return await asyncio.get_running_loop().run_in_executor(self.decoders, fn, *args)
+
     async def decode(self, data: bytes, side: int = 0) -> tuple[Image.Image, np.ndarray, Geometry]:
         """`prepare` in a decoding thread."""
-        return await anyio.to_thread.run_sync(self.prepare, data, side, limiter=self.decoders)
+        return await self.in_decoder(self.prepare, data, side)
 
     def _prepare_and_run_alone(
         self, data: bytes, side: int
@@ -154,9 +162,7 @@ class Runtime:
         alone in this worker runs in its decoding thread; others are batched."""
         with self.batcher.admit():  # a full queue refuses here, before any decoding
             started = time.perf_counter()
-            img, x, geometry, decoded, outputs = await anyio.to_thread.run_sync(
-                self._prepare_and_run_alone, data, overlay_side, limiter=self.decoders
-            )
+            img, x, geometry, decoded, outputs = await self.in_decoder(self._prepare_and_run_alone, data, overlay_side)
             if outputs is None:
                 outputs = await self.batcher.submit_admitted(x[None])
             done = time.perf_counter()
@@ -238,7 +244,7 @@ class Runtime:
         if cached is None:
             picture = None
             if (upload := stored.encoded) is not None and (picture := self.overlays.get(key)) is None:
-                picture = await anyio.to_thread.run_sync(self.picture, upload, limiter=self.decoders)
+                picture = await self.in_decoder(self.picture, upload)
                 self.overlays.put(key, picture, 3 * picture.width * picture.height)
             cached = await run_in_threadpool(self.render, stored, picture, p)
             self.overlays.put((key, p), cached)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Annotated
 
@@ -41,7 +42,26 @@ PREDICT_EXAMPLE = {
 
 def url_base(request: Request) -> str:
     public = request.app.state.settings.PUBLIC_URL
-    return public.rstrip("/") if public else str(request.base_url).rstrip("/")
+    if public:
+        return public.rstrip("/")
+    scope = request.scope
+    server = scope.get("server")
+    return _base(scope["scheme"], request.headers.get("host"), server and tuple(server), scope.get("root_path", ""))
+
+
+@functools.lru_cache(maxsize=64)
+def _base(scheme: str, host: str | None, server: tuple[str, int | None] | None, root_path: str) -> str:
+    """Starlette's `request.base_url`, built once per (scheme, Host, server, root path) and not per request."""
+    headers = [] if host is None else [(b"host", host.encode("latin-1"))]
+    scope = {
+        "type": "http",
+        "scheme": scheme,
+        "server": server,
+        "root_path": root_path,
+        "path": "/",
+        "headers": headers,
+    }
+    return str(Request(scope).base_url).rstrip("/")
 
 
 @router.post(

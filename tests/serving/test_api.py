@@ -6,8 +6,11 @@ import time
 
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 from PIL import Image
 
+from service.config import Settings
+from service.main import create_app
 from tests.serving.conftest import make_client, png
 
 
@@ -245,15 +248,24 @@ def test_only_real_work_takes_a_thread_hop(model_path, photo, monkeypatch):
 
     import anyio.to_thread
 
+    from service.pipeline import Runtime
+
     hops = []
-    run_sync = anyio.to_thread.run_sync
+    run_sync, in_decoder = anyio.to_thread.run_sync, Runtime.in_decoder
+
+    def name(func) -> str:
+        return (func.func if isinstance(func, functools.partial) else func).__qualname__
 
     async def spy(func, *args, **kwargs):
-        inner = func.func if isinstance(func, functools.partial) else func
-        hops.append(inner.__qualname__)
+        hops.append(name(func))
         return await run_sync(func, *args, **kwargs)
 
+    async def spy_decoder(self, func, *args):
+        hops.append("decoder: " + name(func))
+        return await in_decoder(self, func, *args)
+
     monkeypatch.setattr(anyio.to_thread, "run_sync", spy)
+    monkeypatch.setattr(Runtime, "in_decoder", spy_decoder)
     client = make_client(model_path, API_KEY="k", STORE="memory")
     with client:
         auth = {"Authorization": "Bearer k"}
@@ -261,7 +273,48 @@ def test_only_real_work_takes_a_thread_hop(model_path, photo, monkeypatch):
         assert r.status_code == 200
         assert client.get(r.json()["attention_urls"]["combined"], headers=auth).status_code == 200
         assert client.get("/v1/model", headers=auth).status_code == 200
-    assert hops and set(hops) <= {"Runtime._prepare_and_run_alone", "Runtime.picture", "Runtime.render"}, hops
+    decoding = {"decoder: Runtime._prepare_and_run_alone", "decoder: Runtime.picture"}
+    assert hops[0] == "decoder: Runtime._prepare_and_run_alone" and set(hops) <= decoding | {"Runtime.render"}, hops
+
+
+def test_decoding_work_of_a_cancelled_request_never_runs(model_path):
+    """Requests past the decoding threads wait in their pool's queue; one cancelled there is dropped, and its
+    image is never decoded."""
+    import asyncio
+    import threading
+
+    with make_client(model_path, STORE="memory", DECODE_THREADS=1) as c:
+        rt = c.app.state.runtime
+        gate, ran = threading.Event(), []
+
+        async def scenario() -> None:
+            busy = asyncio.ensure_future(rt.in_decoder(gate.wait, 30))
+            queued = asyncio.ensure_future(rt.in_decoder(ran.append, "queued"))
+            await asyncio.sleep(0.05)
+            queued.cancel()
+            gate.set()
+            assert await busy is True
+            with pytest.raises(asyncio.CancelledError):
+                await queued
+            assert await rt.in_decoder(ran.append, "after") is None  # the thread is free again
+
+        c.portal.call(scenario)
+    assert ran == ["after"]
+
+
+def test_overlay_urls_follow_the_request_or_the_public_url(model_path, photo):
+    """The base of the overlay URLs is built once per Host, scheme and root path, never shared between them."""
+    jpeg = {"content-type": "image/jpeg"}
+    with make_client(model_path, STORE="memory") as c:
+        for host in ("a.example:8080", "b.example"):
+            urls = c.post("/v1/predict", content=photo, headers={**jpeg, "host": host}).json()["attention_urls"]
+            assert urls["combined"].startswith(f"http://{host}/v1/predictions/"), urls
+    with TestClient(create_app(Settings(MODEL_PATH=model_path, STORE="memory")), root_path="/warn") as c:
+        urls = c.post("/v1/predict", content=photo, headers=jpeg).json()["attention_urls"]
+        assert urls["0"].startswith("http://testserver/warn/v1/predictions/") and urls["0"].endswith("/attention/0.png")
+    with make_client(model_path, STORE="memory", PUBLIC_URL="https://warn.example/api/") as c:
+        urls = c.post("/v1/predict", content=photo, headers=jpeg).json()["attention_urls"]
+        assert urls["combined"].startswith("https://warn.example/api/v1/predictions/"), urls
 
 
 def test_a_lone_request_runs_in_its_decoding_thread_and_concurrent_ones_are_batched(model_path, photo):
