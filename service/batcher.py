@@ -1,8 +1,9 @@
 """Dynamic micro-batching: concurrent requests share one session.run, off the event loop.
 
 Greedy, never idle: when the model is free a request runs at once; while a batch runs, requests
-queue, and the next batch takes everything queued (up to `max_batch` rows). A batch waits for more
-only while admitted requests are still being decoded, and never longer than `max_wait_ms`.
+queue, and the next batch takes everything queued (up to `max_batch` rows). With `max_wait_ms` above 0
+(the service's default is 0), a batch also waits that long at most for admitted requests still being
+decoded.
 A request alone in its worker runs in the thread that decoded it (`run_alone`), skipping the hops
 to the batcher's thread and back.
 """

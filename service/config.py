@@ -104,9 +104,10 @@ class Settings(BaseSettings):
         description="largest micro-batch; 1 turns batching off. On CUDA also the rows of every run (CUDA_FIXED_BATCH)",
     )
     MAX_WAIT_MS: float = Field(
-        2.0,
+        0.0,
         ge=0,
-        description="the most a batch waits for requests still being decoded; with none, it runs at once",
+        description="the most a batch waits for requests still being decoded (0: it never waits; a batch takes "
+        "what queued while the last one ran)",
     )
     QUEUE_SIZE: int = Field(
         256, ge=1, description="requests in progress (decoding or waiting) per worker before 503 + Retry-After"
