@@ -43,7 +43,7 @@ import numpy as np
 import onnxruntime as ort
 
 from bench import load, protocols
-from bench.server import ROOT, KServe, Uvicorn, bench_images, f, rate, scrape, smi, stages
+from bench.server import ROOT, KServe, Uvicorn, bench_images, f, rate, scrape, smi, stages, variant
 from bench.server import machine as host
 
 DEFAULT_ONNX = ROOT / "default_model/model.onnx"
@@ -518,11 +518,6 @@ def markdown(m: dict, rows: list[dict]) -> str:
                 f"/v1/predict {f(r['predict_req_s'])} ({r['ratio']:.2f}x); p99 {f(r['p99_ms'], 2)} ms |"
             )
     return "\n".join(lines) + "\n"
-
-
-def variant(text: str) -> tuple[str, dict[str, str]]:
-    label, _, settings = text.partition(":")
-    return label, dict(kv.split("=", 1) for kv in settings.split(",") if kv)
 
 
 def main(argv: list[str] | None = None) -> None:

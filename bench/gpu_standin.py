@@ -24,7 +24,7 @@ from multiprocessing.connection import Listener
 from pathlib import Path
 
 from bench.run import DEFAULT_ONNX, wrk
-from bench.server import Uvicorn, bench_images, f, scrape, stages
+from bench.server import Uvicorn, bench_images, f, scrape, stages, variant
 from bench.session_standin import standin
 from service.shared_session import ADDRESS_ENV, KEY_ENV, Runner, serve_connections
 
@@ -51,15 +51,6 @@ def start_session(folder: str, gpu_s: float, rows: int, runs: int) -> tuple[mp.p
     return proc, {ADDRESS_ENV: address, KEY_ENV: key.hex()}
 
 
-def setting(text: str) -> tuple[str, dict[str, str]]:
-    """'label:WARN_A=1,WARN_B=2' (no settings: 'label:')."""
-    label, colon, rest = text.partition(":")
-    pairs = [kv.partition("=") for kv in rest.split(",") if kv]
-    if not colon or not label or any(not k or not eq for k, eq, _ in pairs):
-        raise argparse.ArgumentTypeError(f"expected LABEL:WARN_X=V[,WARN_Y=W], got {text!r}")
-    return label, {k: v for k, _, v in pairs}
-
-
 def measure(server: Uvicorn, path: Path, ctype: str, connections: int, seconds: float) -> dict:
     metrics = scrape(server.url)
     r = wrk(f"{server.url}/v1/predict", connections, seconds, path, ctype, server=server)
@@ -69,7 +60,7 @@ def measure(server: Uvicorn, path: Path, ctype: str, connections: int, seconds: 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--variant", action="append", type=setting, default=[], help="LABEL:WARN_X=V,... (repeatable)")
+    p.add_argument("--variant", action="append", type=variant, default=[], help="LABEL:WARN_X=V,... (repeatable)")
     p.add_argument("--connections", default="2,4,8", help="comma-separated; a 16-core host at 64 has 4 a worker")
     p.add_argument("--images", default="photo", help="comma-separated: photo, digit, big")
     p.add_argument("--gpu-ms", type=float, default=2.0, help="the stand-in's run time (an H100's padded run: 1.6-2)")

@@ -3,6 +3,7 @@ its own, the three images it is measured on, the machine's description, and rate
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import io
 import os
@@ -50,6 +51,16 @@ def machine() -> dict:
 def f(v: float | None, digits: int = 1) -> str:
     """A figure for a table: thousands separated, `digits` decimals; n/a for None."""
     return "n/a" if v is None else f"{v:,.{digits}f}"
+
+
+def variant(text: str) -> tuple[str, dict[str, str]]:
+    """A `--variant` of the benches that serve the service under other settings: 'LABEL:WARN_X=V,WARN_Y=W'
+    (no settings: 'LABEL:'). A value may hold '=' (checkout=PATH, a JSON list); a pair without one is refused."""
+    label, colon, rest = text.partition(":")
+    pairs = [kv.partition("=") for kv in rest.split(",") if kv]
+    if not colon or not label or any(not k or not eq for k, eq, _ in pairs):
+        raise argparse.ArgumentTypeError(f"expected LABEL:WARN_X=V[,WARN_Y=W], got {text!r}")
+    return label, {k: v for k, _, v in pairs}
 
 
 def rate(fn: Callable[[], object], items: int, seconds: float) -> float:

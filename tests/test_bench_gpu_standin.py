@@ -7,22 +7,24 @@ import numpy as np
 import pytest
 
 from bench import gpu_standin
+from bench.server import variant
 from bench.session_standin import OUTPUTS
 from service.shared_session import RemoteModel
 
 
 def test_variants_are_a_label_and_settings():
-    assert gpu_standin.setting("no wait:WARN_MAX_WAIT_MS=0,WARN_DECODE_THREADS=3") == (
+    assert variant("no wait:WARN_MAX_WAIT_MS=0,WARN_DECODE_THREADS=3") == (
         "no wait",
         {"WARN_MAX_WAIT_MS": "0", "WARN_DECODE_THREADS": "3"},
     )
-    assert gpu_standin.setting("as configured:") == ("as configured", {})
+    assert variant("as configured:") == ("as configured", {})
+    assert variant("before:checkout=/tmp/a=b") == ("before", {"checkout": "/tmp/a=b"})
 
 
 @pytest.mark.parametrize("text", ["WARN_MAX_WAIT_MS=0", ":WARN_MAX_WAIT_MS=0", "x:WARN_MAX_WAIT_MS", "x:=0"])
 def test_a_variant_without_a_label_or_with_a_bare_name_is_refused(text):
     with pytest.raises(argparse.ArgumentTypeError):
-        gpu_standin.setting(text)
+        variant(text)
 
 
 def test_the_stand_in_serves_a_worker_the_default_model(tmp_path):
