@@ -24,7 +24,7 @@ from multiprocessing.connection import Listener
 from pathlib import Path
 
 from bench.run import DEFAULT_ONNX, wrk
-from bench.server import Uvicorn, bench_images, f, scrape, stages, variant
+from bench.server import Uvicorn, bench_images, cpu_by_thread, f, scrape, stages, variant
 from bench.session_standin import standin
 from service.shared_session import ADDRESS_ENV, KEY_ENV, Runner, serve_connections
 
@@ -51,11 +51,20 @@ def start_session(folder: str, gpu_s: float, rows: int, runs: int) -> tuple[mp.p
     return proc, {ADDRESS_ENV: address, KEY_ENV: key.hex()}
 
 
+ROLES = ("loop", "decode", "inference", "store-writer")
+
+
 def measure(server: Uvicorn, path: Path, ctype: str, connections: int, seconds: float) -> dict:
-    metrics = scrape(server.url)
+    metrics, threads = scrape(server.url), cpu_by_thread(server.proc.pid)
     r = wrk(f"{server.url}/v1/predict", connections, seconds, path, ctype, server=server)
-    seen = stages(metrics, scrape(server.url))
-    return {**r, **seen, "cpu_ms": r["server_cpu"] / r["req_s"] * 1e3}
+    seen, after = stages(metrics, scrape(server.url)), cpu_by_thread(server.proc.pid)
+    per_request = {role: (after.get(role, 0.0) - threads.get(role, 0.0)) / seen["images"] * 1e3 for role in ROLES}
+    return {
+        **r,
+        **seen,
+        "cpu_ms": r["server_cpu"] / r["req_s"] * 1e3,
+        **{f"cpu_{k}_ms": v for k, v in per_request.items()},
+    }
 
 
 def main() -> None:
@@ -94,17 +103,25 @@ def main() -> None:
         proc.kill()
     print(f"Stand-in: {a.gpu_ms} ms a run of {a.rows} rows, {a.runs} in flight; medians of {a.rounds} turns.\n")
     print(
-        "| image | connections | variant | req/s | p50 | worker CPU per request | decode | model (queue + run) |"
-        " worker's batch round trip | rows a batch |"
+        "| image | connections | variant | req/s | p50 | worker CPU per request (event loop, decoding, inference, "
+        "store) | decode | model (queue + run) | worker's batch round trip | rows a batch |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
+    keys = (
+        "req_s",
+        "p50_ms",
+        "cpu_ms",
+        "decode_ms",
+        "model_ms",
+        "run_ms",
+        "mean_batch",
+        *(f"cpu_{r}_ms" for r in ROLES),
+    )
     for (name, c, label), rs in turns.items():
-        m = {
-            k: statistics.median(r[k] for r in rs)
-            for k in ("req_s", "p50_ms", "cpu_ms", "decode_ms", "model_ms", "run_ms", "mean_batch")
-        }
+        m = {k: statistics.median(r[k] for r in rs) for k in keys}
+        roles = ", ".join(f(m[f"cpu_{r}_ms"], 2) for r in ROLES)
         print(
-            f"| {name} | {c} | {label} | {f(m['req_s'])} | {f(m['p50_ms'])} ms | {f(m['cpu_ms'], 2)} ms "
+            f"| {name} | {c} | {label} | {f(m['req_s'])} | {f(m['p50_ms'])} ms | {f(m['cpu_ms'], 2)} ms ({roles}) "
             f"| {f(m['decode_ms'], 2)} ms | {f(m['model_ms'], 2)} ms | {f(m['run_ms'], 2)} ms "
             f"| {f(m['mean_batch'], 2)} |"
         )

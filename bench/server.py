@@ -8,6 +8,7 @@ import datetime as dt
 import io
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -61,6 +62,23 @@ def variant(text: str) -> tuple[str, dict[str, str]]:
     if not colon or not label or any(not k or not eq for k, eq, _ in pairs):
         raise argparse.ArgumentTypeError(f"expected LABEL:WARN_X=V[,WARN_Y=W], got {text!r}")
     return label, {k: v for k, _, v in pairs}
+
+
+def cpu_by_thread(pid: int) -> dict[str, float]:
+    """User+system seconds so far of a process's threads, by role: `loop` (its main thread, the event loop
+    in a worker), the service's named pools (`decode`, `inference`, `store-writer`, `session-run`: see
+    service/threads.py) and `other` (onnxruntime's and the rest)."""
+    seconds: dict[str, float] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            comm = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:  # the thread ended
+            continue
+        named = re.fullmatch(r"(.+)_\d+", comm)
+        role = "loop" if int(tid) == pid else named.group(1) if named else "other"
+        seconds[role] = seconds.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return seconds
 
 
 def rate(fn: Callable[[], object], items: int, seconds: float) -> float:

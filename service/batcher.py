@@ -14,11 +14,11 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import numpy as np
 
+from service import threads
 from service.errors import Overloaded
 
 Outputs = dict[str, np.ndarray]
@@ -57,7 +57,7 @@ class MicroBatcher:
         self.admitted = 0
         self._on_batch = on_batch
         self._on_depth = on_depth  # (queued, admitted), on every change
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self._executor = threads.pool(1, "inference")
         self._running = threading.Lock()  # one run at a time: a batch's, or a lone request's
         self._alone = 0  # 1 while a lone request runs in its decoding thread: admitted, yet not decoding
         self._task: asyncio.Task[None] | None = None

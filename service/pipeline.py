@@ -11,7 +11,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -19,7 +18,7 @@ import numpy as np
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
-from service import overlay
+from service import overlay, threads
 from service.batcher import MicroBatcher, Outputs
 from service.config import Settings
 from service.decode import Need, decode
@@ -117,7 +116,7 @@ class Runtime:
             on_depth=metrics.observe_depth,
         )
         # Decodes at once per worker: more only thrash its cores, and each holds a decoded image in memory.
-        self.decoders = ThreadPoolExecutor(settings.decode_threads(), thread_name_prefix="decode")
+        self.decoders = threads.pool(settings.decode_threads(), "decode")
         self.writes: dict[str, asyncio.Task[None]] = {}  # stores still under way, by prediction id
         self.overlays = OverlayCache(settings.OVERLAY_CACHE_BYTES)
         self.encoding = overlay.Encoding(settings.OVERLAY_PNG_COMPRESSION, settings.OVERLAY_QUALITY)

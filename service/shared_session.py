@@ -28,7 +28,6 @@ import tempfile
 import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Client, Connection, Listener, wait
 from pathlib import Path
@@ -36,6 +35,7 @@ from pathlib import Path
 import numpy as np
 from prometheus_client import Histogram
 
+from service import threads
 from service.batcher import split
 from service.config import Settings
 from service.errors import ModelLoadError, ModelUnavailable
@@ -124,7 +124,7 @@ def serve_connections(listener: Listener, info: ModelInfo, runner: Runner, runs:
     arrived: queue.SimpleQueue[Connection] = queue.SimpleQueue()
     threading.Thread(target=accept, args=(listener, info, arrived, wake), daemon=True, name="session-accept").start()
     free = threading.Semaphore(runs)
-    running = ThreadPoolExecutor(runs, thread_name_prefix="session-run")
+    running = threads.pool(runs, "session-run")
     answered: queue.SimpleQueue[list[Connection]] = queue.SimpleQueue()
 
     def run(items: list[Pending]) -> None:

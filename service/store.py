@@ -22,7 +22,6 @@ import threading
 import time
 import zlib
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,6 +29,8 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
+
+from service import threads
 
 MAGIC = b"WARNSP3\n"  # format 3: raw arrays, then the image as pixels or as uploaded
 MAGIC_PIXELS = b"WARNSP2\n"  # format 2 (the image always as pixels), still read
@@ -294,7 +295,7 @@ class DiskStore:
             )
             for i in range(shards)
         ]
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
+        self._writer = threads.pool(1, "store-writer")
 
     def shard(self, key: str):
         return self.shards[zlib.crc32(key.encode()) % len(self.shards)]
