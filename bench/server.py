@@ -64,6 +64,15 @@ def variant(text: str) -> tuple[str, dict[str, str]]:
     return label, {k: v for k, _, v in pairs}
 
 
+def cpu_seconds(stat: str) -> float | None:
+    """User+system seconds from a /proc/<pid>/stat or /proc/<pid>/task/<tid>/stat file (None: it is gone)."""
+    try:
+        fields = Path(stat).read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_by_thread(pid: int) -> dict[str, float]:
     """User+system seconds so far of a process's threads, by role: `loop` (its main thread, the event loop
     in a worker), the service's named pools (`decode`, `inference`, `store-writer`, `session-run`: see
@@ -72,12 +81,13 @@ def cpu_by_thread(pid: int) -> dict[str, float]:
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
             comm = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
-            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
         except FileNotFoundError:  # the thread ended
+            continue
+        if (cpu := cpu_seconds(f"/proc/{pid}/task/{tid}/stat")) is None:
             continue
         named = re.fullmatch(r"(.+)_\d+", comm)
         role = "loop" if int(tid) == pid else named.group(1) if named else "other"
-        seconds[role] = seconds.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        seconds[role] = seconds.get(role, 0.0) + cpu
     return seconds
 
 
@@ -162,11 +172,8 @@ class Uvicorn:
         """User+system seconds so far of the server and of each of its child processes, by pid."""
         seconds = {}
         for pid in [self.proc.pid, *self.children()]:
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except FileNotFoundError:
-                continue
-            seconds[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            if (cpu := cpu_seconds(f"/proc/{pid}/stat")) is not None:
+                seconds[pid] = cpu
         return seconds
 
     def children(self) -> list[int]:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.server import cpu_seconds
 from service.shared_session import Runner, serve_connections
 
 # The default model's outputs per image (bench.ops lists them; the service reads them all).
@@ -71,11 +72,6 @@ def client(address: str, key: bytes, rows: int, seconds: float, out) -> None:
     out.put(latencies)
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def measure(runs: int, clients: int, rows: int, seconds: float, gpu_s: float, max_rows: int) -> dict:
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as folder:
@@ -86,11 +82,11 @@ def measure(runs: int, clients: int, rows: int, seconds: float, gpu_s: float, ma
             time.sleep(0.02)
         results = ctx.Queue()
         workers = [ctx.Process(target=client, args=(address, key, rows, seconds, results)) for _ in range(clients)]
-        cpu = cpu_seconds(server.pid)
+        cpu = cpu_seconds(f"/proc/{server.pid}/stat")
         for w in workers:
             w.start()
         latencies = [results.get() for _ in workers]
-        cpu = cpu_seconds(server.pid) - cpu
+        cpu = cpu_seconds(f"/proc/{server.pid}/stat") - cpu
         for w in workers:
             w.join()
         server.kill()

@@ -46,7 +46,8 @@ def url_base(request: Request) -> str:
         return public.rstrip("/")
     scope = request.scope
     server = scope.get("server")
-    return _base(scope["scheme"], request.headers.get("host"), server and tuple(server), scope.get("root_path", ""))
+    root = scope.get("app_root_path", scope.get("root_path", ""))  # as Starlette's base_url reads it
+    return _base(scope["scheme"], request.headers.get("host"), server and tuple(server), root)
 
 
 @functools.lru_cache(maxsize=64)

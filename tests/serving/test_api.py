@@ -317,6 +317,32 @@ def test_overlay_urls_follow_the_request_or_the_public_url(model_path, photo):
         assert urls["combined"].startswith("https://warn.example/api/v1/predictions/"), urls
 
 
+@pytest.mark.parametrize("host", [None, "", "ü.example:8080", "a" * 8000, "evil.example/x?y#z", "[::1]:80"])
+def test_the_cached_url_base_is_starlettes_for_any_host(host):
+    """Hostile or odd Host headers give the base Starlette would have built, cache or no cache."""
+    from types import SimpleNamespace
+
+    from starlette.requests import Request
+
+    from service.routes.predict import url_base
+
+    headers = [] if host is None else [(b"host", host.encode("latin-1", "replace"))]
+    for root in ({"root_path": "/warn"}, {"root_path": "/api/warn", "app_root_path": "/api"}):
+        app = SimpleNamespace(state=SimpleNamespace(settings=Settings(PUBLIC_URL=None)))
+        scope = {
+            "type": "http",
+            "scheme": "https",
+            "server": ("10.0.0.1", 443),
+            "path": "/v1/predict",
+            "query_string": b"",
+            "headers": headers,
+            "app": app,
+            **root,
+        }
+        for _ in range(2):  # built, then from the cache
+            assert url_base(Request(scope)) == str(Request(scope).base_url).rstrip("/")
+
+
 def test_a_lone_request_runs_in_its_decoding_thread_and_concurrent_ones_are_batched(model_path, photo):
     """One request at a time runs where it was decoded; requests that overlap share the batcher's runs."""
     import threading
