@@ -292,6 +292,8 @@ def test_decoding_work_of_a_cancelled_request_never_runs(model_path):
             queued = asyncio.ensure_future(rt.in_decoder(ran.append, "queued"))
             await asyncio.sleep(0.05)
             queued.cancel()
+            while not queued.done():  # the cancel reaches the pool's queue before its thread is freed
+                await asyncio.sleep(0)
             gate.set()
             assert await busy is True
             with pytest.raises(asyncio.CancelledError):
