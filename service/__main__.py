@@ -19,7 +19,7 @@ from service import workers as workers_module
 from service.config import Settings
 from service.errors import ModelLoadError
 from service.shared_session import ADDRESS_ENV, KEY_ENV, SharedSession
-from service.store import scratch_dir
+from service.store import DiskStore, scratch_dir
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ["WARN_WORKERS"] = str(workers)  # each worker sizes its decoding pool by this
     made = []  # directories this run shares between its workers, removed at exit
     if settings.STORE == "disk" and settings.STORE_DIR is None:
-        made.append(scratch_dir(settings.STORE_MAX_BYTES))
+        made.append(scratch_dir(DiskStore.file_bound(settings.STORE_MAX_BYTES)))
         os.environ["WARN_STORE_DIR"] = made[-1]
     if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         made.append(tempfile.mkdtemp(prefix="warn-metrics-"))

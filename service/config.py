@@ -144,15 +144,10 @@ class Settings(BaseSettings):
     REDIS_URL: str = Field("redis://localhost:6379/0", description="the shared store when STORE=redis")
     STORE_MAX_ITEMS: int = Field(1000, ge=1, description="predictions kept for GET /v1/predictions/{id}")
     STORE_MAX_BYTES: int = Field(
-        512 * 1024 * 1024, ge=1 << 20, description="bytes the disk or memory store may hold; oldest go first"
-    )
-    STORE_SHARDS: int = Field(
-        8,
-        ge=1,
-        le=64,
-        description="SQLite databases the disk store spreads predictions over, by id: each takes one writer "
-        "at a time, and holds its share of STORE_MAX_ITEMS and STORE_MAX_BYTES (changed, a kept STORE_DIR's "
-        "predictions are lost)",
+        512 * 1024 * 1024,
+        ge=1 << 20,
+        description="bytes the disk or memory store may hold; oldest go first. The disk store's file "
+        "grows to at most twice this plus 64 MiB (LMDB's map: room for the pages it frees and reuses)",
     )
     STORE_TTL_S: float = Field(3600, gt=0, description="seconds a stored prediction lives")
     STORE_PENDING_WRITES: int = Field(

@@ -88,7 +88,6 @@ def make_store(settings: Settings) -> PredictionStore:
             s.STORE_TTL_S,
             s.STORE_MAX_BYTES,
             temporary=s.STORE_DIR is None,
-            shards=s.STORE_SHARDS,
         )
     return MemoryStore(s.STORE_MAX_ITEMS, s.STORE_TTL_S, s.STORE_MAX_BYTES)
 

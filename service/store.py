@@ -1,6 +1,6 @@
 """Stored predictions, so overlay URLs can be fetched after the answer: bounded by count, bytes and TTL.
 
-- `disk` (default): diskcache (SQLite and files) in a directory, shared by every worker process of
+- `disk` (default): LMDB (one memory-mapped file) in a directory, shared by every worker process of
   one host, so an overlay URL returned by one worker is served by any other.
 - `redis`: shared between hosts behind a load balancer; survives a replica's restart.
 - `memory`: one process only.
@@ -10,22 +10,21 @@ Entries are JSON plus raw arrays (`StoredPrediction.to_bytes`), never pickles.
 from __future__ import annotations
 
 import asyncio
-import io
-import itertools
 import json
 import os
 import re
 import secrets
 import shutil
+import struct
 import tempfile
 import threading
 import time
-import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import lmdb
 import numpy as np
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
@@ -110,12 +109,13 @@ class StoredPrediction:
         return b"".join(self.parts())
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> StoredPrediction:
-        magic = data[: len(MAGIC)]
+    def from_bytes(cls, data: bytes, start: int = 0) -> StoredPrediction:
+        """The prediction `to_bytes` wrote at `start` of `data`: its arrays are views of `data`, not copies."""
+        magic = data[start : start + len(MAGIC)]
         if magic not in (MAGIC, MAGIC_PIXELS):
             raise ValueError("not a stored prediction of this format")
-        i = len(MAGIC) + 4
-        n = int.from_bytes(data[len(MAGIC) : i], "big")
+        i = start + len(MAGIC) + 4
+        n = int.from_bytes(data[i - 4 : i], "big")
         head = json.loads(data[i : i + n])
         if magic == MAGIC_PIXELS:  # the image was the last array
             *head["arrays"], shape = head["arrays"]
@@ -176,15 +176,15 @@ def sweep_stale(root: str) -> None:
 
 
 def scratch_dir(room: int) -> str:
-    """A new directory for a disk store: in RAM (/dev/shm) where it has `room` bytes to spare twice
-    over, since creating files there costs half what it does on a disk; else in the temp directory.
+    """A new directory for a disk store: in RAM (/dev/shm) where it has `room` bytes to spare, so that the
+    kernel never writes the store's pages back to a disk; else in the temp directory.
     Its name holds this process's id, so a later start can remove it if this process dies unannounced."""
     root = tempfile.gettempdir()
     shm = "/dev/shm"
     try:
         if os.access(shm, os.W_OK):
             sweep_stale(shm)
-            if shutil.disk_usage(shm).free >= 2 * room:
+            if shutil.disk_usage(shm).free >= room:
                 root = shm
     except OSError:
         pass
@@ -238,34 +238,16 @@ class MemoryStore:
         return len(self._items)
 
 
-class Pieces(io.RawIOBase):
-    """A read-only stream over buffers (read as flat bytes), without joining them into one."""
-
-    def __init__(self, parts: list[bytes | memoryview]) -> None:
-        self._parts = [memoryview(p).cast("B") for p in parts]
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, size: int = -1) -> bytes | memoryview:  # a view: no copy
-        while self._parts and not len(self._parts[0]):
-            self._parts.pop(0)
-        if not self._parts:
-            return b""
-        part = self._parts[0]
-        n = len(part) if size is None or size < 0 else min(size, len(part))
-        self._parts[0] = part[n:]
-        return part[:n]
-
-
 class DiskStore:
-    """diskcache in `directory`: safe across processes, least recently stored evicted first past
-    `max_bytes` (diskcache's size limit) or `max_items`, each entry expiring after `ttl_s`.
+    """LMDB in `directory`: one memory-mapped file that every worker process of a host shares. Writers take
+    turns on a lock in shared memory; readers never wait.
 
-    SQLite takes one writer at a time, and a writer that finds the lock taken polls it with sleeps of up
-    to 100 ms. So entries are spread by id over `shards` databases (subdirectories), each bounded by its
-    share of the limits, and a host's workers mostly write to different ones. Within a worker, writes
-    run one at a time on a thread of their own, rather than contend for the lock and the interpreter."""
+    Prediction ids are UUIDv7s (`new_key`), so key order is age order. Each put therefore evicts from the
+    front of the key order: entries past their `ttl_s`, and the oldest while the store holds more than
+    `max_items` entries or `max_bytes` of pages. A get treats an expired entry as gone. Within a worker,
+    writes run one at a time on a thread of their own, off the event loop."""
+
+    EXPIRY = struct.Struct(">d")  # each value starts with when it expires (seconds since the epoch)
 
     def __init__(
         self,
@@ -274,50 +256,94 @@ class DiskStore:
         ttl_s: float,
         max_bytes: int,
         temporary: bool = False,
-        shards: int = 1,
+        clock=time.time,
     ) -> None:
-        import diskcache
-
         if directory is None:
-            directory = scratch_dir(max_bytes)
+            directory = scratch_dir(self.file_bound(max_bytes))
         self.directory = Path(directory)
         self.temporary = temporary  # remove the directory on close
-        shards = min(shards, max_items)
-        self.max_items = max_items // shards  # per shard, so never more than max_items in all
+        self.max_items = max_items
+        self.max_bytes = max_bytes
         self.ttl_s = ttl_s
-        self.shards = [
-            diskcache.Cache(
-                str(self.directory if shards == 1 else self.directory / f"shard-{i}"),
-                size_limit=max_bytes // shards,
-                eviction_policy="least-recently-stored",
-                cull_limit=16,  # entries evicted per write at most, so one write never stalls on a purge
-                statistics=False,
-            )
-            for i in range(shards)
-        ]
+        self._clock = clock
+        self.env = _environment(self.directory, self.file_bound(max_bytes))
+        self.closed = False
         self._writer = threads.pool(1, "store-writer")
+        self._buffer = bytearray()  # the writer thread's
 
-    def shard(self, key: str):
-        return self.shards[zlib.crc32(key.encode()) % len(self.shards)]
+    @staticmethod
+    def file_bound(max_bytes: int) -> int:
+        """The most the file may grow to (LMDB's map size): twice the entries' bound, so that the pages LMDB
+        frees, and reuses only once no reader still sees them, have room beside the live ones."""
+        return 2 * max_bytes + (64 << 20)
 
     def volume(self) -> int:
-        """Bytes on disk, every shard's."""
-        return sum(cache.volume() for cache in self.shards)
+        """Bytes of the pages that hold entries."""
+        with self.env.begin() as txn:
+            return self._used(txn.stat())
+
+    @staticmethod
+    def _used(stat: dict[str, int]) -> int:
+        return stat["psize"] * (stat["branch_pages"] + stat["leaf_pages"] + stat["overflow_pages"])
+
+    def _serialized(self, value: StoredPrediction) -> memoryview:
+        """The value LMDB stores (expiry, then `value.to_bytes()`), assembled in a buffer this store keeps: a
+        new one for each put, mmapped above 1 MB (service/memory.py), cost a page fault per 4 KB."""
+        parts = [memoryview(p).cast("B") for p in (self.EXPIRY.pack(self._clock() + self.ttl_s), *value.parts())]
+        size = sum(len(p) for p in parts)
+        if len(self._buffer) < size:
+            self._buffer = bytearray(size)
+        view, offset = memoryview(self._buffer), 0
+        for p in parts:
+            view[offset : offset + len(p)] = p
+            offset += len(p)
+        return view[:size]
 
     def _put(self, key: str, value: StoredPrediction) -> None:
-        cache = self.shard(key)
-        # as a reader: diskcache then writes each piece as it comes (given bytes, it writes them line by line)
-        cache.set(key, Pieces(value.parts()), read=True, expire=self.ttl_s)
-        excess = len(cache) - self.max_items
-        if excess > 0:
-            # ids are UUIDv7 (`new_key`), so key order is age order: the oldest come from the key index,
-            # without reading their values back as peekitem would
-            for oldest in list(itertools.islice(cache.iterkeys(), min(excess, 16))):
-                cache.delete(oldest)
+        data = self._serialized(value)
+        for attempt in range(3):
+            try:
+                return self._write(key.encode(), data)
+            except lmdb.MapFullError:
+                if attempt == 2:
+                    raise
+                # The file is at its bound. Pages freed by a write are reused two writes later, and never while
+                # a reader may still see them: clear the slots of readers whose process died, and make room.
+                self.env.reader_check()
+                self._evict_older_half()
+
+    def _evict_older_half(self) -> None:
+        with self.env.begin(write=True) as txn:
+            cursor = txn.cursor()
+            cursor.first()
+            for _ in range(max(1, txn.stat()["entries"] // 2)):
+                if not cursor.delete():
+                    break
+
+    def _write(self, key: bytes, data: memoryview) -> None:
+        """Put, then evict from the oldest what is expired or past the bounds."""
+        now = self._clock()
+        with self.env.begin(write=True, buffers=True) as txn:
+            txn.put(key, data)
+            stat = txn.stat()
+            count = stat["entries"]
+            cursor = txn.cursor()
+            cursor.first()
+            while count > 1 and (
+                count > self.max_items
+                or self._used(stat) > self.max_bytes
+                or self.EXPIRY.unpack_from(cursor.value())[0] <= now
+            ):
+                cursor.delete()  # and on to the next oldest
+                count -= 1
+                stat = txn.stat()
 
     def _get(self, key: str) -> StoredPrediction | None:
-        data = self.shard(key).get(key)
-        return None if data is None else StoredPrediction.from_bytes(data)
+        with self.env.begin() as txn:
+            data = txn.get(key.encode())
+        if data is None or self.EXPIRY.unpack_from(data)[0] <= self._clock():
+            return None
+        return StoredPrediction.from_bytes(data, self.EXPIRY.size)
 
     async def put(self, key: str, value: StoredPrediction) -> None:
         await asyncio.get_running_loop().run_in_executor(self._writer, self._put, key, value)
@@ -327,10 +353,48 @@ class DiskStore:
 
     async def close(self) -> None:
         self._writer.shutdown(wait=False)  # Runtime.stop has waited for the writes, up to its timeout
-        for cache in self.shards:
-            cache.close()
+        if not self.closed:
+            self.closed = True
+            _release(self.env)
         if self.temporary:
             shutil.rmtree(self.directory, ignore_errors=True)
+
+
+# LMDB allows one open environment per file and process; stores of one process on one directory share it.
+_environments: dict[str, tuple[lmdb.Environment, int]] = {}
+_environments_lock = threading.Lock()
+
+
+def _environment(directory: Path, map_size: int) -> lmdb.Environment:
+    """This process's environment on `directory`, opened on first use (at `map_size`; later users share
+    it as it is)."""
+    path = os.path.realpath(directory)
+    with _environments_lock:
+        env, users = _environments.get(path) or (None, 0)
+        if env is None:
+            # sync off: a lost write costs one overlay URL, and a prediction store outlives no reboot
+            env = lmdb.open(
+                path,
+                map_size=map_size,
+                sync=False,
+                metasync=False,
+                writemap=True,  # a put copies into the map itself: half the CPU of a put through malloc'd pages
+                readahead=False,
+                max_readers=4096,  # more than the threads of 64 workers that might read at once
+            )
+        _environments[path] = (env, users + 1)
+        return env
+
+
+def _release(env: lmdb.Environment) -> None:
+    with _environments_lock:
+        path = os.path.realpath(env.path())
+        _, users = _environments[path]
+        if users > 1:
+            _environments[path] = (env, users - 1)
+        else:
+            del _environments[path]
+            env.close()
 
 
 class RedisStore:

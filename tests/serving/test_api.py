@@ -103,8 +103,7 @@ def test_attention_in_one_call(client, photo):
 
 def test_unknown_and_expired_predictions(model_path, photo):
     assert_unknown = lambda c, key: c.get(f"/v1/predictions/{key}").status_code == 404  # noqa: E731
-    # one shard: eviction by age over the whole store (a sharded store evicts the oldest of each shard)
-    with make_client(model_path, STORE_TTL_S=0.5, STORE_MAX_ITEMS=2, STORE_SHARDS=1, STORE_WRITE_WAIT_S=0.05) as c:
+    with make_client(model_path, STORE_TTL_S=0.5, STORE_MAX_ITEMS=2, STORE_WRITE_WAIT_S=0.05) as c:
         assert assert_unknown(c, "nope")
         r = c.get("/v1/predictions/nope/attention/combined.png")
         assert r.status_code == 404 and r.json()["code"] == "not_found"

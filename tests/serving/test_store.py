@@ -11,7 +11,7 @@ from service.store import DiskStore, MemoryStore, StoredPrediction
 
 def keys(n: int) -> list[str]:
     """Prediction ids as `new_key` makes them, a millisecond apart, oldest first (a disk store evicts in
-    id order); the same every run, so they fall into the same shards."""
+    id order); the same every run."""
     rng = random.Random(0)
     return [f"{0x019AC1D2E3F4 + i:012x}7{rng.getrandbits(12):03x}8{rng.getrandbits(60):015x}" for i in range(n)]
 
@@ -140,72 +140,97 @@ def test_disk_store_bounds_bytes(tmp_path):
     assert 39 in held and 0 not in held and len(held) < 40
 
 
-def test_a_sharded_disk_store_spreads_entries_within_its_bounds(tmp_path):
-    """Several workers then rarely wait for the same SQLite write lock; each shard holds its share."""
-
-    ids = keys(40)
+def test_expired_entries_read_as_gone_and_leave_at_the_next_put(tmp_path):
+    now = [1000.0]
+    ids = keys(4)
 
     async def main():
-        store = DiskStore(tmp_path, max_items=8, ttl_s=60, max_bytes=64 << 20, shards=4)
-        await fill(store, ids)
-        held = await kept(store, ids)
-        counts = [len(cache) for cache in store.shards]
+        store = DiskStore(tmp_path, max_items=10, ttl_s=60, max_bytes=64 << 20, clock=lambda: now[0])
+        await fill(store, ids[:3], side=64)  # 12 KB each: pages of their own
+        full = store.volume()
+        now[0] += 61
+        assert await kept(store, ids[:3]) == []
+        await store.put(ids[3], sample(3))  # the expired three go with it
+        with store.env.begin() as txn:
+            entries = txn.stat()["entries"]
+        assert await kept(store, ids) == [3]
+        assert store.volume() < full
         await store.close()
-        return held, counts
+        return entries
 
-    held, counts = asyncio.run(main())
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f"shard-{i}" for i in range(4)]
-    assert counts == [2, 2, 2, 2] and len(held) == 8
-    assert 39 in held and 0 not in held
+    assert asyncio.run(main()) == 1
 
 
-def test_a_sharded_disk_store_never_holds_more_than_its_count(tmp_path):
+def test_a_full_map_makes_room_instead_of_failing(tmp_path, monkeypatch):
+    """Past the bytes its file may take (LMDB's map), a put evicts the older half and retries, rather than
+    fail every write from then on."""
+    monkeypatch.setattr(DiskStore, "file_bound", staticmethod(lambda max_bytes: 8 << 20))
+    evict = DiskStore._evict_older_half
+    made_room = []
+    monkeypatch.setattr(DiskStore, "_evict_older_half", lambda self: made_room.append(1) or evict(self))
     ids = keys(30)
 
     async def main():
-        store = DiskStore(tmp_path, max_items=3, ttl_s=60, max_bytes=64 << 20, shards=8)
-        await fill(store, ids)
-        counts = [len(cache) for cache in store.shards]
+        store = DiskStore(tmp_path, max_items=100, ttl_s=60, max_bytes=64 << 20)
+        await fill(store, ids, side=580)  # about 1 MB each: 30 MB through an 8 MB file
+        held = await kept(store, ids)
         await store.close()
-        return counts
+        return held
 
-    counts = asyncio.run(main())
-    assert len(counts) == 3 and sum(counts) == 3
+    held = asyncio.run(main())
+    assert made_room and 29 in held and 0 < len(held) < 8
+    assert (tmp_path / "data.mdb").stat().st_size <= 8 << 20
 
 
-def test_a_full_disk_store_writes_without_copying_or_reading_back(tmp_path, monkeypatch):
-    """Past its count, each put evicts the oldest by id from the key index alone: reading the evicted value
-    back, as diskcache's peekitem does, cost a full store of 2 MB entries a third of its write time
-    (`python -m bench.store --full`). And an entry is written in its pieces, never joined into one copy."""
-    import diskcache
-    import pytest
+def test_two_processes_writing_at_once_keep_the_count(tmp_path):
+    """Each worker process writes to the one file; together they never hold more than the bound, and what
+    they keep is the newest of all."""
+    import subprocess
+    import sys
 
-    fetch = diskcache.Disk.fetch
-    reads = []
+    code = (
+        "import asyncio, sys\n"
+        "from service.store import DiskStore, new_key\n"
+        "from tests.serving.test_store import sample\n"
+        "async def main():\n"
+        "    s = DiskStore(sys.argv[1], 10, 60, 64 << 20)\n"
+        "    for i in range(60):\n"
+        "        key = new_key()\n"
+        "        await s.put(key, sample(i))\n"
+        "        print(key)\n"
+        "    await s.close()\n"
+        "asyncio.run(main())"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    made = [key for p in procs for key in p.communicate(timeout=120)[0].split()]
+    assert [p.returncode for p in procs] == [0, 0] and len(made) == 120
+    store = DiskStore(tmp_path, 10, 60, 64 << 20)
+    with store.env.begin() as txn:
+        held = [bytes(k).decode() for k in txn.cursor().iternext(values=False)]
+    assert held == sorted(made)[-10:]
+    assert all(asyncio.run(store.get(k)) is not None for k in held)
 
-    def counted(self, *args, **kwargs):
-        reads.append(args)
-        return fetch(self, *args, **kwargs)
 
-    monkeypatch.setattr(diskcache.Disk, "fetch", counted)
-    monkeypatch.setattr(StoredPrediction, "to_bytes", lambda self: pytest.fail("the entry was joined into one copy"))
-    ids = keys(10)
+def test_two_stores_of_one_process_share_its_one_environment(tmp_path):
+    """LMDB refuses a second open of one file in a process: two apps on one directory (as in tests) share
+    it, and it stays open until the last of them closes."""
 
     async def main():
-        store = DiskStore(tmp_path, max_items=3, ttl_s=60, max_bytes=64 << 20)
-        await fill(store, ids, side=40)
-        assert reads == []
-        held = await kept(store, ids)
-        got = await store.get(ids[9])
-        await store.close()
-        return held, got
+        a = DiskStore(tmp_path, 10, 60, 64 << 20)
+        b = DiskStore(tmp_path, 10, 60, 64 << 20)
+        await a.put("from-a", sample(1))
+        assert (await b.get("from-a")).result == {"top_k": [{"label": "1"}]}
+        await a.close()
+        await a.close()  # twice: no harm
+        await b.put("from-b", sample(2))
+        got = await b.get("from-b")
+        await b.close()
+        return got
 
-    held, got = asyncio.run(main())
-    assert held == [7, 8, 9]
-    want = sample(9, side=40)
-    np.testing.assert_array_equal(got.image, want.image)
-    np.testing.assert_array_equal(got.masks[1], want.masks[1])
-    assert got.result == want.result
+    assert asyncio.run(main()).result == {"top_k": [{"label": "2"}]}
 
 
 def test_disk_store_writes_one_at_a_time_on_one_thread(tmp_path, monkeypatch):
@@ -257,10 +282,10 @@ def test_two_processes_share_the_disk_store(tmp_path):
 
     code = (
         "import asyncio, sys; from service.store import DiskStore; from tests.serving.test_store import sample; "
-        "s = DiskStore(sys.argv[1], 10, 60, 64 << 20, shards=4); asyncio.run(s.put('from-child', sample(3)))"
+        "s = DiskStore(sys.argv[1], 10, 60, 64 << 20); asyncio.run(s.put('from-child', sample(3)))"
     )
     subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True)
-    store = DiskStore(tmp_path, 10, 60, 64 << 20, shards=4)
+    store = DiskStore(tmp_path, 10, 60, 64 << 20)
     got = asyncio.run(store.get("from-child"))
     assert got is not None and got.result == {"top_k": [{"label": "3"}]}
 

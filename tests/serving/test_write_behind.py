@@ -115,7 +115,7 @@ def test_shutdown_finishes_the_writes_under_way(model_path, tmp_path):
         key = c.post("/v1/predict", content=IMAGE, headers=PNG).json()["id"]
         assert key in c.app.state.runtime.writes
         open_later(store, 0.3)
-    kept = DiskStore(tmp_path, 10, 60, 64 << 20, shards=c.app.state.settings.STORE_SHARDS)
+    kept = DiskStore(tmp_path, 10, 60, 64 << 20)
     assert anyio.run(kept.get, key) is not None
 
 
