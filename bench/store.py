@@ -38,7 +38,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service import threads
 from service.config import Settings
-from service.store import DiskStore, RedisStore, StoredPrediction, new_key, scratch_dir
+from service.store import DiskStore, RedisStore, StoredPrediction, new_key
 
 
 def sample() -> StoredPrediction:
@@ -74,36 +74,20 @@ class Pieces(io.RawIOBase):
 
 
 class DiskcacheStore:
-    """The disk store before LMDB (service/store.py until this bench measured both): diskcache in
-    `directory`, safe across processes, least recently stored evicted first past
-    `max_bytes` (diskcache's size limit) or `max_items`, each entry expiring after `ttl_s`.
+    """The disk store before LMDB, as the service ran it (8 shards): diskcache in `directory`, safe across
+    processes, least recently stored evicted first past `max_bytes` (diskcache's size limit) or
+    `max_items`, each entry expiring after `ttl_s`. SQLite takes one writer at a time and polls a taken
+    lock with sleeps, so entries were spread by id over `shards` databases, each bounded by its share."""
 
-    SQLite takes one writer at a time, and a writer that finds the lock taken polls it with sleeps of up
-    to 100 ms. So entries are spread by id over `shards` databases (subdirectories), each bounded by its
-    share of the limits, and a host's workers mostly write to different ones. Within a worker, writes
-    run one at a time on a thread of their own, rather than contend for the lock and the interpreter."""
-
-    def __init__(
-        self,
-        directory: Path | str | None,
-        max_items: int,
-        ttl_s: float,
-        max_bytes: int,
-        temporary: bool = False,
-        shards: int = 1,
-    ) -> None:
+    def __init__(self, directory: Path, max_items: int, ttl_s: float, max_bytes: int, shards: int = 8) -> None:
         import diskcache
 
-        if directory is None:
-            directory = scratch_dir(max_bytes)
         self.directory = Path(directory)
-        self.temporary = temporary  # remove the directory on close
-        shards = min(shards, max_items)
         self.max_items = max_items // shards  # per shard, so never more than max_items in all
         self.ttl_s = ttl_s
         self.shards = [
             diskcache.Cache(
-                str(self.directory if shards == 1 else self.directory / f"shard-{i}"),
+                str(self.directory / f"shard-{i}"),
                 size_limit=max_bytes // shards,
                 eviction_policy="least-recently-stored",
                 cull_limit=16,  # entries evicted per write at most, so one write never stalls on a purge
@@ -115,10 +99,6 @@ class DiskcacheStore:
 
     def shard(self, key: str):
         return self.shards[zlib.crc32(key.encode()) % len(self.shards)]
-
-    def volume(self) -> int:
-        """Bytes on disk, every shard's."""
-        return sum(cache.volume() for cache in self.shards)
 
     def _put(self, key: str, value: StoredPrediction) -> None:
         cache = self.shard(key)
@@ -142,11 +122,9 @@ class DiskcacheStore:
         return await run_in_threadpool(self._get, key)
 
     async def close(self) -> None:
-        self._writer.shutdown(wait=False)  # Runtime.stop has waited for the writes, up to its timeout
+        self._writer.shutdown(wait=False)
         for cache in self.shards:
             cache.close()
-        if self.temporary:
-            shutil.rmtree(self.directory, ignore_errors=True)
 
 
 DISK_STORES = {"lmdb (the service's)": DiskStore, "diskcache (before)": DiskcacheStore}
