@@ -212,6 +212,28 @@ def test_two_processes_writing_at_once_keep_the_count(tmp_path):
         held = [bytes(k).decode() for k in txn.cursor().iternext(values=False)]
     assert held == sorted(made)[-10:]
     assert all(asyncio.run(store.get(k)) is not None for k in held)
+    asyncio.run(store.close())
+
+
+def test_entries_of_any_size_read_back_as_put(tmp_path):
+    """A store assembles each value in one buffer it keeps: a small entry after a large one is the small
+    one alone (an upload kept as sent ends the value, so any byte past it would read back as part of it)."""
+    import dataclasses
+
+    ids = keys(3)
+    entries = [dataclasses.replace(sample(i), image=bytes([i + 1]) * n) for i, n in enumerate((300_000, 10, 4_000))]
+
+    async def main():
+        store = DiskStore(tmp_path, 10, 60, 64 << 20)
+        for key, entry in zip(ids, entries):
+            await store.put(key, entry)
+        got = [await store.get(key) for key in ids]
+        await store.close()
+        return got
+
+    for g, want in zip(asyncio.run(main()), entries):
+        assert g.encoded == want.image and g.result == want.result
+        np.testing.assert_array_equal(g.masks[1], want.masks[1])
 
 
 def test_two_stores_of_one_process_share_its_one_environment(tmp_path):
