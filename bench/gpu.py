@@ -19,6 +19,7 @@ Needs onnxruntime-gpu. Load comes from bench.load (aiohttp): GPU images rarely h
   G10 (with --kserve-python) KServe's ModelServer on the same ONNX file, onnxruntime on CUDA, vs the
      service: the same binary v2 request at 16 and 64 connections
   G11 session.run with the batch size the same every run or changing, per cuDNN search mode, and padded
+      runs, launched kernel by kernel or replayed as a CUDA graph (WARN_CUDA_GRAPH)
 With --profile, py-spy samples each variant's shared session process (idle threads included) and its busiest
 worker (running threads only) under load.
 The fine-grained model is exported with random weights unless --fine and --fine-backbone name files.
@@ -143,8 +144,10 @@ def parity(path: Path, batch: int, size: tuple[int, int]) -> dict:
 def shape_rows(seconds: float) -> list[dict]:
     """G11: ms per run on the service's path (IO binding, TF32 off) when every run has the same batch size, and
     when it changes from run to run as a busy worker's batches do (1..8), for each cuDNN search mode; and the
-    changing batches padded to 8 (WARN_CUDA_FIXED_BATCH)."""
+    changing batches padded to 8 (WARN_CUDA_FIXED_BATCH), launched kernel by kernel or replayed as a CUDA
+    graph (WARN_CUDA_GRAPH)."""
     from service.config import Settings
+    from service.errors import ModelLoadError
     from service.model import OnnxModel
 
     size = cpu_session(DEFAULT_ONNX).get_inputs()[0].shape[2:]
@@ -152,12 +155,19 @@ def shape_rows(seconds: float) -> list[dict]:
     rows = []
     for search in ("HEURISTIC", "DEFAULT", "EXHAUSTIVE"):
         options = {**Settings().cuda_options(), "cudnn_conv_algo_search": search}
-        for label, fixed, sizes in (
-            ("4 every run", 0, [4]),
-            ("1..8", 0, range(1, 9)),
-            ("1..8 padded to 8", 8, range(1, 9)),
+        for label, fixed, sizes, graph in (
+            ("4 every run", 0, [4], False),
+            ("1..8", 0, range(1, 9), False),
+            ("1..8 padded to 8", 8, range(1, 9), False),
+            ("1..8 padded to 8, CUDA graph", 8, range(1, 9), True),
         ):
-            model = OnnxModel(DEFAULT_ONNX, CUDA, 1, options, fixed_batch=fixed)
+            try:
+                model = OnnxModel(DEFAULT_ONNX, CUDA, 1, options, fixed_batch=fixed, cuda_graph=graph)
+            except ModelLoadError as e:  # a CUDA graph needs every node on CUDA: the other rows still count
+                rows.append(
+                    {"row": "G11", "what": f"session.run, batch size {label}, cuDNN search {search}", "error": str(e)}
+                )
+                continue
             cycle = itertools.cycle(sizes)
             for _ in range(2 * len(sizes)):  # every size seen: what is cached per shape, cached
                 model.run(x[: next(cycle)])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,7 @@ log = logging.getLogger("service.model")
 REQUIRED_METADATA = ("model_name", "model_version", "class_names", "input_size", "attention_strides", "layer_names")
 # The output contract this service reads: format 2 added the attention maps computed in the graph.
 EXPORT_FORMAT = 2
+BATCH_DIM = "batch"  # warn-export's name for the batch dimension
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,12 @@ class ModelInfo:
 
 
 ORT_TO_V2 = {"tensor(float)": "FP32", "tensor(float16)": "FP16", "tensor(int64)": "INT64", "tensor(int32)": "INT32"}
+ORT_TO_NUMPY = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+}
 
 
 def choose_providers(setting: str) -> list[str]:
@@ -75,8 +83,10 @@ def choose_providers(setting: str) -> list[str]:
     return chosen or ["CPUExecutionProvider"]
 
 
-def _spec(arg: Any) -> TensorSpec:
+def _spec(arg: Any, batch_fixed_at_load: bool = False) -> TensorSpec:
     shape = [d if isinstance(d, int) else -1 for d in arg.shape]
+    if batch_fixed_at_load:  # for a CUDA graph's buffers; a request still carries any number of rows
+        shape[0] = -1
     return TensorSpec(arg.name, ORT_TO_V2.get(arg.type, arg.type), shape)
 
 
@@ -137,6 +147,37 @@ def cuda_blocking_sync(device: int = 0) -> str | None:
     return None if status == 0 else f"the CUDA driver refused with error {status}"
 
 
+class FixedBuffers:
+    """A session's input and outputs bound once, at fixed addresses, for runs of exactly `rows` rows: what a
+    CUDA graph needs, since it replays its kernels on the memory it captured them with. Runs share the
+    buffers, so they take turns; each copies its batch in and its outputs out."""
+
+    def __init__(self, session: ort.InferenceSession, rows: int, device: str = "cuda", device_id: int = 0) -> None:
+        self.session = session
+        self.binding = session.io_binding()
+        self.lock = threading.Lock()
+        (image,) = session.get_inputs()
+        self.input = self._buffer(image, rows, device, device_id)
+        self.binding.bind_ortvalue_input(image.name, self.input)
+        self.outputs = {o.name: self._buffer(o, rows, device, device_id) for o in session.get_outputs()}
+        for name, value in self.outputs.items():
+            self.binding.bind_ortvalue_output(name, value)
+        self.views = device == "cpu"  # numpy() of a CPU value is a view, which the next run overwrites
+
+    @staticmethod
+    def _buffer(arg: Any, rows: int, device: str, device_id: int) -> ort.OrtValue:
+        shape = [rows, *arg.shape[1:]]
+        if not all(isinstance(d, int) for d in shape) or arg.type not in ORT_TO_NUMPY:
+            raise ModelLoadError(f"{arg.name} ({arg.type} {arg.shape}) cannot be bound once: its shape is not fixed")
+        return ort.OrtValue.ortvalue_from_shape_and_type(shape, ORT_TO_NUMPY[arg.type], device, device_id)
+
+    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        with self.lock:
+            self.input.update_inplace(np.ascontiguousarray(batch, dtype=np.float32))
+            self.session.run_with_iobinding(self.binding)
+            return {name: v.numpy().copy() if self.views else v.numpy() for name, v in self.outputs.items()}
+
+
 class OnnxModel:
     """One onnxruntime session; `run` is thread-safe (onnxruntime allows concurrent run calls).
 
@@ -146,7 +187,8 @@ class OnnxModel:
     `blocking_sync` makes a run on CUDA wait for the GPU asleep (`cuda_blocking_sync`). `fixed_batch`: on
     CUDA, every run has that many rows (fewer are padded, more run in chunks of it), since the provider plans
     its convolutions again (cuDNN's heuristics, milliseconds of CPU) whenever the batch size differs from its
-    last run.
+    last run. `cuda_graph` (with `fixed_batch`, on CUDA): the provider captures a run as a CUDA graph and
+    replays it; every shape is then fixed at load (the batch dimension to `fixed_batch`).
     """
 
     def __init__(
@@ -159,6 +201,7 @@ class OnnxModel:
         spin: bool = True,
         blocking_sync: bool = False,
         fixed_batch: int = 0,
+        cuda_graph: bool = False,
     ) -> None:
         path = Path(path)
         if not path.is_file():
@@ -173,11 +216,16 @@ class OnnxModel:
             why = cuda_blocking_sync(int((cuda_options or {}).get("device_id", 0)))
             if why:
                 log.warning("WARN_CUDA_BLOCKING_SYNC: %s; runs on CUDA wait spinning", why)
+        graph = cuda_graph and fixed_batch > 0 and "CUDAExecutionProvider" in wanted
+        if graph:
+            options.add_free_dimension_override_by_name(BATCH_DIM, fixed_batch)
+            cuda_options = {**(cuda_options or {}), "enable_cuda_graph": "1"}
         with_options = [(p, cuda_options or {}) if p == "CUDAExecutionProvider" else p for p in wanted]
         try:
             self.session = ort.InferenceSession(str(path), options, providers=with_options)
         except Exception as e:  # onnxruntime raises its own exception types for unreadable files
-            raise ModelLoadError(f"cannot load model {path}: {e}") from e
+            hint = " (WARN_CUDA_GRAPH needs every node on CUDA: set it to false)" if graph else ""
+            raise ModelLoadError(f"cannot load model {path}: {e}{hint}") from e
         active = self.session.get_providers()
         if "CUDAExecutionProvider" in wanted and "CUDAExecutionProvider" not in active:
             log.warning(
@@ -204,8 +252,8 @@ class OnnxModel:
             input_size=tuple(meta["input_size"]),
             strides=list(meta["attention_strides"]),  # type: ignore[arg-type]
             layer_names=list(meta["layer_names"]),
-            inputs=[_spec(i) for i in self.session.get_inputs()],
-            outputs=[_spec(o) for o in self.session.get_outputs()],
+            inputs=[_spec(i, graph) for i in self.session.get_inputs()],
+            outputs=[_spec(o, graph) for o in self.session.get_outputs()],
             providers=active,
             metadata=meta,
         )
@@ -213,6 +261,12 @@ class OnnxModel:
         self.output_names = [o.name for o in self.info.outputs]
         self.io_binding = io_binding and active[0] == "CUDAExecutionProvider"
         self.fixed_batch = fixed_batch if active[0] == "CUDAExecutionProvider" else 0
+        self.buffers = None
+        if graph and active[0] == "CUDAExecutionProvider":
+            device = int((cuda_options or {}).get("device_id", 0))
+            self.buffers = FixedBuffers(self.session, fixed_batch, "cuda", device)
+            for _ in range(2):  # onnxruntime captures the graph on the run after its first, here and not on a request
+                self.buffers.run(np.zeros((fixed_batch, *self.session.get_inputs()[0].shape[1:]), np.float32))
         log.info("loaded %s v%s from %s on %s", self.info.name, self.info.version, path, active[0])
 
     @classmethod
@@ -227,6 +281,7 @@ class OnnxModel:
             spin=s.workers() == 1,
             blocking_sync=s.CUDA_BLOCKING_SYNC,
             fixed_batch=s.MAX_BATCH_SIZE if s.CUDA_FIXED_BATCH else 0,
+            cuda_graph=s.CUDA_GRAPH,
         )
 
     def serving(self) -> bool:
@@ -250,6 +305,8 @@ class OnnxModel:
         return {k: v[:n] for k, v in self._run(np.concatenate([rows, padding])).items()}
 
     def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        if self.buffers is not None:
+            return self.buffers.run(batch)
         if not self.io_binding:
             return dict(zip(self.output_names, self.session.run(None, {self.input_name: batch})))
         binding = self.session.io_binding()

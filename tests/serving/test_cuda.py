@@ -2,13 +2,14 @@
 and what the service does only on CUDA (padded batches), checked on the CPU too."""
 
 import ctypes
+import threading
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 
 from service.config import Settings
-from service.model import CU_CTX_SCHED_BLOCKING_SYNC, OnnxModel, cuda_blocking_sync
+from service.model import BATCH_DIM, CU_CTX_SCHED_BLOCKING_SYNC, FixedBuffers, OnnxModel, cuda_blocking_sync
 from service.shared_session import RemoteModel, SharedSession
 
 CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
@@ -104,3 +105,65 @@ def test_padded_batches_on_cuda_match_cpu(model_path):
     x = np.random.default_rng(0).random((5, 3, *cuda.info.input_size), dtype=np.float32)
     for n in (1, 5):
         np.testing.assert_allclose(cuda.run(x[:n])["probabilities"], cpu.run(x[:n])["probabilities"], atol=1e-4)
+
+
+def fixed_session(model_path, rows: int) -> ort.InferenceSession:
+    """A CPU session with the batch dimension fixed at load, as WARN_CUDA_GRAPH fixes it on CUDA."""
+    options = ort.SessionOptions()
+    options.add_free_dimension_override_by_name(BATCH_DIM, rows)
+    return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+
+
+def test_buffers_bound_once_answer_each_run_with_its_own_outputs(model_path):
+    """WARN_CUDA_GRAPH's runs share one input and one set of outputs (a CUDA graph replays on that memory): each
+    answer must be a copy, which a later run does not overwrite, also when callers run at once."""
+    session = fixed_session(model_path, 4)
+    assert all(isinstance(d, int) for o in session.get_outputs() for d in o.shape)  # every shape fixed at load
+    buffers = FixedBuffers(session, 4, "cpu")
+    rng = np.random.default_rng(0)
+    batches = [rng.random((4, 3, *session.get_inputs()[0].shape[2:]), dtype=np.float32) for _ in range(6)]
+    want = [dict(zip([o.name for o in session.get_outputs()], session.run(None, {"image": x}))) for x in batches]
+    first = buffers.run(batches[0])
+    buffers.run(batches[1])
+    for name, value in want[0].items():
+        np.testing.assert_array_equal(first[name], value, err_msg=name)
+
+    got: dict[int, dict] = {}
+
+    def caller(i: int) -> None:
+        for _ in range(5):
+            got[i] = buffers.run(batches[i])
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(len(batches))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, expected in enumerate(want):
+        for name, value in expected.items():
+            np.testing.assert_array_equal(got[i][name], value, err_msg=f"caller {i}: {name}")
+
+
+def test_cuda_graph_is_ignored_where_the_session_runs_on_the_cpu(model_path):
+    model = OnnxModel(model_path, "CPUExecutionProvider", fixed_batch=8, cuda_graph=True)
+    assert model.buffers is None and model.fixed_batch == 0
+    x = np.random.default_rng(0).random((3, 3, *model.info.input_size), dtype=np.float32)
+    assert model.run(x)["probabilities"].shape == (3, len(model.info.class_names))
+
+
+@pytest.mark.skipif(not CUDA or driver() is None, reason="no CUDA provider or no CUDA driver here")
+def test_cuda_graph_runs_match_cpu(model_path):
+    """The first runs are captured, later ones replayed: each answers its own batch, padded or full."""
+    s = Settings(MODEL_PATH=model_path)
+    cuda = OnnxModel(model_path, "CUDAExecutionProvider", 0, s.cuda_options(), fixed_batch=8, cuda_graph=True)
+    cpu = OnnxModel(model_path, "CPUExecutionProvider")
+    assert cuda.buffers is not None and cuda.info.providers[0] == "CUDAExecutionProvider"
+    assert cuda.info.inputs == cpu.info.inputs and cuda.info.outputs == cpu.info.outputs  # the batch stays -1
+    rng = np.random.default_rng(0)
+    answers = []
+    for n in (8, 3, 8, 1, 11):
+        x = rng.random((n, 3, *cuda.info.input_size), dtype=np.float32)
+        answers.append((cuda.run(x), cpu.run(x)))
+    for got, want in answers:  # compared after every run: no answer is a view of the shared buffers
+        for name in want:
+            np.testing.assert_allclose(got[name], want[name], atol=1e-4, rtol=1e-3, err_msg=name)
