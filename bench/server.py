@@ -128,6 +128,12 @@ def wait_until_answered(
     raise TimeoutError(f"{what} did not answer in {timeout:.0f} s")
 
 
+def last_line(log) -> str:
+    """The last line a process wrote to `log`, a file it writes its output to."""
+    log.seek(0)
+    return (log.read().decode(errors="replace").strip().splitlines() or ["no output"])[-1]
+
+
 class Uvicorn:
     """A server process on a free loopback port; `cpu_seconds` is its user+system time so far."""
 
@@ -141,25 +147,22 @@ class Uvicorn:
 
     def __init__(self, app: str, env: dict[str, str], launcher: bool = False, cwd: Path = ROOT) -> None:
         """`launcher`: `python -m service`, as `make serve` runs it (workers and all); else uvicorn on `app`.
-        `cwd`: the checkout to run (another revision's, for bench.compare)."""
+        `cwd`: the checkout to run (another revision's, for bench.compare). Its output, uvicorn's access log
+        included, goes to a file, as a container's goes to its log."""
         self.port = self.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                *(["service"] if launcher else ["uvicorn", app]),
-                "--port",
-                str(self.port),
-                "--log-level",
-                "warning",
-                "--no-access-log",
-            ],
+            [sys.executable, "-m", *(["service"] if launcher else ["uvicorn", app]), "--port", str(self.port)],
             cwd=cwd,
             env={**os.environ, **env},
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
         )
         try:
-            wait_until_answered(self.proc, self.url + "/docs", app, ready=lambda status: True)
+            wait_until_answered(
+                self.proc, self.url + "/docs", app, lambda: last_line(self.log), ready=lambda status: True
+            )
         except TimeoutError:
             self.stop()
             raise
@@ -197,6 +200,7 @@ class Uvicorn:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(20)
+        self.log.close()
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -253,14 +257,12 @@ class KServe:
         args = [python, str(ROOT / "bench/kserve_server.py"), str(model), name, str(port), str(threads)]
         self.proc = subprocess.Popen(args + (["cuda"] if cuda else []), stdout=self.log, stderr=subprocess.STDOUT)
         try:
-            wait_until_answered(self.proc, f"{self.url}/v2/models/{name}/ready", f"KServe ({python})", self._last_line)
+            wait_until_answered(
+                self.proc, f"{self.url}/v2/models/{name}/ready", f"KServe ({python})", lambda: last_line(self.log)
+            )
         except TimeoutError:
             self.stop()
             raise
-
-    def _last_line(self) -> str:
-        self.log.seek(0)
-        return (self.log.read().decode(errors="replace").strip().splitlines() or ["no output"])[-1]
 
     def stop(self) -> None:
         self.proc.terminate()

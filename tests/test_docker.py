@@ -126,6 +126,9 @@ def test_compose_file_is_valid(profile):
     assert {"8000", "8001"} <= {str(p) for p in warn["expose"]}
     assert {(int(p["published"]), p["target"]) for p in services["nginx"]["ports"]} >= {(8001, 8001)}
     assert "grpc://warn:8001" in nginx and "http2 on;" in nginx
+    assert warn["environment"]["UVICORN_ACCESS_LOG"] == "false"  # nginx logs each request once, in front
+    for name, service in services.items():
+        assert service["logging"]["options"]["max-size"] == "10m", f"{name} keeps its logs without bound"
 
 
 def test_monitoring_profile_mounts_the_shipped_configs():
@@ -134,6 +137,7 @@ def test_monitoring_profile_mounts_the_shipped_configs():
     assert {"prometheus", "grafana"} <= set(services)
     for name in ("prometheus", "grafana"):
         assert services[name]["profiles"] == ["monitoring"]
+        assert services[name]["logging"]["options"]["max-file"] == "3"
         for volume in services[name]["volumes"]:
             source = volume["source"] if isinstance(volume, dict) else volume.split(":")[0]
             assert Path(source).exists(), f"{name} mounts {source}, which is missing"
