@@ -17,6 +17,7 @@ import tempfile
 
 from service import workers as workers_module
 from service.config import Settings
+from service.connection import PROTOCOL
 from service.errors import ModelLoadError
 from service.shared_session import ADDRESS_ENV, KEY_ENV, SharedSession
 from service.store import DiskStore, scratch_dir
@@ -55,6 +56,8 @@ def main(argv: list[str] | None = None) -> None:
         str(settings.MAX_CONNECTIONS),
         "--timeout-graceful-shutdown",
         str(round(settings.SHUTDOWN_TIMEOUT_S)),
+        "--http",  # uvicorn's httptools protocol with a deadline for request heads; a later --http replaces it
+        PROTOCOL,
     ]
     try:
         if session:

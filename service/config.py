@@ -121,6 +121,12 @@ class Settings(BaseSettings):
 
     MAX_BODY_BYTES: int = Field(16 * 1024 * 1024, ge=1, description="request body limit (413 past it)")
     BODY_READ_TIMEOUT_S: float = Field(30, gt=0, description="408 when a request body stalls this long")
+    HEADER_TIMEOUT_S: float = Field(
+        10,
+        gt=0,
+        description="`python -m service` closes a connection whose request line and headers take longer than this, "
+        "from connecting or from the request's first byte: idle or trickling clients cannot hold every connection",
+    )
     MAX_CONNECTIONS: int = Field(
         1000, ge=1, description="open connections per worker of `python -m service`; past it, 503 at once"
     )

@@ -6,6 +6,7 @@ import gzip
 import io
 import json
 import random
+import socket
 import statistics
 import time
 from pathlib import Path
@@ -144,3 +145,40 @@ def test_soak_mixed_traffic_loses_nothing_and_memory_stays_flat(hostile_server):
     third = len(warm) // 3
     early, late = statistics.median(warm[:third]), statistics.median(warm[-third:])
     assert late <= 1.15 * early, f"RSS grew from {early:.0f} to {late:.0f} MB (medians) after warm-up"
+
+
+def test_connections_that_never_finish_a_request_head_are_closed(model_path):
+    """uvicorn bounds only the idle time between requests: connections that sent nothing, or a header a byte at
+    a time, stayed open for good, and MAX_CONNECTIONS of them turned every other client away with 503."""
+    env = {"WARN_WORKERS": "1", "WARN_MAX_CONNECTIONS": "8", "WARN_HEADER_TIMEOUT_S": "1"}
+    s = Server({"WARN_MODEL_PATH": str(model_path), **env}, launcher=True)
+    address = ("127.0.0.1", s.port)
+    try:
+        s.wait_ready()
+        silent = [socket.create_connection(address) for _ in range(8)]
+        assert httpx.get(f"{s.url}/v2/health/live", timeout=10).status_code == 503  # every slot held
+        trickle = socket.create_connection(address)
+        for byte in b"POST /v1/predict HTTP/1.1\r\nHost: x\r\n":  # a byte every 0.1 s does not move the deadline
+            try:
+                trickle.sendall(bytes([byte]))
+            except OSError:
+                break
+            time.sleep(0.1)
+        for conn in [*silent, trickle]:
+            conn.settimeout(5)
+            assert conn.recv(1) == b"", "a connection without a request head is still open"
+            conn.close()
+        assert httpx.get(f"{s.url}/v2/health/live", timeout=10).status_code == 200
+
+        with socket.create_connection(address) as conn:  # a head in parts, within the deadline, is answered
+            conn.settimeout(10)
+            for _ in range(2):  # and each request on a kept-alive connection has a deadline of its own
+                conn.sendall(b"GET /v2/health/live HTTP/1.1\r\n")
+                time.sleep(0.6)
+                conn.sendall(b"Host: x\r\n\r\n")
+                answer = b""
+                while not answer.endswith(b'{"live":true}'):
+                    answer += conn.recv(4096) or pytest.fail(f"closed after {answer!r}")
+                assert answer.startswith(b"HTTP/1.1 200")
+    finally:
+        s.stop()
