@@ -217,6 +217,8 @@ class OnnxModel:
             if why:
                 log.warning("WARN_CUDA_BLOCKING_SYNC: %s; runs on CUDA wait spinning", why)
         graph = cuda_graph and fixed_batch > 0 and "CUDAExecutionProvider" in wanted
+        if cuda_graph and not fixed_batch and "CUDAExecutionProvider" in wanted:
+            log.warning("WARN_CUDA_GRAPH needs WARN_CUDA_FIXED_BATCH (a graph has fixed shapes); it is ignored")
         if graph:
             options.add_free_dimension_override_by_name(BATCH_DIM, fixed_batch)
             cuda_options = {**(cuda_options or {}), "enable_cuda_graph": "1"}
