@@ -121,6 +121,12 @@ class Settings(BaseSettings):
 
     MAX_BODY_BYTES: int = Field(16 * 1024 * 1024, ge=1, description="request body limit (413 past it)")
     BODY_READ_TIMEOUT_S: float = Field(30, gt=0, description="408 when a request body stalls this long")
+    BODY_MIN_RATE: float = Field(
+        1000,
+        ge=0,
+        description="408 when a request body, past its first BODY_READ_TIMEOUT_S, arrives slower on average than "
+        "this many bytes a second (0: no floor)",
+    )
     HEADER_TIMEOUT_S: float = Field(
         10,
         gt=0,

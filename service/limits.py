@@ -10,13 +10,15 @@ from service.errors import BodyTooLarge, BodyTooSlow, error_response
 
 
 class BodyLimitMiddleware:
-    """413 past `max_bytes`; 408 when any one read of the body waits more than `read_timeout_s`
-    (a client trickling its upload holds a connection and a decode place for nothing)."""
+    """413 past `max_bytes`; 408 when any one read of the body waits more than `read_timeout_s`, or when the
+    body falls behind `min_rate` bytes a second after its first `read_timeout_s` (a client trickling its
+    upload holds a connection for nothing: a byte every few seconds kept one open indefinitely)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, read_timeout_s: float = 30.0) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, read_timeout_s: float = 30.0, min_rate: float = 0.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.read_timeout_s = read_timeout_s
+        self.min_rate = min_rate
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -29,13 +31,21 @@ class BodyLimitMiddleware:
             await error_response(413, BodyTooLarge.code, message)(scope, receive, send)
             return
         seen = 0
+        loop = asyncio.get_running_loop()
+        started = loop.time()
 
         async def limited() -> Message:
             nonlocal seen
+            stall = loop.time() + self.read_timeout_s
+            deadline = stall
+            if self.min_rate:
+                deadline = min(stall, started + self.read_timeout_s + seen / self.min_rate)
             try:
-                async with asyncio.timeout(self.read_timeout_s):  # a timer, where wait_for made a task per read
+                async with asyncio.timeout_at(deadline):  # a timer, where wait_for made a task per read
                     msg = await receive()
             except TimeoutError:
+                if deadline < stall:
+                    raise BodyTooSlow(f"the request body arrived slower than {self.min_rate:g} bytes/s") from None
                 raise BodyTooSlow(f"the request body stalled for more than {self.read_timeout_s:g} s") from None
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))

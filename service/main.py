@@ -93,7 +93,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(docs.router(app, serve_openapi=closed_docs), dependencies=guarded if closed_docs else [])
     app.add_middleware(HeadAsGet)  # innermost: the routes see a GET, the metrics a HEAD
     app.add_middleware(
-        BodyLimitMiddleware, max_bytes=settings.MAX_BODY_BYTES, read_timeout_s=settings.BODY_READ_TIMEOUT_S
+        BodyLimitMiddleware,
+        max_bytes=settings.MAX_BODY_BYTES,
+        read_timeout_s=settings.BODY_READ_TIMEOUT_S,
+        min_rate=settings.BODY_MIN_RATE,
     )
     if settings.CORS_ORIGINS:
         app.add_middleware(

@@ -89,6 +89,29 @@ def test_a_stalled_body_is_a_408(hostile_server):
     assert httpx.get(f"{hostile_server.url}/v2/health/ready").status_code == 200
 
 
+def test_a_body_that_trickles_is_a_408(hostile_server):
+    """A byte every 0.3 s never stalls a read for the second WARN_BODY_READ_TIMEOUT_S allows, and held a
+    connection for as long as the client liked: past that second it must keep WARN_BODY_MIN_RATE (1,000 B/s)."""
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", hostile_server.port)) as conn:
+        conn.settimeout(10)
+        conn.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 100\r\n\r\n")
+        answer = b""
+        for byte in b"\x89PNG" * 25:
+            conn.sendall(bytes([byte]))
+            time.sleep(0.3)
+            conn.setblocking(False)
+            try:
+                answer = conn.recv(4096)
+            except BlockingIOError:
+                continue
+            finally:
+                conn.setblocking(True)
+            break
+    assert answer.startswith(b"HTTP/1.1 408") and b"bytes/s" in answer, answer
+    assert time.monotonic() - started < 5
+
+
 def test_soak_mixed_traffic_loses_nothing_and_memory_stays_flat(hostile_server):
     """About 40 s of valid and invalid requests at 16 connections."""
     url = hostile_server.url
