@@ -131,7 +131,8 @@ class Settings(BaseSettings):
         10,
         gt=0,
         description="`python -m service` closes a connection whose request line and headers take longer than this, "
-        "from connecting or from the request's first byte: idle or trickling clients cannot hold every connection",
+        "from connecting or from the request's first byte, and a gRPC one without its preface by then: idle or "
+        "trickling clients cannot hold every connection",
     )
     MAX_CONNECTIONS: int = Field(
         1000, ge=1, description="open connections per worker of `python -m service`; past it, 503 at once"

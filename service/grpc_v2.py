@@ -201,6 +201,9 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             return await run_in_threadpool(infer_response, rt, request, names, outputs)
 
 
+IDLE_CLOSE_MS = 300_000
+
+
 class GrpcServer:
     """A grpc.aio server on the running event loop; `start()` in the app's lifespan, `stop()` at its end."""
 
@@ -213,6 +216,10 @@ class GrpcServer:
             # a message past the body limit is refused with RESOURCE_EXHAUSTED before it is read whole
             ("grpc.max_receive_message_length", settings.MAX_BODY_BYTES),
             ("grpc.max_send_message_length", -1),
+            # as the HTTP port's request heads (service/connection.py): a connection that never sends gRPC's
+            # preface closes, and one without a call for IDLE_CLOSE_MS is told to go (clients reconnect)
+            ("grpc.server_handshake_timeout_ms", round(settings.HEADER_TIMEOUT_S * 1000)),
+            ("grpc.max_connection_idle_ms", IDLE_CLOSE_MS),
             # the workers of `python -m service` (which sets WORKERS) share the port, as they share the HTTP one
             ("grpc.so_reuseport", int(settings.WORKERS > 1)),
         ]

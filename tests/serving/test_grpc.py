@@ -2,8 +2,10 @@
 
 import asyncio
 import io
+import socket
 import subprocess
 import sys
+import time
 
 import grpc
 import httpx
@@ -231,3 +233,20 @@ def test_readme_example_runs_as_written(served):
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == expected
+
+
+def test_a_connection_that_never_speaks_grpc_is_closed(model_path):
+    """As on the HTTP port (WARN_HEADER_TIMEOUT_S): silent connections held their socket for good."""
+    server, port = start(model_path, WARN_HEADER_TIMEOUT_S="1")
+    try:
+        with socket.create_connection(("127.0.0.1", port)) as conn:
+            conn.settimeout(10)
+            started = time.monotonic()
+            while conn.recv(4096):  # the server's SETTINGS frame, then the close
+                pass
+            assert time.monotonic() - started < 5
+        client = tc.InferenceServerClient(f"127.0.0.1:{port}")
+        assert client.is_server_live()
+        client.close()
+    finally:
+        server.stop()
