@@ -1,14 +1,17 @@
-"""uvicorn's HTTP/1.1 connection, with a deadline for each request's head (`WARN_HEADER_TIMEOUT_S`).
+"""uvicorn's HTTP/1.1 connection, with a deadline (`WARN_HEADER_TIMEOUT_S`) and a size limit for each
+request's head.
 
 uvicorn bounds the idle time between two requests, and only until a first byte arrives. Nothing bounds
 how long a request line and its headers may take, nor a connection that sends nothing at all: such
 connections cost a client next to nothing to hold, and `MAX_CONNECTIONS` of them turned every other
-client away with 503. `python -m service` runs its workers on this protocol.
+client away with 503. Nor, with httptools, their size: one header of 76 MB grew a worker by 131 MB.
+`python -m service` runs its workers on this protocol.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from functools import cache
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -16,6 +19,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from service.config import Settings
 
 PROTOCOL = "service.connection:HeadDeadline"  # uvicorn's --http, as an import string
+MAX_HEAD_BYTES = 64 * 1024  # request line and headers; h11's own limit is 16 KB, nginx's 32 KB
 
 
 @cache
@@ -25,13 +29,23 @@ def head_timeout_s() -> float:
 
 class HeadDeadline(HttpToolsProtocol):
     """Closes a connection whose request head has not arrived within `head_timeout_s()` of the connection
-    opening, or of that request's first byte. The body's pace is the app's to bound (`BodyLimitMiddleware`)."""
+    opening, or of that request's first byte; answers 431 and closes one whose head outgrows
+    `MAX_HEAD_BYTES`. The body's pace is the app's to bound (`BodyLimitMiddleware`)."""
 
     head_timer: asyncio.TimerHandle | None = None
+    awaiting_head = True
+    head_bytes = 0  # received since the head began (a pipelined request's may include the last body's end)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.awaiting_head and not self.transport.is_closing():
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_HEAD_BYTES:
+                self._refuse_head()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -39,8 +53,21 @@ class HeadDeadline(HttpToolsProtocol):
             self._arm()
 
     def on_headers_complete(self) -> None:
+        self.awaiting_head, self.head_bytes = False, 0
         self._disarm()
         super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self.awaiting_head = True
+
+    def _refuse_head(self) -> None:
+        self._disarm()
+        message = f"the request line and headers are larger than {MAX_HEAD_BYTES} bytes"
+        body = json.dumps({"error": message, "code": "headers_too_large"}).encode()
+        head = b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+        self.transport.write(head + b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body) + body)
+        self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
