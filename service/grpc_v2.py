@@ -7,6 +7,7 @@ Errors map to gRPC status codes as Triton maps them.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
@@ -204,6 +205,46 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 IDLE_CLOSE_MS = 300_000
 
 
+def with_message_deadline(handler: grpc.RpcMethodHandler, seconds: float) -> grpc.RpcMethodHandler:
+    """A unary method served so that its request message must arrive within `seconds` of the call starting.
+
+    grpc counts a call against `maximum_concurrent_rpcs` from its first frame, and reads a unary call's
+    message before the method runs, with no bound on how long that takes: calls that never sent theirs held
+    every slot, health checks included. Served as stream-unary, which is the same on the wire (one message,
+    then the client's half-close), the method runs at once and waits for that message with a deadline."""
+    if handler.request_streaming or handler.response_streaming:
+        return handler
+    method = handler.unary_unary
+
+    async def with_deadline(_: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            async with asyncio.timeout(seconds):
+                request = await context.read()
+        except TimeoutError:
+            await context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED, f"the request message did not arrive within {seconds:g} s"
+            )
+        if request is grpc.aio.EOF:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call carried no request message")
+        return await method(request, context)
+
+    return grpc.stream_unary_rpc_method_handler(
+        with_deadline,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+class _Handlers:
+    """Takes the method handlers that generated code registers on a server."""
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        self.service, self.handlers = service, handlers
+
+
 class GrpcServer:
     """A grpc.aio server on the running event loop; `start()` in the app's lifespan, `stop()` at its end."""
 
@@ -224,7 +265,11 @@ class GrpcServer:
             ("grpc.so_reuseport", int(settings.WORKERS > 1)),
         ]
         self.server = grpc.aio.server(options=options, maximum_concurrent_rpcs=settings.MAX_CONNECTIONS)
-        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self.server)
+        generated = _Handlers()
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, generated)
+        handlers = {k: with_message_deadline(h, settings.BODY_READ_TIMEOUT_S) for k, h in generated.handlers.items()}
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(generated.service, handlers),))
+        self.server.add_registered_method_handlers(generated.service, handlers)
 
     async def start(self) -> None:
         try:

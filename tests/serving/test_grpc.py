@@ -250,3 +250,47 @@ def test_a_connection_that_never_speaks_grpc_is_closed(model_path):
         client.close()
     finally:
         server.stop()
+
+
+def test_calls_whose_message_never_comes_give_their_slots_back(model_path):
+    """grpc counts a call against the concurrency limit (WARN_MAX_CONNECTIONS) from its first frame, and read a
+    unary call's message with no time bound: four calls that never sent one held all four slots, health
+    included, for as long as their client liked. Now the message must come within WARN_BODY_READ_TIMEOUT_S."""
+    server, port = start(model_path, WARN_MAX_CONNECTIONS="4", WARN_BODY_READ_TIMEOUT_S="1")
+
+    async def main() -> None:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            infer = channel.stream_unary("/inference.GRPCInferenceService/ModelInfer")  # sends raw bytes
+            never = asyncio.Event()
+
+            async def no_message():
+                await never.wait()
+                yield b""
+
+            async def none_at_all():
+                return
+                yield
+
+            stuck = [asyncio.ensure_future(infer(no_message())) for _ in range(4)]
+            live = channel.unary_unary(
+                "/inference.GRPCInferenceService/ServerLive",
+                request_serializer=pb.ServerLiveRequest.SerializeToString,
+                response_deserializer=pb.ServerLiveResponse.FromString,
+            )
+            await asyncio.sleep(0.3)
+            with pytest.raises(grpc.aio.AioRpcError) as full:
+                await live(pb.ServerLiveRequest(), timeout=5)
+            assert full.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # every slot held
+            for call in stuck:
+                with pytest.raises(grpc.aio.AioRpcError) as late:
+                    await asyncio.wait_for(call, 5)
+                assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert (await live(pb.ServerLiveRequest(), timeout=5)).live
+            with pytest.raises(grpc.aio.AioRpcError) as empty:
+                await infer(none_at_all(), timeout=5)
+            assert empty.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    try:
+        asyncio.run(main())
+    finally:
+        server.stop()
