@@ -34,15 +34,19 @@ class HeadDeadline(HttpToolsProtocol):
 
     head_timer: asyncio.TimerHandle | None = None
     awaiting_head = True
-    head_bytes = 0  # received since the head began (a pipelined request's may include the last body's end)
+    head_bytes = 0  # received while a head is awaited, from the read after the one that ended the last request
+    ended_in_this_read = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm()
 
     def data_received(self, data: bytes) -> None:
+        self.ended_in_this_read = False
         super().data_received(data)
-        if self.awaiting_head and not self.transport.is_closing():
+        # a read that ended the last request is mostly its body: not counted (a pipelined head's start is
+        # then left out, at most one read)
+        if self.awaiting_head and not self.ended_in_this_read and not self.transport.is_closing():
             self.head_bytes += len(data)
             if self.head_bytes > MAX_HEAD_BYTES:
                 self._refuse_head()
@@ -59,7 +63,7 @@ class HeadDeadline(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
-        self.awaiting_head = True
+        self.awaiting_head, self.ended_in_this_read = True, True
 
     def _refuse_head(self) -> None:
         self._disarm()
