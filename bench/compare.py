@@ -120,13 +120,16 @@ def table(turns: dict[tuple[str, str], dict[str, list[dict]]], base: str) -> str
     ]
     for (name, c), by in turns.items():
         b, n = ({k: statistics.median(r.get(k, math.nan) for r in by[side]) for k in keys} for side in SIDES)
+        for side, r in zip(SIDES, (b, n)):
+            r["non_2xx"] = sum(t.get("non_2xx", 0) for t in by[side])  # failures count as req/s in wrk's rate
         lines.append(f"| {name} | {c} | {figures(b)} | {figures(n)} | {n['req_s'] / b['req_s']:.2f}x |")
     return "\n".join(lines)
 
 
 def figures(r: dict[str, float]) -> str:
     cpu = "" if math.isnan(r["cpu_ms"]) else f", {r['cpu_ms']:.2f} ms CPU"
-    return f"{r['req_s']:.1f}, {r['p50_ms']:.1f} ms, {r['p99_ms']:.0f} ms{cpu}"
+    failed = f", **{r['non_2xx']} not 2xx**" if r.get("non_2xx") else ""
+    return f"{r['req_s']:.1f}, {r['p50_ms']:.1f} ms, {r['p99_ms']:.0f} ms{cpu}{failed}"
 
 
 if __name__ == "__main__":

@@ -43,3 +43,6 @@ def test_the_table_gives_each_side_its_medians_and_cpu_per_request():
     rows = compare.table(turns, "abc123").splitlines()
     assert rows[2] == "| photo | 8 | 100.0, 40.0 ms, 90 ms, 11.00 ms CPU | 125.0, 30.0 ms, 70 ms, 8.00 ms CPU | 1.25x |"
     assert rows[3] == "| photo | paced | 20.0, 12.0 ms, 15 ms | 21.0, 11.0 ms, 14 ms | 1.05x |"
+    # answers that were not 2xx are counted in wrk's rate: a side that had any says how many
+    turns[("photo", "8")]["after"][1]["non_2xx"] = 43
+    assert "8.00 ms CPU, **43 not 2xx** | 1.25x" in compare.table(turns, "abc123").splitlines()[2]
