@@ -67,6 +67,7 @@ class HeadDeadline(HttpToolsProtocol):
 
     def _refuse_head(self) -> None:
         self._disarm()
+        self._count("head_too_large")
         message = f"the request line and headers are larger than {MAX_HEAD_BYTES} bytes"
         body = json.dumps({"error": message, "code": "headers_too_large"}).encode()
         head = b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
@@ -88,4 +89,10 @@ class HeadDeadline(HttpToolsProtocol):
     def _expired(self) -> None:
         self.head_timer = None
         if not self.transport.is_closing():
+            self._count("head_timeout")
             self.transport.close()
+
+    def _count(self, reason: str) -> None:
+        """Into the app's metrics, which its lifespan hands to uvicorn (none before it has started)."""
+        if (metrics := self.app_state.get("metrics")) is not None:
+            metrics.connections_closed.labels(reason).inc()

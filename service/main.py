@@ -33,7 +33,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     Image.MAX_IMAGE_PIXELS = settings.MAX_IMAGE_PIXELS // 2
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Metrics]]:
         return_freed_memory()
         overlay.one_blas_thread()
         try:
@@ -59,7 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 raise
         app.state.runtime = runtime
         try:
-            yield
+            yield {"metrics": metrics}  # uvicorn hands this state to each connection (service/connection.py)
         finally:
             app.state.runtime = None
             if grpc:

@@ -61,6 +61,13 @@ class Metrics:
         self.store_failures = Counter(
             "warn_store_write_failures", "Predictions answered but not stored (their URLs answer 404)", registry=r
         )
+        self.connections_closed = Counter(
+            "warn_connections_closed",
+            "HTTP connections closed before a request's head arrived: head_timeout (WARN_HEADER_TIMEOUT_S) or "
+            "head_too_large (a 431)",
+            ["reason"],
+            registry=r,
+        )
 
     def observe_depth(self, queued: int, admitted: int) -> None:
         self.queue_depth.set(queued)

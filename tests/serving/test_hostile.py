@@ -101,6 +101,8 @@ def test_a_request_head_past_64_kb_is_a_431_and_a_large_cookie_is_not(hostile_se
         while chunk := conn.recv(4096):
             answer += chunk
     assert answer.startswith(b"HTTP/1.1 431") and b'"code": "headers_too_large"' in answer, answer[:200]
+    metrics = httpx.get(f"{hostile_server.url}/metrics", timeout=10).text
+    assert 'warn_connections_closed_total{reason="head_too_large"}' in metrics
     cookie = b"Cookie: session=" + b"c" * 30000 + b"\r\n"
     with socket.create_connection(address) as conn:
         conn.settimeout(10)
@@ -223,6 +225,8 @@ def test_connections_that_never_finish_a_request_head_are_closed(model_path):
             assert conn.recv(1) == b"", "a connection without a request head is still open"
             conn.close()
         assert httpx.get(f"{s.url}/v2/health/live", timeout=10).status_code == 200
+        metrics = httpx.get(f"{s.url}/metrics", timeout=10).text  # what an operator sees of it
+        assert 'warn_connections_closed_total{reason="head_timeout"} 9.0' in metrics
 
         with socket.create_connection(address) as conn:  # a head in parts, within the deadline, is answered
             conn.settimeout(10)
