@@ -68,6 +68,8 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        for reason in ("head_timeout", "head_too_large"):  # exported at 0 from the start, so rate() has a base
+            self.connections_closed.labels(reason)
 
     def observe_depth(self, queued: int, admitted: int) -> None:
         self.queue_depth.set(queued)
