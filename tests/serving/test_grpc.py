@@ -256,7 +256,7 @@ def test_calls_whose_message_never_comes_give_their_slots_back(model_path):
     """grpc counts a call against the concurrency limit (WARN_MAX_CONNECTIONS) from its first frame, and read a
     unary call's message with no time bound: four calls that never sent one held all four slots, health
     included, for as long as their client liked. Now the message must come within WARN_BODY_READ_TIMEOUT_S."""
-    server, port = start(model_path, WARN_MAX_CONNECTIONS="4", WARN_BODY_READ_TIMEOUT_S="1")
+    server, port = start(model_path, WARN_MAX_CONNECTIONS="4", WARN_BODY_READ_TIMEOUT_S="3")
 
     async def main() -> None:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:

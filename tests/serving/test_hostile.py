@@ -206,7 +206,7 @@ def test_soak_mixed_traffic_loses_nothing_and_memory_stays_flat(hostile_server):
 def test_connections_that_never_finish_a_request_head_are_closed(model_path):
     """uvicorn bounds only the idle time between requests: connections that sent nothing, or a header a byte at
     a time, stayed open for good, and MAX_CONNECTIONS of them turned every other client away with 503."""
-    env = {"WARN_WORKERS": "1", "WARN_MAX_CONNECTIONS": "8", "WARN_HEADER_TIMEOUT_S": "1"}
+    env = {"WARN_WORKERS": "1", "WARN_MAX_CONNECTIONS": "8", "WARN_HEADER_TIMEOUT_S": "3"}
     s = Server({"WARN_MODEL_PATH": str(model_path), **env}, launcher=True)
     address = ("127.0.0.1", s.port)
     try:
