@@ -124,12 +124,14 @@ class Settings(BaseSettings):
     BODY_MIN_RATE: float = Field(
         1000,
         ge=0,
+        allow_inf_nan=False,
         description="408 when a request body, past its first BODY_READ_TIMEOUT_S, arrives slower on average than "
         "this many bytes a second (0: no floor)",
     )
     HEADER_TIMEOUT_S: float = Field(
         10,
         gt=0,
+        le=3600,  # grpc takes it in milliseconds as a C int
         description="`python -m service` closes a connection whose request line and headers take longer than this, "
         "from connecting or from the request's first byte, and a gRPC one without its preface by then: idle or "
         "trickling clients cannot hold every connection",

@@ -74,3 +74,27 @@ def test_start_up_says_which_model_and_provider_run_and_where_grpc_listens(model
         output = s.stop_and_read()
     assert f"loaded warn-cluttered-digits v1 from {model_path} on CPUExecutionProvider" in output
     assert f"Open Inference Protocol over gRPC on 127.0.0.1:{port}" in output
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("WARN_HEADER_TIMEOUT_S", "inf"),  # grpc takes it in milliseconds as a C int: an OverflowError at start
+        ("WARN_HEADER_TIMEOUT_S", "1e9"),
+        ("WARN_HEADER_TIMEOUT_S", "0"),
+        ("WARN_HEADER_TIMEOUT_S", "-1"),
+        ("WARN_HEADER_TIMEOUT_S", "nan"),
+        ("WARN_HEADER_TIMEOUT_S", "ten"),
+        ("WARN_BODY_MIN_RATE", "inf"),
+        ("WARN_BODY_MIN_RATE", "-5"),
+        ("WARN_BODY_MIN_RATE", ""),
+    ],
+)
+def test_connection_bounds_refuse_values_that_mean_nothing(monkeypatch, name, value):
+    from pydantic import ValidationError
+
+    from service.config import Settings
+
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError, match=name.removeprefix("WARN_")):
+        Settings()
