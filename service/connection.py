@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from functools import cache
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -20,17 +19,14 @@ from service.config import Settings
 
 PROTOCOL = "service.connection:HeadDeadline"  # uvicorn's --http, as an import string
 MAX_HEAD_BYTES = 64 * 1024  # request line and headers; h11's own limit is 16 KB, nginx's 32 KB
-
-
-@cache
-def head_timeout_s() -> float:
-    return Settings().HEADER_TIMEOUT_S
+DEFAULT_TIMEOUT_S = Settings.model_fields["HEADER_TIMEOUT_S"].default
 
 
 class HeadDeadline(HttpToolsProtocol):
-    """Closes a connection whose request head has not arrived within `head_timeout_s()` of the connection
-    opening, or of that request's first byte; answers 431 and closes one whose head outgrows
-    `MAX_HEAD_BYTES`. The body's pace is the app's to bound (`BodyLimitMiddleware`)."""
+    """Closes a connection whose request head has not arrived within the app's `HEADER_TIMEOUT_S` of the
+    connection opening, or of that request's first byte; answers 431 and closes one whose head outgrows
+    `MAX_HEAD_BYTES`. The body's pace is the app's to bound (`BodyLimitMiddleware`). The app's lifespan hands
+    its settings and metrics to uvicorn, which hands them to each connection (`app_state`)."""
 
     head_timer: asyncio.TimerHandle | None = None
     awaiting_head = True
@@ -79,7 +75,9 @@ class HeadDeadline(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def _arm(self) -> None:
-        self.head_timer = self.loop.call_later(head_timeout_s(), self._expired)
+        settings = self.app_state.get("settings")
+        timeout = DEFAULT_TIMEOUT_S if settings is None else settings.HEADER_TIMEOUT_S
+        self.head_timer = self.loop.call_later(timeout, self._expired)
 
     def _disarm(self) -> None:
         if self.head_timer is not None:
@@ -93,6 +91,5 @@ class HeadDeadline(HttpToolsProtocol):
             self.transport.close()
 
     def _count(self, reason: str) -> None:
-        """Into the app's metrics, which its lifespan hands to uvicorn (none before it has started)."""
         if (metrics := self.app_state.get("metrics")) is not None:
             metrics.connections_closed.labels(reason).inc()

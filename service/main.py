@@ -33,7 +33,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     Image.MAX_IMAGE_PIXELS = settings.MAX_IMAGE_PIXELS // 2
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Metrics]]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Settings | Metrics]]:
         return_freed_memory()
         overlay.one_blas_thread()
         try:
@@ -59,7 +59,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 raise
         app.state.runtime = runtime
         try:
-            yield {"metrics": metrics}  # uvicorn hands this state to each connection (service/connection.py)
+            # uvicorn hands this state to each connection (service/connection.py)
+            yield {"settings": settings, "metrics": metrics}
         finally:
             app.state.runtime = None
             if grpc:

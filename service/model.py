@@ -14,6 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 from service.errors import ModelLoadError
+from service.tensors import DTYPES
 
 if TYPE_CHECKING:
     from service.config import Settings
@@ -61,12 +62,6 @@ class ModelInfo:
 
 
 ORT_TO_V2 = {"tensor(float)": "FP32", "tensor(float16)": "FP16", "tensor(int64)": "INT64", "tensor(int32)": "INT32"}
-ORT_TO_NUMPY = {
-    "tensor(float)": np.float32,
-    "tensor(float16)": np.float16,
-    "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32,
-}
 
 
 def choose_providers(setting: str) -> list[str]:
@@ -167,9 +162,9 @@ class FixedBuffers:
     @staticmethod
     def _buffer(arg: Any, rows: int, device: str, device_id: int) -> ort.OrtValue:
         shape = [rows, *arg.shape[1:]]
-        if not all(isinstance(d, int) for d in shape) or arg.type not in ORT_TO_NUMPY:
+        if not all(isinstance(d, int) for d in shape) or arg.type not in ORT_TO_V2:
             raise ModelLoadError(f"{arg.name} ({arg.type} {arg.shape}) cannot be bound once: its shape is not fixed")
-        return ort.OrtValue.ortvalue_from_shape_and_type(shape, ORT_TO_NUMPY[arg.type], device, device_id)
+        return ort.OrtValue.ortvalue_from_shape_and_type(shape, DTYPES[ORT_TO_V2[arg.type]], device, device_id)
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         with self.lock:
