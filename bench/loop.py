@@ -34,7 +34,8 @@ LAYERS = (
 
 
 async def call(app: Any, state: dict, path: str, ctype: str, body: bytes, root: Any = None) -> int:
-    """One POST through `app` as uvicorn would make it (the body in 64 KB reads), without a socket."""
+    """One POST through `app` as uvicorn would make it, without a socket: the body in reads of 64 KB, each a
+    copy, as uvicorn hands them on (its read buffer's high-water mark, then `bytes()` of the buffer)."""
     scope = {
         "type": "http",
         "asgi": {"version": "3.0"},
