@@ -25,7 +25,7 @@ from typing import Any
 from service.config import Settings
 
 LAYERS = (
-    "decode and run: the hops to a decoding thread and back",
+    "decode and run: the hop to a decoding thread and back",
     "+ the answer's JSON and the stored prediction",
     "+ a plain Starlette route: the body read, the JSON response",
     "+ the app's middleware (metrics, body limits, HEAD, errors)",
@@ -87,9 +87,11 @@ async def measure(image: bytes, ctype: str, requests: int, settings: Settings | 
     async with app.router.lifespan_context(app) as state:
         rt = app.state.runtime
 
+        side = 0 if rt.kept_upload(image) is not None else rt.settings.STORE_IMAGE_MAX_SIZE  # as /v1/predict
+
         async def answer(data: bytes) -> dict:
             upload = rt.kept_upload(data)
-            c = await rt.classify(data, 0 if upload is not None else rt.settings.STORE_IMAGE_MAX_SIZE)
+            c = await rt.classify(data, side)
             key = new_key()
             g = c.geometry
             result = {"id": key, **describe(rt.info, c.outputs, (g.width, g.height), rt.settings.TOP_K, False)}
@@ -104,7 +106,7 @@ async def measure(image: bytes, ctype: str, requests: int, settings: Settings | 
             zip(
                 LAYERS,
                 (
-                    lambda: rt.classify(image, 0),
+                    lambda: rt.classify(image, side),
                     lambda: answer(image),
                     lambda: call(app.router, state, "/plain", ctype, image, root=app),
                     lambda: call(app, state, "/plain", ctype, image),
