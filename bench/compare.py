@@ -81,7 +81,11 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="warn-compare-"))
     images = bench_images(work)
     base = work / "base"
-    subprocess.run(["git", "worktree", "add", "-q", "--detach", str(base), a.base], cwd=ROOT, check=True)
+    try:
+        subprocess.run(["git", "worktree", "add", "-q", "--detach", str(base), a.base], cwd=ROOT, check=True)
+    except subprocess.CalledProcessError:
+        shutil.rmtree(work, ignore_errors=True)
+        p.error(f"cannot check out {a.base!r} beside this checkout (git worktree add failed)")
     loads = [(name, path, ctype, c) for name, (path, ctype) in images.items() for c in levels]
     loads.append(("/v1/attention, digit.png", *images["digit.png (640x400 PNG)"], "8"))
     turns: dict[tuple[str, str], dict[str, list[dict]]] = {}
@@ -104,6 +108,7 @@ def main() -> None:
         for server in servers.values():
             server.stop()
         subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=ROOT, check=False)
+        shutil.rmtree(work, ignore_errors=True)  # the bench images
     print(table(turns, a.base))
 
 

@@ -46,3 +46,13 @@ def test_the_table_gives_each_side_its_medians_and_cpu_per_request():
     # answers that were not 2xx are counted in wrk's rate: a side that had any says how many
     turns[("photo", "8")]["after"][1]["non_2xx"] = 43
     assert "8.00 ms CPU, **43 not 2xx** | 1.25x" in compare.table(turns, "abc123").splitlines()[2]
+
+
+def test_a_revision_git_cannot_check_out_is_refused_and_leaves_nothing_behind(monkeypatch, tmp_path):
+    monkeypatch.setattr(compare.tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(compare, "bench_images", lambda work: {})  # the images are not what this is about
+    monkeypatch.setattr("sys.argv", ["compare", "no-such-revision-0123", "--connections", "paced"])
+    with pytest.raises(SystemExit) as e:
+        compare.main()
+    assert e.value.code == 2  # argparse's error
+    assert list(tmp_path.iterdir()) == []
