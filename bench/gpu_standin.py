@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -101,6 +102,7 @@ def main() -> None:
         for server in servers.values():
             server.stop()
         proc.kill()
+        shutil.rmtree(work, ignore_errors=True)  # the bench images and the session's socket
     print(f"Stand-in: {a.gpu_ms} ms a run of {a.rows} rows, {a.runs} in flight; medians of {a.rounds} turns.\n")
     print(
         "| image | connections | variant | req/s | p50 | worker CPU per request (event loop, decoding, inference, "
