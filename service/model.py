@@ -257,7 +257,8 @@ class OnnxModel:
         self.input_name = self.info.inputs[0].name
         self.output_names = [o.name for o in self.info.outputs]
         self.io_binding = io_binding and active[0] == "CUDAExecutionProvider"
-        self.fixed_batch = fixed_batch if active[0] == "CUDAExecutionProvider" else 0
+        # a batch dimension fixed at load stays fixed where onnxruntime fell back to the CPU: runs are padded there too
+        self.fixed_batch = fixed_batch if active[0] == "CUDAExecutionProvider" or graph else 0
         self.buffers = None
         if graph and active[0] == "CUDAExecutionProvider":
             device = int((cuda_options or {}).get("device_id", 0))

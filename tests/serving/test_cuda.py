@@ -167,3 +167,15 @@ def test_cuda_graph_runs_match_cpu(model_path):
     for got, want in answers:  # compared after every run: no answer is a view of the shared buffers
         for name in want:
             np.testing.assert_allclose(got[name], want[name], atol=1e-4, rtol=1e-3, err_msg=name)
+
+
+def test_a_cuda_graph_session_that_falls_back_to_the_cpu_still_runs_any_batch(model_path, monkeypatch):
+    # CUDA asked for and not loaded (its libraries missing): the batch dimension was fixed at load all the same
+    monkeypatch.setattr("service.model.choose_providers", lambda _: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    model = OnnxModel(model_path, "auto", 1, Settings().cuda_options(), fixed_batch=4, cuda_graph=True)
+    if model.info.providers[0] == "CUDAExecutionProvider":
+        pytest.skip("CUDA loaded here: no fallback to check")
+    cpu = OnnxModel(model_path, "CPUExecutionProvider")
+    x = np.random.default_rng(0).random((6, 3, *cpu.info.input_size), dtype=np.float32)
+    for n in (1, 4, 6):
+        np.testing.assert_allclose(model.run(x[:n])["probabilities"], cpu.run(x[:n])["probabilities"], atol=1e-5)
