@@ -52,7 +52,7 @@ async def call(app: Any, state: dict, path: str, ctype: str, body: bytes, root: 
         "state": dict(state),
         "app": root or app,  # set by the app itself; a call to its router alone needs it given
     }
-    reads = iter([body[i : i + 65536] for i in range(0, len(body), 65536)])
+    reads = iter([body[i : i + 65536] for i in range(0, len(body), 65536)] or [b""])  # an empty body: one empty read
     pending = len(body)
     status = []
 
@@ -148,6 +148,8 @@ def main() -> None:
     a = p.parse_args()
     if a.requests < 1:
         p.error("--requests must be at least 1")
+    if a.image and not a.image.is_file():
+        p.error(f"no such file: {a.image}")
     if a.image:
         image = a.image.read_bytes()
         ctype = {b"\x89PN": "image/png", b"\xff\xd8\xff": "image/jpeg"}.get(image[:3], "application/octet-stream")

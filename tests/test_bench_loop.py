@@ -27,6 +27,7 @@ def test_every_layer_is_timed_on_the_same_requests():
     assert table.count("\n") == len(loop.LAYERS) + 1 and "+" in table.splitlines()[-1]
 
 
-def test_a_refused_upload_stops_the_measure_instead_of_timing_the_error():
+@pytest.mark.parametrize("upload", [b"not an image", b""])  # empty: one empty read, as uvicorn sends it
+def test_a_refused_upload_stops_the_measure_instead_of_timing_the_error(upload):
     with pytest.raises(SystemExit, match="HTTP 4"):
-        measure(b"not an image", "image/png", 1)
+        measure(upload, "image/png", 1)
