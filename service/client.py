@@ -111,7 +111,9 @@ async def predict_one(
     params = {"format": args.format, **({"max_size": args.max_size} if args.max_size else {})}
     saved = []
     for name in wanted:
-        image = check(await client.get(answer["attention_urls"][name], params=params)).content
+        # merged into the URL's own query (a signature, where the service signs them): params= would replace it
+        url = httpx.URL(answer["attention_urls"][name]).copy_merge_params(params)
+        image = check(await client.get(url)).content
         target = path.with_name(f"{path.stem}.warn-{name}.{args.format}")
         target.write_bytes(image)
         saved.append(target)

@@ -200,6 +200,12 @@ class Settings(BaseSettings):
     API_KEY: str | None = Field(
         None, description="when set, every route but health and metrics needs 'Authorization: Bearer <key>'"
     )
+    SIGNED_URLS: bool = Field(
+        True,
+        description="with API_KEY set, the overlay URLs /v1/predict returns carry a signature (expires, signature) "
+        "that opens that prediction and its overlays without the key until it leaves the store (STORE_TTL_S), so "
+        "<img> tags can show them; false: those URLs need the key too",
+    )
     PUBLIC_DOCS: bool = Field(
         True, description="/docs, /redoc and /openapi.json open even with API_KEY set (false: they need the key)"
     )

@@ -32,6 +32,29 @@ async def require_api_key(request: Request) -> None:
         raise Unauthorized("missing or wrong API key: send 'Authorization: Bearer <key>'")
 
 
+async def require_api_key_or_signature(
+    request: Request,
+    expires: Annotated[
+        int | None, Query(ge=0, le=10**12, description="with a signature: when it expires (Unix time)")
+    ] = None,
+    signature: Annotated[
+        str | None,
+        Query(max_length=64, description="with WARN_API_KEY set: opens this prediction without the key"),
+    ] = None,
+) -> None:
+    """The API key, or the signature that `/v1/predict` put on this prediction's URLs (service/signing.py)."""
+    signer = request.app.state.signer
+    if signer is None or "authorization" in request.headers:
+        return await require_api_key(request)
+    if expires is None and signature is None:
+        raise Unauthorized(
+            "missing API key: send 'Authorization: Bearer <key>', or open the signed URL that /v1/predict returned"
+        )
+    if expires is None or signature is None:
+        raise Unauthorized("a signed URL needs both 'expires' and 'signature', as /v1/predict gave them")
+    signer.check(request.path_params["prediction_id"], expires, signature)
+
+
 IMAGE_BODY = {
     "requestBody": {
         "required": True,

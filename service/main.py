@@ -13,7 +13,7 @@ from PIL import Image
 
 from service import __version__, errors, overlay, workers
 from service.config import Settings
-from service.deps import require_api_key
+from service.deps import require_api_key, require_api_key_or_signature
 from service.head import HeadAsGet
 from service.limits import BodyLimitMiddleware
 from service.logs import show_service_logs
@@ -21,6 +21,7 @@ from service.memory import return_freed_memory
 from service.metrics import Metrics, MetricsMiddleware
 from service.pipeline import Runtime
 from service.routes import docs, health, model, predict, predictions, v2, viewer
+from service.signing import UrlSigner
 
 log = logging.getLogger("service")
 
@@ -82,11 +83,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         **({"openapi_url": None} if closed_docs else {}),
     )
     app.state.settings, app.state.metrics, app.state.runtime = settings, metrics, None
+    signed = settings.API_KEY and settings.SIGNED_URLS
+    app.state.signer = UrlSigner(settings.API_KEY, settings.STORE_TTL_S) if signed else None
     errors.install(app)
     guarded = [Depends(require_api_key)]
     app.include_router(health.router)
-    for r in (predict.router, predictions.router, model.router, v2.router):
+    for r in (predict.router, model.router, v2.router):
         app.include_router(r, dependencies=guarded)
+    app.include_router(predictions.router, dependencies=[Depends(require_api_key_or_signature)])
     if settings.VIEWER:
         app.include_router(viewer.router)
         viewer.mount_assets(app)

@@ -90,11 +90,13 @@ async def predict(
     g = c.geometry
     key = new_key()
     base = f"{url_base(request)}/v1/predictions/{key}/attention"
+    signer = request.app.state.signer
+    query = f"?{signer.query(key)}" if signer else ""
     layers = ["combined", *map(str, range(rt.info.attended_layers))]
     result = {
         "id": key,
         **describe(rt.info, c.outputs, (g.width, g.height), top_k or rt.settings.TOP_K, probabilities),
-        "attention_urls": {name: f"{base}/{name}.png" for name in layers},
+        "attention_urls": {name: f"{base}/{name}.png{query}" for name in layers},
     }
     await rt.remember(key, c, result, upload)
     c.timings_ms["total_ms"] = (time.perf_counter() - started) * 1e3

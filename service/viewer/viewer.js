@@ -72,10 +72,11 @@ function overlayUrl(layer, head, maxSize) {
   return url.href;
 }
 
-// <img> cannot send a bearer token: with a key, the image is fetched and shown from a blob.
+// <img> cannot send a bearer token: with a key, the image is fetched and shown from a blob, unless the
+// service signed the prediction's URLs (WARN_SIGNED_URLS), which open it without the key.
 async function show(img, url) {
   img.dataset.src = url;
-  if (!apiKey()) {
+  if (!apiKey() || new URL(url).searchParams.has("signature")) {
     img.src = url;
     return;
   }

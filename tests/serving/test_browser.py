@@ -123,8 +123,10 @@ def test_viewer_at_phone_width(browser, server, tmp_path):
     screenshot(d, "viewer-phone.png", tmp_path)
 
 
-def test_viewer_sends_the_api_key(browser, model_path):
-    server = Server({"WARN_MODEL_PATH": str(model_path), "WARN_API_KEY": "s3cret"})
+@pytest.mark.parametrize("signed", [True, False])
+def test_viewer_sends_the_api_key(browser, model_path, signed):
+    env = {"WARN_MODEL_PATH": str(model_path), "WARN_API_KEY": "s3cret", "WARN_SIGNED_URLS": str(signed).lower()}
+    server = Server(env)
     try:
         server.wait_ready()
         d = browser
@@ -133,8 +135,9 @@ def test_viewer_sends_the_api_key(browser, model_path):
         assert d.find_element(By.ID, "auth").get_attribute("open") is not None
         d.find_element(By.ID, "key").send_keys("s3cret\n")
         wait(d, lambda d: "warn-cluttered-digits" in d.find_element(By.ID, "model").text)
-        upload(d, DIGIT)  # overlays come as blobs fetched with the bearer token
-        assert d.find_element(By.ID, "overlay").get_attribute("src").startswith("blob:")
+        upload(d, DIGIT)  # every overlay loaded: signed URLs straight into <img>, else blobs fetched with the key
+        src = d.find_element(By.ID, "overlay").get_attribute("src")
+        assert ("signature=" in src and src.startswith(server.url)) if signed else src.startswith("blob:")
     finally:
         server.stop()
 

@@ -19,7 +19,10 @@ from tests.serving.conftest import Server, free_port, png
 
 
 def test_two_workers_share_predictions_and_metrics(model_path, tmp_path):
+    """With an API key: the overlay URLs are signed by one worker and opened, without the key, at any."""
+    key = {"authorization": "Bearer s3cret"}
     env = {
+        "WARN_API_KEY": "s3cret",
         "WARN_MODEL_PATH": str(model_path),
         "WARN_WORKERS": "2",
         "WARN_STORE": "disk",
@@ -39,7 +42,7 @@ def test_two_workers_share_predictions_and_metrics(model_path, tmp_path):
                 async def predict(image: bytes) -> httpx.Response:
                     async with sem:
                         return await http.post(
-                            f"{server.url}/v1/predict", content=image, headers={"content-type": "image/png"}
+                            f"{server.url}/v1/predict", content=image, headers={"content-type": "image/png", **key}
                         )
 
                 answers = await asyncio.gather(*(predict(im) for im in images))
@@ -49,7 +52,7 @@ def test_two_workers_share_predictions_and_metrics(model_path, tmp_path):
                     async with sem:
                         # a fresh connection each time, so the kernel spreads them over the workers
                         async with httpx.AsyncClient(timeout=60) as fresh:
-                            return await fresh.get(url, params={"max_size": 64})
+                            return await fresh.get(httpx.URL(url).copy_merge_params({"max_size": 64}))
 
                 overlays = await asyncio.gather(*(fetch(u) for u in urls))
                 metrics = (await http.get(f"{server.url}/metrics")).text
@@ -61,8 +64,10 @@ def test_two_workers_share_predictions_and_metrics(model_path, tmp_path):
             with tc.InferenceServerClient(f"127.0.0.1:{env['WARN_GRPC_PORT']}") as client:
                 x = tc.InferInput("image", [1, 3, 48, 48], "FP32")
                 x.set_data_from_numpy(np.zeros((1, 3, 48, 48), np.float32))
-                assert client.infer("warn-cluttered-digits", [x]).as_numpy("probabilities").shape == (1, 11)
+                answer = client.infer("warn-cluttered-digits", [x], headers=key)
+                assert answer.as_numpy("probabilities").shape == (1, 11)
         assert [a.status_code for a in answers] == [200] * 50
+        assert all("signature=" in u for a in answers for u in a.json()["attention_urls"].values())
         assert len(overlays) == 50 * 4 and {o.status_code for o in overlays} == {200}
         assert all(o.headers["content-type"] == "image/png" for o in overlays)
         # both workers served, and /metrics adds up their counts
