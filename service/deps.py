@@ -10,6 +10,7 @@ import hmac
 from typing import Annotated
 
 from fastapi import Depends, Query, Request
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.errors import InvalidRequest, Unauthorized, UnsupportedMedia
 from service.overlay import FORMATS, OverlayParams
@@ -55,6 +56,8 @@ async def require_api_key_or_signature(
     signer.check(request.path_params["prediction_id"], expires, signature)
 
 
+MAX_FORM_FIELDS = 16  # text fields beside the file; Starlette allows 1,000
+
 IMAGE_BODY = {
     "requestBody": {
         "required": True,
@@ -78,7 +81,13 @@ async def image_bytes(request: Request) -> bytes:
     """The encoded image of a multipart (`file`) or raw image request."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
-        form = await request.form()
+        try:  # one image a request: a second file was dropped without a word (the last one classified)
+            form = await request.form(max_files=1, max_fields=MAX_FORM_FIELDS)
+        except StarletteHTTPException as e:
+            raise InvalidRequest(
+                f"multipart body: {e.detail} Send one image per request, as the file field 'file' "
+                "(several: a request each, or one v2 request with a BYTES tensor)"
+            ) from e
         upload = form.get("file")
         if upload is None or isinstance(upload, str):
             raise InvalidRequest("multipart body needs the image as a file field named 'file'")

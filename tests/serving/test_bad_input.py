@@ -49,6 +49,21 @@ def test_multipart_without_file(client):
     assert r.status_code == 400 and "'file'" in r.json()["error"]
 
 
+@pytest.mark.parametrize("route", ["/v1/predict", "/v1/attention"])
+def test_multipart_with_more_than_one_image_is_refused(client, route):
+    """Not one of them classified in silence (it used to be the last)."""
+    two = [("file", ("a.png", png(RGB), "image/png")), ("file", ("b.png", png(RGB), "image/png"))]
+    r = client.post(route, files=two)
+    assert r.status_code == 400 and r.json()["code"] == "invalid_request"
+    assert "one image per request" in r.json()["error"] and "Maximum number of files is 1" in r.json()["error"]
+    r = client.post(route, files=[two[0], ("extra", ("c.png", png(RGB), "image/png"))])  # under another name too
+    assert r.status_code == 400 and "one image per request" in r.json()["error"]
+    fields = {f"f{i}": "x" for i in range(17)}
+    r = client.post(route, data=fields, files=[two[0]])
+    assert r.status_code == 400 and "Maximum number of fields" in r.json()["error"]
+    assert client.post(route, data={"note": "x"}, files=[two[0]]).status_code == 200
+
+
 def test_body_limit_by_content_length_and_while_streaming(model_path):
     with make_client(model_path, MAX_BODY_BYTES=10_000) as c:
         big = png(Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8)))
