@@ -81,8 +81,17 @@ def test_an_expired_signature_is_refused(keyed, photo):
     assert keyed.get(f"/v1/predictions/{answer['id']}/attention/combined.png?{fresh}").status_code == 200
 
 
-def test_urls_are_plain_without_a_key_or_with_signing_off(model_path, client, photo):
+OVERLAY = "/v1/predictions/{prediction_id}/attention/{layer}.{ext}"
+
+
+def query_parameters(c) -> set[str]:
+    return {p["name"] for p in c.get("/openapi.json").json()["paths"][OVERLAY]["get"]["parameters"]}
+
+
+def test_urls_are_plain_without_a_key_or_with_signing_off(model_path, client, keyed, photo):
     assert "?" not in predict(client, photo, headers={})["attention_urls"]["combined"]
+    # documented, and parsed, only where signing is on
+    assert {"expires", "signature"} <= query_parameters(keyed) and "signature" not in query_parameters(client)
     with make_client(model_path, API_KEY="s3cret", SIGNED_URLS=False, STORE="memory", GRPC_PORT=0) as c:
         answer = predict(c, photo)
         url = answer["attention_urls"]["combined"]
