@@ -14,6 +14,8 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from service.request_id import request_id
+
 
 class ServiceError(Exception):
     status = 500
@@ -103,9 +105,12 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, e: Exception) -> JSONResponse:
-        # the last line of defence: still JSON, and the traceback goes to the log
-        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=e)
-        return error_response(500, "internal_error", "internal server error (logged); please report it")
+        # the last line of defence: still JSON, and the traceback goes to the log under the request's id.
+        # Starlette answers this outside every middleware, so the id's header is set here.
+        rid = request_id(request.scope) or "-"
+        log.error("unhandled error on %s %s (request id %s)", request.method, request.url.path, rid, exc_info=e)
+        message = f"internal server error (logged under request id {rid}); please report it with that id"
+        return error_response(500, "internal_error", message, {"X-Request-ID": rid}, request_id=rid)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:

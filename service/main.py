@@ -20,6 +20,7 @@ from service.logs import show_service_logs
 from service.memory import return_freed_memory
 from service.metrics import Metrics, MetricsMiddleware
 from service.pipeline import Runtime
+from service.request_id import RequestIdMiddleware
 from service.routes import docs, health, model, predict, predictions, v2, viewer
 from service.signing import UrlSigner
 
@@ -110,9 +111,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             CORSMiddleware,
             allow_origins=settings.CORS_ORIGINS,
             allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "Content-Type"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+            expose_headers=["X-Request-ID"],
         )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(RequestIdMiddleware)  # outermost: every answer the app sends carries it
     return app
 
 

@@ -316,7 +316,9 @@ def test_an_unexpected_error_is_a_json_500(model_path):
     with TestClient(create_app(Settings(MODEL_PATH=model_path)), raise_server_exceptions=False) as c:
         c.app.state.runtime.batcher._run = lambda x: 1 / 0
         r = c.post("/v1/predict", content=png(Image.new("RGB", (8, 8))), headers={"content-type": "image/png"})
+    rid = r.headers["x-request-id"]
     assert r.status_code == 500 and r.json() == {
-        "error": "internal server error (logged); please report it",
+        "error": f"internal server error (logged under request id {rid}); please report it with that id",
         "code": "internal_error",
+        "request_id": rid,
     }
