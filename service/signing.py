@@ -20,7 +20,6 @@ from service.errors import Unauthorized
 
 # Keeps the API key itself out of every signature: a signing key derived for this purpose only.
 PURPOSE = b"warn-serve signed prediction urls v1"
-SIGNATURE_CHARS = 22  # 16 bytes of HMAC-SHA256, unpadded base64url
 
 
 class UrlSigner:
