@@ -8,9 +8,10 @@ PORT ?= 8000
 .PHONY: serve test lint screenshot system-deps default-model export-default eval-default figure profile docker-requirements bench bench-gpu
 
 # Programs the tests run for real, as command:Debian package: a Redis server (the shared prediction
-# store), docker-compose (validates the compose file without an engine), and Chromium with its
-# driver (the viewer and /docs in a real browser). Installed from Debian's packages when missing.
-SYSTEM_TOOLS := redis-server:redis-server docker-compose:docker-compose chromium:chromium chromedriver:chromium-driver
+# store), docker-compose (validates the compose file without an engine), Chromium with its driver
+# (the viewer and /docs in a real browser), and nginx (`nginx -t` on the compose front's config).
+# Installed from Debian's packages when missing.
+SYSTEM_TOOLS := redis-server:redis-server docker-compose:docker-compose chromium:chromium chromedriver:chromium-driver nginx:nginx-light
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(PY):

@@ -131,6 +131,28 @@ def test_compose_file_is_valid(profile):
         assert service["logging"]["options"]["max-size"] == "10m", f"{name} keeps its logs without bound"
 
 
+def test_nginx_accepts_its_config(tmp_path):
+    """`nginx -t` on the shipped config, as the image's nginx loads it (inside `http {}`), and the request id
+    it hands on. Debian's nginx (1.22) predates `http2 on;` (1.25.1), which the image's 1.27 reads: here the
+    gRPC server says it the older way, `listen ... http2`. Everything else is checked as shipped."""
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    assert Path(nginx).is_file(), "nginx is missing: `make test` installs it (Debian package nginx-light)"
+    shipped = (ROOT / "docker/nginx.conf").read_text()
+    assert shipped.count("    http2 on;\n") == 1 and shipped.count("    listen 8001;\n") == 1
+    older = shipped.replace("    http2 on;\n", "").replace("    listen 8001;\n", "    listen 8001 http2;\n")
+    (tmp_path / "default.conf").write_text(older.replace("/var/log/nginx/", f"{tmp_path}/"))
+    (tmp_path / "nginx.conf").write_text(
+        f"pid {tmp_path}/nginx.pid;\nerror_log stderr;\nevents {{}}\n"
+        f"http {{ access_log off; client_body_temp_path {tmp_path}; include {tmp_path}/default.conf; }}\n"
+    )
+    result = subprocess.run(
+        [nginx, "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    # the client's X-Request-ID, else nginx's own, reaches the service and nginx's access line
+    assert "proxy_set_header X-Request-ID $warn_request_id;" in shipped and "request_id=$warn_request_id" in shipped
+
+
 def test_monitoring_profile_mounts_the_shipped_configs():
     config = yaml.safe_load(compose("--profile", "cpu", "--profile", "monitoring", "config"))
     services = config["services"]
