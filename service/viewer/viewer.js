@@ -187,6 +187,17 @@ async function predictFile(file) {
   }
 }
 
+// A signed URL's expires and signature (WARN_SIGNED_URLS) open its prediction without the key.
+function signedQuery(text) {
+  try {
+    const pasted = new URL(text.trim(), location.href).searchParams;
+    if (!pasted.has("signature")) return "";
+    return "?" + new URLSearchParams({ expires: pasted.get("expires") || "", signature: pasted.get("signature") });
+  } catch (_) {
+    return "";
+  }
+}
+
 async function openUrl(text) {
   const match = /\/v1\/predictions\/([0-9a-f]{8,64})/i.exec(text) || /^([0-9a-f]{32})$/i.exec(text.trim());
   if (!match) {
@@ -195,7 +206,7 @@ async function openUrl(text) {
   }
   setStatus("Opening prediction " + match[1] + "…");
   try {
-    render(await (await api("v1/predictions/" + match[1])).json());
+    render(await (await api("v1/predictions/" + match[1] + signedQuery(text))).json());
   } catch (e) {
     setStatus(e.message, true);
   }

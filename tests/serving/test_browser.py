@@ -138,6 +138,13 @@ def test_viewer_sends_the_api_key(browser, model_path, signed):
         upload(d, DIGIT)  # every overlay loaded: signed URLs straight into <img>, else blobs fetched with the key
         src = d.find_element(By.ID, "overlay").get_attribute("src")
         assert ("signature=" in src and src.startswith(server.url)) if signed else src.startswith("blob:")
+        if signed:  # a signed overlay URL, pasted into a fresh viewer without the key, opens its prediction
+            d.execute_script("sessionStorage.clear()")
+            d.get(server.url + "/")
+            d.find_element(By.ID, "url").send_keys(src)
+            d.find_element(By.CSS_SELECTOR, "#by-url button").click()
+            wait(d, lambda d: d.find_element(By.ID, "top").get_attribute("data-label") == "5")
+            wait(d, lambda d: d.execute_script(LOADED))
     finally:
         server.stop()
 
