@@ -7,6 +7,7 @@ where the dataset has none.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 NO_BOX = (-1, -1, -1, -1)
+log = logging.getLogger("models.data")
 
 
 class DatasetError(RuntimeError):
@@ -259,8 +261,37 @@ class _WithoutBoxes(Dataset):
 
 
 def rgb_image(path: str) -> Image.Image:
-    with Image.open(path) as img:
-        return img.convert("RGB")
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:  # what Pillow raises for a damaged file
+        raise DatasetError(f"cannot decode {path} ({e}): remove or replace it") from e
+
+
+class _ReadableImages:
+    """ImageFolder's file filter: image extensions whose header Pillow can read. A damaged file is left out
+    and named, so that one bad photo among thousands costs a warning, not a crash mid-epoch."""
+
+    def __init__(self) -> None:
+        self.unreadable: list[tuple[str, str]] = []
+
+    def __call__(self, path: str) -> bool:
+        from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+
+        if not has_file_allowed_extension(path, IMG_EXTENSIONS):
+            return False
+        try:
+            with Image.open(path):  # the header only: about 50 us a file
+                return True
+        except (OSError, SyntaxError, ValueError) as e:
+            self.unreadable.append((path, str(e) or type(e).__name__))
+            return False
+
+    def report(self, folder: Path) -> None:
+        if self.unreadable:
+            named = "; ".join(f"{p} ({why})" for p, why in self.unreadable[:5])
+            more = f" and {len(self.unreadable) - 5} more" if len(self.unreadable) > 5 else ""
+            log.warning("left out %d unreadable image(s) under %s: %s%s", len(self.unreadable), folder, named, more)
 
 
 def build_dataset(
@@ -306,8 +337,13 @@ def build_dataset(
             if augment  # ImageNet's fine-tuning recipe, at the model's input size
             else [transforms.Resize(round(min(h, w) * 8 / 7)), transforms.CenterCrop((h, w))]  # 256 -> 224
         )
-        ds = datasets.ImageFolder(
-            str(folder), transform=transforms.Compose([*aug, transforms.ToTensor()]), loader=rgb_image
-        )
+        readable = _ReadableImages()
+        tf = transforms.Compose([*aug, transforms.ToTensor()])
+        try:
+            ds = datasets.ImageFolder(str(folder), transform=tf, loader=rgb_image, is_valid_file=readable)
+        except FileNotFoundError as e:  # a class folder with no image left
+            raise DatasetError(f"{e} ({len(readable.unreadable)} unreadable image(s) left out)") from e
+        finally:
+            readable.report(folder)
         return _WithoutBoxes(ds, list(ds.classes))
     raise DatasetError(f"unknown dataset {name!r}: choose cluttered-digits, cifar10, cifar100 or imagefolder")

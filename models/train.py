@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -222,7 +223,12 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    train(parse_args(argv))
+    from models.data import DatasetError
+
+    try:
+        train(parse_args(argv))
+    except DatasetError as e:  # the user's data or paths: the message says what to do, no traceback
+        sys.exit(f"warn-train: {e}")
 
 
 if __name__ == "__main__":

@@ -39,3 +39,13 @@ def test_warn_train_is_derived_from_its_config(capsys):
     cfg = parse_args(["--ad", "2", "--aw", "3", "--momentum", "0.8", "--warmup-epochs", "0.5", "--download"])
     assert (cfg.arch.attention_depth, cfg.arch.attention_width, cfg.momentum, cfg.warmup_epochs) == (2, 3, 0.8, 0.5)
     assert cfg.download and parse_args([]) == TrainConfig()
+
+
+def test_warn_train_says_what_is_wrong_with_the_data_without_a_traceback(tmp_path):
+    from models.train import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--dataset", "imagefolder", "--data-root", str(tmp_path), "--out", str(tmp_path / "run")])
+    assert stop.value.code == f"warn-train: imagefolder expects {tmp_path / 'train'} " + (
+        "(ImageFolder layout: <root>/train/<class>/*.jpg and <root>/val/...)"
+    )

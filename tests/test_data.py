@@ -77,6 +77,37 @@ def test_imagefolder(tmp_path):
     assert img.shape == (3, 24, 24) and box.tolist() == [-1, -1, -1, -1]
 
 
+def test_imagefolder_leaves_out_damaged_images_and_names_them(tmp_path, caplog):
+    import io
+    import logging
+
+    from PIL import Image
+
+    for cls in ("cat", "dog"):
+        (tmp_path / "train" / cls).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "train" / cls / f"{i}.png")
+    (tmp_path / "train" / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (tmp_path / "train" / "dog" / "notes.txt").write_text("not an image, and not an image's name")
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(buf, format="PNG")
+    (tmp_path / "train" / "dog" / "cut.png").write_bytes(buf.getvalue()[:90])  # a sound header, pixels cut off
+    with caplog.at_level(logging.WARNING, logger="models.data"):
+        ds = build_dataset("imagefolder", "train", root=tmp_path, input_size=(24, 24))
+    assert len(ds) == 5  # the broken header is left out, and said so; the text file was never an image
+    assert [r.getMessage() for r in caplog.records] == [
+        f"left out 1 unreadable image(s) under {tmp_path / 'train'}: {tmp_path / 'train/cat/broken.jpg'} "
+        "(Truncated File Read)"
+    ]
+    cut = [i for i, (path, _) in enumerate(ds.inner.samples) if path.endswith("cut.png")][0]
+    with pytest.raises(DatasetError, match=r"cannot decode .*cut\.png .*remove or replace it"):
+        ds[cut]  # found only when its pixels are read: named, not a bare Pillow error
+    for f in (tmp_path / "train" / "dog").glob("*.png"):
+        f.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    with pytest.raises(DatasetError, match=r"dog.*4 unreadable image\(s\) left out"):
+        build_dataset("imagefolder", "train", root=tmp_path, input_size=(24, 24))
+
+
 def test_robust_rendering_adds_inverted_canvases_and_a_none_class():
     from dataclasses import replace
 
