@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from typing import Any
 
@@ -254,10 +255,19 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from models.data import DatasetError
+
+    args = parser().parse_args(argv)
+    try:
+        run(args)
+    except DatasetError as e:  # the user's data or paths: the message says what to do, no traceback
+        sys.exit(f"warn-eval: {e}")
+
+
+def run(args: argparse.Namespace) -> None:
     from models.checkpoint import load, read, save
     from models.data import NONE_CLASS, build_dataset
 
-    args = parser().parse_args(argv)
     model, meta = load(args.checkpoint)
     train = meta.get("train", {})
     seed = args.seed if args.seed is not None else train.get("seed", 0)

@@ -2,6 +2,7 @@
 
 import argparse
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +12,8 @@ from models.profile import parser as profile_parser
 from models.train import TrainConfig, parse_args
 from models.warn import Architecture, WARNConfig
 from service.client import parser as predict_parser
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("make", [export_parser, eval_parser, profile_parser, predict_parser])
@@ -41,11 +44,14 @@ def test_warn_train_is_derived_from_its_config(capsys):
     assert cfg.download and parse_args([]) == TrainConfig()
 
 
-def test_warn_train_says_what_is_wrong_with_the_data_without_a_traceback(tmp_path):
-    from models.train import main
+def test_train_and_eval_say_what_is_wrong_with_the_data_without_a_traceback(tmp_path):
+    from models.evaluate import main as evaluate
+    from models.train import main as train
 
+    layout = "(ImageFolder layout: <root>/train/<class>/*.jpg and <root>/val/...)"
     with pytest.raises(SystemExit) as stop:
-        main(["--dataset", "imagefolder", "--data-root", str(tmp_path), "--out", str(tmp_path / "run")])
-    assert stop.value.code == f"warn-train: imagefolder expects {tmp_path / 'train'} " + (
-        "(ImageFolder layout: <root>/train/<class>/*.jpg and <root>/val/...)"
-    )
+        train(["--dataset", "imagefolder", "--data-root", str(tmp_path), "--out", str(tmp_path / "run")])
+    assert stop.value.code == f"warn-train: imagefolder expects {tmp_path / 'train'} {layout}"
+    with pytest.raises(SystemExit) as stop:
+        evaluate([str(ROOT / "default_model/model.pt"), "--dataset", "imagefolder", "--data-root", str(tmp_path)])
+    assert stop.value.code == f"warn-eval: imagefolder expects {tmp_path / 'val'} {layout}"
