@@ -28,7 +28,7 @@ LAYERS = (
     "decode and run: the hop to a decoding thread and back",
     "+ the answer's JSON and the stored prediction",
     "+ a plain Starlette route: the body read, the JSON response",
-    "+ the app's middleware (metrics, body limits, HEAD, errors)",
+    "+ the app's middleware (request id, metrics, body limits, HEAD, errors)",
     "+ FastAPI's route: auth, query parameters, URLs (= /v1/predict as served)",
 )
 
