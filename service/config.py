@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import joblib
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "default_model" / "model.onnx"
@@ -200,6 +200,11 @@ class Settings(BaseSettings):
     API_KEY: str | None = Field(
         None, description="when set, every route but health and metrics needs 'Authorization: Bearer <key>'"
     )
+    PREVIOUS_API_KEYS: list[str] = Field(
+        default_factory=list,
+        description='keys still accepted beside API_KEY while clients move to it (rotation), e.g. ["old-key"]; '
+        "URLs signed under them open too. Needs API_KEY",
+    )
     SIGNED_URLS: bool = Field(
         True,
         description="with API_KEY set, the overlay URLs /v1/predict returns carry a signature (expires, signature) "
@@ -220,6 +225,18 @@ class Settings(BaseSettings):
     def _auto_in_any_case(cls, value: Any) -> Any:
         """AUTO and Auto as well, as TRUE and True are booleans."""
         return "auto" if isinstance(value, str) and value.strip().lower() == "auto" else value
+
+    @model_validator(mode="after")
+    def _previous_keys_need_a_key(self) -> Settings:
+        if self.PREVIOUS_API_KEYS and not self.API_KEY:
+            raise ValueError("PREVIOUS_API_KEYS are accepted beside API_KEY, which is not set")
+        if "" in self.PREVIOUS_API_KEYS:
+            raise ValueError("PREVIOUS_API_KEYS holds an empty key")
+        return self
+
+    def api_keys(self) -> list[str]:
+        """The keys a client may send: API_KEY first (URLs are signed under it), then the previous ones."""
+        return [self.API_KEY, *self.PREVIOUS_API_KEYS] if self.API_KEY else []
 
     def workers(self) -> int:
         return self.WORKERS or cores()

@@ -6,12 +6,12 @@ hop there and back for every request (two per /v1/predict before, three per over
 
 from __future__ import annotations
 
-import hmac
 from typing import Annotated
 
 from fastapi import Depends, Query, Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.auth import bearer_token, key_matches
 from service.errors import InvalidRequest, Unauthorized, UnsupportedMedia
 from service.overlay import FORMATS, OverlayParams
 from service.pipeline import Runtime
@@ -25,11 +25,11 @@ RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 
 async def require_api_key(request: Request) -> None:
-    key = request.app.state.settings.API_KEY
-    if not key:
+    keys = request.app.state.api_keys
+    if not keys:
         return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+    token = bearer_token(request.headers.get("authorization", ""))
+    if token is None or not key_matches(token, keys):
         raise Unauthorized("missing or wrong API key: send 'Authorization: Bearer <key>'")
 
 
@@ -43,7 +43,7 @@ async def require_api_key_or_signature(
         Query(max_length=64, description="with WARN_API_KEY set: opens this prediction without the key"),
     ] = None,
 ) -> None:
-    """The API key, or the signature that `/v1/predict` put on this prediction's URLs (service/signing.py)."""
+    """The API key, or the signature that `/v1/predict` put on this prediction's URLs (service/auth.py)."""
     signer = request.app.state.signer
     if signer is None or "authorization" in request.headers:
         return await require_api_key(request)

@@ -8,7 +8,6 @@ Errors map to gRPC status codes as Triton maps them.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -21,6 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
+from service.auth import bearer_token, key_matches
 from service.config import Settings
 from service.errors import (
     BodyTooLarge,
@@ -119,6 +119,7 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(self, runtime: Runtime, settings: Settings, metrics: Metrics) -> None:
         self.rt = runtime
         self.settings = settings
+        self.api_keys = settings.api_keys()
         self.metrics = metrics
         self.serving = True
 
@@ -144,12 +145,11 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             self.metrics.grpc_latency.labels(method).observe(time.perf_counter() - started)
 
     def _authorize(self, context: grpc.aio.ServicerContext) -> None:
-        key = self.settings.API_KEY
-        if not key:
+        keys = self.api_keys
+        if not keys:
             return
-        sent = dict(context.invocation_metadata() or ()).get("authorization", "")
-        scheme, _, token = sent.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        token = bearer_token(dict(context.invocation_metadata() or ()).get("authorization", ""))
+        if token is None or not key_matches(token, keys):
             raise Unauthorized("missing or wrong API key: send the metadata 'authorization: Bearer <key>'")
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:

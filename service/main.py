@@ -12,6 +12,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from PIL import Image
 
 from service import __version__, errors, overlay, workers
+from service.auth import UrlSigner
 from service.config import Settings
 from service.deps import require_api_key, require_api_key_or_signature
 from service.head import HeadAsGet
@@ -22,7 +23,6 @@ from service.metrics import Metrics, MetricsMiddleware
 from service.pipeline import Runtime
 from service.request_id import RequestIdMiddleware
 from service.routes import docs, health, model, predict, predictions, v2, viewer
-from service.signing import UrlSigner
 
 log = logging.getLogger("service")
 
@@ -84,8 +84,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         **({"openapi_url": None} if closed_docs else {}),
     )
     app.state.settings, app.state.metrics, app.state.runtime = settings, metrics, None
-    signed = settings.API_KEY and settings.SIGNED_URLS
-    app.state.signer = UrlSigner(settings.API_KEY, settings.STORE_TTL_S) if signed else None
+    app.state.api_keys = settings.api_keys()
+    signed = app.state.api_keys and settings.SIGNED_URLS
+    app.state.signer = UrlSigner(app.state.api_keys, settings.STORE_TTL_S) if signed else None
     errors.install(app)
     guarded = [Depends(require_api_key)]
     app.include_router(health.router)

@@ -172,7 +172,7 @@ def test_bad_requests_get_their_status_codes_and_the_server_stays_up(grpc_client
 
 
 def test_api_key_is_required_except_for_health(model_path):
-    server, port = start(model_path, WARN_API_KEY="s3cret")
+    server, port = start(model_path, WARN_API_KEY="s3cret", WARN_PREVIOUS_API_KEYS='["old"]')
     try:
         client = tc.InferenceServerClient(f"127.0.0.1:{port}")
         assert client.is_server_live() and client.is_server_ready()
@@ -181,8 +181,9 @@ def test_api_key_is_required_except_for_health(model_path):
         wrong = {"authorization": "Bearer nope"}
         assert code_of(lambda: client.infer(MODEL, [good], headers=wrong)) == grpc.StatusCode.UNAUTHENTICATED
         assert code_of(lambda: client.get_model_metadata(MODEL)) == grpc.StatusCode.UNAUTHENTICATED
-        right = {"authorization": "Bearer s3cret"}
-        assert client.infer(MODEL, [good], headers=right).as_numpy("probabilities").shape == (1, 11)
+        for key in ("s3cret", "old"):  # the current key, and one still accepted during a rotation
+            right = {"authorization": f"Bearer {key}"}
+            assert client.infer(MODEL, [good], headers=right).as_numpy("probabilities").shape == (1, 11)
         client.close()
     finally:
         server.stop()

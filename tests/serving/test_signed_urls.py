@@ -4,7 +4,8 @@ import time
 
 import pytest
 
-from service.signing import UrlSigner
+from service.auth import UrlSigner
+from service.errors import Unauthorized
 from tests.serving.conftest import ROOT, make_client
 
 KEY = {"authorization": "Bearer s3cret"}
@@ -65,7 +66,7 @@ def test_a_signature_opens_nothing_else(keyed, photo):
     # a wrong key is refused even beside a good signature: the key, when sent, decides
     refused(keyed.get(first["attention_urls"]["combined"], headers={"authorization": "Bearer nope"}), "API key")
     # signed under another API key (a rotated one): refused
-    foreign = UrlSigner("old-key", 600).query(first["id"])
+    foreign = UrlSigner(["old-key"], 600).query(first["id"])
     refused(keyed.get(f"/v1/predictions/{first['id']}?{foreign}"), "does not match")
     for bad in ("expires=-1&signature=x", "expires=abc&signature=x", f"expires=1&signature={'x' * 65}"):
         assert keyed.get(f"/v1/predictions/{first['id']}?{bad}").status_code == 422
@@ -97,5 +98,41 @@ def test_urls_are_plain_without_a_key_or_with_signing_off(model_path, client, ke
         url = answer["attention_urls"]["combined"]
         assert "?" not in url and c.get(url).status_code == 401 and c.get(url, headers=KEY).status_code == 200
         # signing off: a signature made with the same key opens nothing
-        forged = UrlSigner("s3cret", 600).query(answer["id"])
+        forged = UrlSigner(["s3cret"], 600).query(answer["id"])
         assert c.get(f"{url}?{forged}").status_code == 401
+
+
+def test_a_key_rotates_without_a_cut_over(model_path, photo, tmp_path):
+    """During a rotation the previous key, and URLs signed under it, still open; dropping it revokes both."""
+    old = UrlSigner(["old"], 600)
+    store = {"STORE": "disk", "STORE_DIR": tmp_path, "GRPC_PORT": 0}  # outlives the first app
+    with make_client(model_path, API_KEY="new", PREVIOUS_API_KEYS=["old"], **store) as c:
+        answer = predict(c, photo, headers={"authorization": "Bearer old"})
+        for key, status in (("new", 200), ("old", 200), ("older", 401)):
+            assert c.get("/v1/model", headers={"authorization": f"Bearer {key}"}).status_code == status
+        pid = answer["id"]
+        signed_under_new = answer["attention_urls"]["combined"]  # URLs are signed under the current key
+        expires, signature = (p.split("=")[1] for p in signed_under_new.split("?")[1].split("&"))
+        UrlSigner(["new"], 600).check(pid, int(expires), signature)
+        with pytest.raises(Unauthorized, match="does not match"):
+            old.check(pid, int(expires), signature)
+        assert c.get(signed_under_new).status_code == 200
+        signed_under_old = f"/v1/predictions/{pid}/attention/combined.png?{old.query(pid)}"
+        assert c.get(signed_under_old).status_code == 200
+    with make_client(model_path, API_KEY="new", **store) as c:  # the rotation is over
+        assert c.get(signed_under_new).status_code == 200
+        r = c.get(signed_under_old)
+        assert r.status_code == 401 and "no longer accepted" in r.json()["error"]
+        assert c.get("/v1/model", headers={"authorization": "Bearer old"}).status_code == 401
+
+
+def test_previous_keys_need_a_current_one():
+    from pydantic import ValidationError
+
+    from service.config import Settings
+
+    with pytest.raises(ValidationError, match="API_KEY, which is not set"):
+        Settings(PREVIOUS_API_KEYS=["old"])
+    with pytest.raises(ValidationError, match="empty key"):
+        Settings(API_KEY="new", PREVIOUS_API_KEYS=[""])
+    assert Settings(API_KEY="new", PREVIOUS_API_KEYS=["old"]).api_keys() == ["new", "old"]
