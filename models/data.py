@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -273,12 +274,14 @@ class _ReadableImages:
     and named, so that one bad photo among thousands costs a warning, not a crash mid-epoch."""
 
     def __init__(self) -> None:
+        from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+
+        # ImageFolder's own extension check, which a filter of one's own replaces
+        self.is_image_name = partial(has_file_allowed_extension, extensions=IMG_EXTENSIONS)
         self.unreadable: list[tuple[str, str]] = []
 
     def __call__(self, path: str) -> bool:
-        from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
-
-        if not has_file_allowed_extension(path, IMG_EXTENSIONS):
+        if not self.is_image_name(path):
             return False
         try:
             with Image.open(path):  # the header only: about 50 us a file

@@ -44,8 +44,7 @@ async def require_api_key_or_signature(
     ] = None,
 ) -> None:
     """The API key, or the signature that `/v1/predict` put on this prediction's URLs (service/auth.py)."""
-    signer = request.app.state.signer
-    if signer is None or "authorization" in request.headers:
+    if "authorization" in request.headers:  # main.py installs this only where URLs are signed
         return await require_api_key(request)
     if expires is None and signature is None:
         raise Unauthorized(
@@ -53,7 +52,7 @@ async def require_api_key_or_signature(
         )
     if expires is None or signature is None:
         raise Unauthorized("a signed URL needs both 'expires' and 'signature', as /v1/predict gave them")
-    signer.check(request.path_params["prediction_id"], expires, signature)
+    request.app.state.signer.check(request.path_params["prediction_id"], expires, signature)
 
 
 MAX_FORM_FIELDS = 16  # text fields beside the file; Starlette allows 1,000
