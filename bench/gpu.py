@@ -352,6 +352,7 @@ def predict_load(server: Uvicorn, path: Path, ctype: str, connections: int, seco
         "server_cpu": sum(cores.values()),
         "worker_cores": sorted((round(cores[pid], 2) for pid in server.workers()), reverse=True),
         "session_cores": [round(cores[pid], 2) for pid in server.sessions() if pid in cores],
+        "writer_cores": [round(cores[pid], 2) for pid in server.writers() if pid in cores],
         "gpu_busy": busy.mean,
     }
 
@@ -453,6 +454,8 @@ def markdown(m: dict, rows: list[dict]) -> str:
         spread = f" (workers {min(cores):.2f}-{max(cores):.2f})" if cores else ""
         if r.get("session_cores"):
             spread += f", shared session {r['session_cores'][0]:.2f}"
+        if r.get("writer_cores"):
+            spread += f", store writer {r['writer_cores'][0]:.2f}"
         if "error" in r:
             lines.append(f"| {n} | {r.get('what', '')} | failed: {r['error']} |")
         elif n == "G1":

@@ -184,18 +184,22 @@ class Uvicorn:
         return [int(p) for p in path.read_text().split()] if path.exists() else []
 
     def workers(self) -> list[int]:
-        """Pids of the server's worker processes (multiprocessing's resource tracker and the shared
-        session's process left out)."""
-        sessions = self.sessions()
+        """Pids of the server's worker processes (multiprocessing's resource tracker, the shared session's
+        process and the store writer's left out)."""
+        helpers = [*self.sessions(), *self.writers()]
         return [
             p
             for p in self.children()
-            if b"resource_tracker" not in Path(f"/proc/{p}/cmdline").read_bytes() and p not in sessions
+            if b"resource_tracker" not in Path(f"/proc/{p}/cmdline").read_bytes() and p not in helpers
         ]
 
     def sessions(self) -> list[int]:
         """The pid of the shared session's process, where the workers share one."""
         return [p for p in self.children() if Path(f"/proc/{p}/comm").read_text().strip() == "warn-session"]
+
+    def writers(self) -> list[int]:
+        """The pid of the store writer's process, where the workers share a disk store."""
+        return [p for p in self.children() if Path(f"/proc/{p}/comm").read_text().strip() == "warn-store"]
 
     def stop(self) -> None:
         self.proc.terminate()

@@ -3,9 +3,10 @@
 WARN_WORKERS sets the number of workers (0, the default: one per core); uvicorn's own options and
 UVICORN_* variables (host, port, ...) pass through. Each worker listens on a socket of its own
 (WARN_REUSE_PORT) and may run on a core of its own (WARN_PIN_WORKERS; see service/workers.py).
-Several workers share stored predictions through the disk (or Redis) store and report metrics
-together (Prometheus multiprocess mode). On a GPU (WARN_SHARED_SESSION) they also share one session, in
-a process of its own (service/shared_session.py).
+Several workers share stored predictions through the disk (or Redis) store, whose writes one process
+of its own makes (WARN_STORE_WRITER, service/store_writer.py), and report metrics together (Prometheus
+multiprocess mode). On a GPU (WARN_SHARED_SESSION) they also share one session, in a process of its own
+(service/shared_session.py).
 """
 
 from __future__ import annotations
@@ -16,11 +17,15 @@ import sys
 import tempfile
 
 from service import workers as workers_module
+from service.children import Child
 from service.config import Settings
 from service.connection import PROTOCOL
-from service.errors import ModelLoadError
+from service.errors import StartupError
 from service.shared_session import ADDRESS_ENV, KEY_ENV, SharedSession
 from service.store import DiskStore, scratch_dir
+from service.store_writer import ADDRESS_ENV as WRITER_ADDRESS_ENV
+from service.store_writer import KEY_ENV as WRITER_KEY_ENV
+from service.store_writer import StoreWriter
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -34,8 +39,12 @@ def main(argv: list[str] | None = None) -> None:
     if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         made.append(tempfile.mkdtemp(prefix="warn-metrics-"))
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = made[-1]
-    session = SharedSession() if settings.shared_session() else None
-    for name in (ADDRESS_ENV, KEY_ENV):  # the workers' own, never one inherited
+    children: list[Child] = []
+    if settings.shared_session():
+        children.append(SharedSession())
+    if settings.STORE == "disk" and settings.STORE_WRITER and workers > 1:
+        children.append(StoreWriter())
+    for name in (ADDRESS_ENV, KEY_ENV, WRITER_ADDRESS_ENV, WRITER_KEY_ENV):  # the workers' own, never inherited
         os.environ.pop(name, None)
     argv = list(sys.argv[1:] if argv is None else argv)
     if settings.GRPC_HOST is None:  # gRPC listens where HTTP does
@@ -60,15 +69,15 @@ def main(argv: list[str] | None = None) -> None:
         PROTOCOL,
     ]
     try:
-        if session:
-            session.start()  # after the metrics directory is set: it reports its batches there too
-            os.environ.update(session.env())
+        for child in children:
+            child.start()  # after the store's and metrics' directories are set: it uses them too
+            os.environ.update(child.env())
         uvicorn.main(args + argv, standalone_mode=True)
-    except ModelLoadError as e:
+    except StartupError as e:
         sys.exit(f"cannot start: {e}")
     finally:
-        if session:
-            session.stop()
+        for child in children:
+            child.stop()
         for directory in made:
             shutil.rmtree(directory, ignore_errors=True)
 

@@ -171,6 +171,12 @@ class Settings(BaseSettings):
         "grows to at most twice this plus 64 MiB (LMDB's map: room for the pages it frees and reuses)",
     )
     STORE_TTL_S: float = Field(3600, gt=0, description="seconds a stored prediction lives")
+    STORE_WRITER: bool = Field(
+        True,
+        description="the workers of `python -m service` send their disk-store writes to one process of its "
+        "own, so that none waits for the file's write lock while another worker holds it; false: each worker "
+        "writes itself",
+    )
     STORE_PENDING_WRITES: int = Field(
         8,
         ge=0,

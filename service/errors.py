@@ -73,7 +73,11 @@ class ModelUnavailable(ServiceError):
     headers = {"Retry-After": "1"}
 
 
-class ModelLoadError(RuntimeError):
+class StartupError(RuntimeError):
+    """Something the service needs cannot start; start-up stops with this message."""
+
+
+class ModelLoadError(StartupError):
     """The model cannot be loaded; start-up stops with this message."""
 
 

@@ -10,21 +10,16 @@ to 16 rows and one run at a time, it served 1,856-1,909 req/s at 64 connections;
 padded to 4, 8 or 32 rows, 1,080-1,440 (README, "On a GPU host").
 
 The socket lives in a directory only this user may enter, and a peer must prove the run's random
-key (multiprocessing's HMAC handshake) before anything it sends is unpickled.
+key (multiprocessing's HMAC handshake) before anything it sends is unpickled (service/children.py).
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import multiprocessing
 import os
 import queue
-import shutil
-import signal
 import socket
 import sys
-import tempfile
 import threading
 import time
 from collections import deque
@@ -37,6 +32,7 @@ from prometheus_client import Histogram
 
 from service import threads
 from service.batcher import split
+from service.children import Child, as_child_of_the_service
 from service.config import Settings
 from service.errors import ModelLoadError, ModelUnavailable
 from service.logs import show_service_logs
@@ -158,22 +154,6 @@ def serve_connections(listener: Listener, info: ModelInfo, runner: Runner, runs:
             running.submit(run, runner.take())
 
 
-def as_child_of_the_service(name: bytes) -> None:
-    """Named for ps and top; deaf to the SIGINT and SIGTERM sent to the whole process group (Ctrl-C, a
-    container's stop), so the workers can finish their requests first (the parent kills it after);
-    and killed should the parent die without that."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    try:
-        libc = ctypes.CDLL(None)
-        libc.prctl(15, name)  # PR_SET_NAME
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux
-        pass
-    if os.getppid() == 1:  # the parent died before PDEATHSIG was set
-        sys.exit(1)
-
-
 def serve(address: str, authkey: bytes) -> None:
     """The shared session's process: loads the model, then listens at `address` (its existence says ready)."""
     show_service_logs()
@@ -261,58 +241,8 @@ class RemoteModel:
         return cls(address, key)
 
 
-class SharedSession:
+class SharedSession(Child):
     """Started by `python -m service` before its workers: the process, restarted should it die."""
 
     def __init__(self, startup_timeout_s: float = 300) -> None:
-        self.folder = tempfile.mkdtemp(prefix="warn-session-")  # mode 0700: only this user connects
-        self.address = str(Path(self.folder) / "socket")
-        self.key = os.urandom(32)
-        self.startup_timeout_s = startup_timeout_s
-        self._stopping = threading.Event()
-        self.process: multiprocessing.process.BaseProcess | None = None
-        self.restarts = 0
-
-    def _spawn(self) -> None:
-        Path(self.address).unlink(missing_ok=True)
-        self.process = multiprocessing.get_context("spawn").Process(
-            target=serve, args=(self.address, self.key), name="warn-shared-session", daemon=True
-        )
-        self.process.start()
-        deadline = time.monotonic() + self.startup_timeout_s
-        while not Path(self.address).exists():
-            if not self.process.is_alive():
-                raise ModelLoadError(f"the shared session's process exited with code {self.process.exitcode}")
-            if time.monotonic() > deadline:
-                self.process.kill()
-                raise ModelLoadError(f"the shared session did not load in {self.startup_timeout_s:.0f} s")
-            time.sleep(0.05)
-
-    def env(self) -> dict[str, str]:
-        """What tells a worker where the session is, and the key to prove itself with."""
-        return {ADDRESS_ENV: self.address, KEY_ENV: self.key.hex()}
-
-    def start(self) -> None:
-        self._spawn()
-        threading.Thread(target=self._watch, daemon=True, name="session-watchdog").start()
-        log.info("one shared session for every worker, in process %s", self.process.pid)
-
-    def _watch(self) -> None:
-        while not self._stopping.is_set():
-            self.process.join(0.5)
-            if self.process.is_alive() or self._stopping.is_set():
-                continue
-            log.error("the shared session's process exited with code %s; restarting it", self.process.exitcode)
-            self.restarts += 1
-            try:
-                self._spawn()
-            except ModelLoadError as e:
-                log.error("cannot restart the shared session: %s", e)
-                time.sleep(1)
-
-    def stop(self) -> None:
-        self._stopping.set()
-        if self.process is not None and self.process.is_alive():
-            self.process.kill()  # it ignores SIGTERM; the workers it served have exited
-            self.process.join(5)
-        shutil.rmtree(self.folder, ignore_errors=True)
+        super().__init__(serve, "the shared session", ADDRESS_ENV, KEY_ENV, startup_timeout_s, ModelLoadError)

@@ -30,6 +30,7 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from service import threads
+from service.store_writer import WriterLink
 
 MAGIC = b"WARNSP3\n"  # format 3: raw arrays, then the image as pixels or as uploaded
 MAGIC_PIXELS = b"WARNSP2\n"  # format 2 (the image always as pixels), still read
@@ -245,7 +246,9 @@ class DiskStore:
     Prediction ids are UUIDv7s (`new_key`), so key order is age order. Each put therefore evicts from the
     front of the key order: entries past their `ttl_s`, and the oldest while the store holds more than
     `max_items` entries or `max_bytes` of pages. A get treats an expired entry as gone. Within a worker,
-    writes run one at a time on a thread of their own, off the event loop."""
+    writes run one at a time on a thread of their own, off the event loop; where `python -m service`
+    started a store writer (service/store_writer.py, with `relay`), that thread sends them to it, and
+    writes them itself only while that process is away."""
 
     EXPIRY = struct.Struct(">d")  # each value starts with when it expires (seconds since the epoch)
 
@@ -257,6 +260,7 @@ class DiskStore:
         max_bytes: int,
         temporary: bool = False,
         clock=time.time,
+        relay: bool = True,
     ) -> None:
         if directory is None:
             directory = scratch_dir(self.file_bound(max_bytes))
@@ -270,6 +274,7 @@ class DiskStore:
         self.closed = False
         self._writer = threads.pool(1, "store-writer")
         self._buffer = bytearray()  # the writer thread's
+        self.link = WriterLink.from_env() if relay else None  # the store writer's process, where there is one
 
     @staticmethod
     def file_bound(max_bytes: int) -> int:
@@ -286,24 +291,44 @@ class DiskStore:
     def _used(stat: dict[str, int]) -> int:
         return stat["psize"] * (stat["branch_pages"] + stat["leaf_pages"] + stat["overflow_pages"])
 
-    def _serialized(self, value: StoredPrediction) -> memoryview:
-        """The value LMDB stores (expiry, then `value.to_bytes()`), assembled in a buffer this store keeps: a
-        new one for each put, mmapped above 1 MB (service/memory.py), cost a page fault per 4 KB."""
-        parts = [memoryview(p).cast("B") for p in (self.EXPIRY.pack(self._clock() + self.ttl_s), *value.parts())]
+    def _message(self, key: str, value: StoredPrediction) -> memoryview:
+        """The key's length and the key, then the value LMDB stores (expiry, then `value.to_bytes()`), assembled
+        in a buffer this store keeps (a new one for each put, mmapped above 1 MB (service/memory.py), cost a
+        page fault per 4 KB), or the one it shares with the store writer."""
+        k = key.encode()
+        if len(k) > 255:
+            raise ValueError("a store key is at most 255 bytes")
+        head = bytes([len(k)]) + k + self.EXPIRY.pack(self._clock() + self.ttl_s)
+        parts = [memoryview(p).cast("B") for p in (head, *value.parts())]
         size = sum(len(p) for p in parts)
-        if len(self._buffer) < size:
-            self._buffer = bytearray(size)
-        view, offset = memoryview(self._buffer), 0
+        if self.link is not None:
+            view = self.link.buffer(size)
+        else:
+            if len(self._buffer) < size:
+                self._buffer = bytearray(size)
+            view = memoryview(self._buffer)
+        offset = 0
         for p in parts:
             view[offset : offset + len(p)] = p
             offset += len(p)
         return view[:size]
 
     def _put(self, key: str, value: StoredPrediction) -> None:
-        data = self._serialized(value)
+        message = self._message(key, value)
+        if self.link is not None:
+            try:
+                return self.link.write(message)
+            except (OSError, EOFError, TimeoutError):  # it is being restarted: this write waits for no one
+                pass
+        self.write(message)
+
+    def write(self, message: memoryview) -> None:
+        """Store what `_message` made (here, or in the store writer's process)."""
+        n = message[0]
+        key, data = bytes(message[1 : 1 + n]), message[1 + n :]
         for attempt in range(3):
             try:
-                return self._write(key.encode(), data)
+                return self._write(key, data)
             except lmdb.MapFullError:
                 if attempt == 2:
                     raise
@@ -353,6 +378,8 @@ class DiskStore:
 
     async def close(self) -> None:
         self._writer.shutdown(wait=False)  # Runtime.stop has waited for the writes, up to its timeout
+        if self.link is not None:
+            self.link.close()
         if not self.closed:
             self.closed = True
             _release(self.env)

@@ -59,6 +59,8 @@ def test_two_workers_share_predictions_and_metrics(model_path, tmp_path):
                 return answers, overlays, metrics
 
         answers, overlays, metrics = asyncio.run(main())
+        (writer,) = named_children(server, "warn-store")
+        assert len(os.listdir(f"/proc/{writer}/task")) >= 3  # a relay thread per worker: both wrote through it
         # the workers share the gRPC port too; fresh channels land on either
         for _ in range(6):
             with tc.InferenceServerClient(f"127.0.0.1:{env['WARN_GRPC_PORT']}") as client:
@@ -77,6 +79,12 @@ def test_two_workers_share_predictions_and_metrics(model_path, tmp_path):
         assert images_total and float(images_total.group(1)) == 50
     finally:
         server.stop()
+
+
+def named_children(server: Server, name: str) -> list[int]:
+    """The server's child processes that the OS knows by `name`."""
+    children = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children").read_text().split()
+    return [int(p) for p in children if Path(f"/proc/{p}/comm").read_text().strip() == name]
 
 
 def connections_by_worker(server: Server) -> dict[int, int]:
@@ -119,6 +127,7 @@ def test_a_burst_of_connections_spreads_over_every_worker(model_path):
         "WARN_MODEL_PATH": str(model_path),
         "WARN_WORKERS": "4",
         "WARN_GRPC_PORT": "0",
+        "WARN_STORE_WRITER": "false",
     }
     server = Server(env, launcher=True)
     try:
@@ -126,6 +135,7 @@ def test_a_burst_of_connections_spreads_over_every_worker(model_path):
         deadline = time.monotonic() + 90
         while server.output().count("Application startup complete") < 4 and time.monotonic() < deadline:
             time.sleep(0.2)
+        assert named_children(server, "warn-store") == []  # each worker writes its own predictions
         pool = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(64)]
         for conn in pool:
             conn.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: test\r\n\r\n")
@@ -236,9 +246,14 @@ def test_workers_are_pinned_only_where_each_has_a_core_of_its_own():
 
 
 def worker_pids(server: Server) -> list[int]:
-    """The server's worker processes (multiprocessing's resource tracker left out)."""
+    """The server's worker processes (multiprocessing's resource tracker and the store writer left out)."""
     children = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children").read_text().split()
-    return [int(p) for p in children if b"resource_tracker" not in Path(f"/proc/{p}/cmdline").read_bytes()]
+    return [
+        int(p)
+        for p in children
+        if b"resource_tracker" not in Path(f"/proc/{p}/cmdline").read_bytes()
+        and int(p) not in named_children(server, "warn-store")
+    ]
 
 
 def cpus_of(pid: int) -> set[frozenset[int]]:
