@@ -16,6 +16,14 @@ default bounds, 1,000 entries or 512 MiB), so that every put also evicts the old
 fill one store in /dev/shm, then each puts `--puts` entries through the store's writer thread; reported
 is the CPU time of one put, for the two kinds of entry the service stores: a JPEG upload as sent
 (scikit-learn's 640x427 photo, 192 KB) and decoded pixels (the 1024x683 sample above).
+
+    .venv/bin/python -m bench.store --busy 1  # a worker's writes while another worker is busy
+
+`--busy N`: N workers whose main thread runs Python without pause (an event loop under load) and one idle
+worker, each putting the photo upload every 2 ms through its writer thread, into one full store:
+each writing itself, then through the store writer's process (WARN_STORE_WRITER). Reported: puts a
+second and put latency, for the idle worker and the busy ones. Written by the workers themselves, the
+idle worker waits on LMDB's lock while a busy one holds it waiting for its own GIL.
 """
 
 from __future__ import annotations
@@ -25,9 +33,11 @@ import asyncio
 import io
 import itertools
 import multiprocessing as mp
+import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
 import zlib
@@ -211,14 +221,100 @@ def full(puts: int) -> list[dict]:
     return rows
 
 
+def busy_worker(directory: str, relay: bool, seconds: float, busy: bool, out) -> None:
+    """A worker that puts the photo upload every 2 ms through its store's writer thread, the latency of each
+    reported; `busy`: its main thread meanwhile runs Python, as an event loop under load does, holding the
+    GIL but for the moments another thread asks for it."""
+    from importlib.resources import files
+
+    value = sample()
+    value.image = (files("sklearn.datasets") / "images" / "china.jpg").read_bytes()
+    store = DiskStore(directory, 1000, 3600, 512 << 20, relay=relay)
+    for _ in range(600):  # with the other processes: past the 1,000 kept, so each put below evicts
+        store._put(new_key(), value)
+    stop = time.perf_counter() + seconds
+    latencies: list[float] = []
+
+    def putter() -> None:
+        while time.perf_counter() < stop:
+            began = time.perf_counter()
+            store._put(new_key(), value)
+            latencies.append(time.perf_counter() - began)
+            time.sleep(0.002)
+
+    thread = threading.Thread(target=putter)
+    thread.start()
+    while busy and time.perf_counter() < stop:
+        pass
+    thread.join()
+    out.put((busy, latencies))
+
+
+def busy(seconds: float, procs: int) -> list[dict]:
+    """`procs` busy workers and one idle one putting at once into one store in /dev/shm, each writing
+    itself, then through the store writer's process (WARN_STORE_WRITER): how long the idle worker's puts
+    take, and the busy ones'."""
+    from service.store_writer import StoreWriter
+
+    ctx = mp.get_context("spawn")
+    rows = []
+    for relay in (False, True):
+        directory = tempfile.mkdtemp(prefix="warn-store-bench-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None)
+        writer = None
+        saved = dict(os.environ)
+        try:
+            if relay:
+                os.environ.update(WARN_STORE_DIR=directory, WARN_STORE_MAX_ITEMS="1000")
+                writer = StoreWriter()
+                writer.start()
+                os.environ.update(writer.env())
+            q = ctx.Queue()
+            ps = [ctx.Process(target=busy_worker, args=(directory, relay, seconds, i > 0, q)) for i in range(procs + 1)]
+            for p in ps:
+                p.start()
+            got = [q.get(timeout=600) for _ in ps]
+            for p in ps:
+                p.join()
+        finally:
+            if writer:
+                writer.stop()
+            os.environ.clear()
+            os.environ.update(saved)
+            shutil.rmtree(directory, ignore_errors=True)
+        for who in (False, True):
+            latencies = np.concatenate([lat for b, lat in got if b == who]) * 1e3
+            rows.append(
+                {
+                    "writes": "through the store writer" if relay else "each worker itself",
+                    "worker": "busy" if who else "idle",
+                    "puts_s": len(latencies) / seconds,
+                    "p50_ms": float(np.percentile(latencies, 50)),
+                    "p99_ms": float(np.percentile(latencies, 99)),
+                    "max_ms": float(latencies.max()),
+                }
+            )
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--seconds", type=float, default=5)
     ap.add_argument("--full", action="store_true", help="the service's disk store, full: CPU per put")
     ap.add_argument("--puts", type=int, default=600, help="with --full: puts per process, timed")
+    ap.add_argument(
+        "--busy", type=int, metavar="PROCESSES", help="busy workers' put latency, with and without the store writer"
+    )
     a = ap.parse_args()
     if a.puts < 1:
         ap.error("--puts must be at least 1")
+    if a.busy:
+        print("| writes | worker | puts/s | p50 ms | p99 ms | max ms |\n|---|---|---|---|---|---|")
+        for r in busy(a.seconds, a.busy):
+            print(
+                f"| {r['writes']} | {r['worker']} | {r['puts_s']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} "
+                f"| {r['max_ms']:.1f} |"
+            )
+        return
     if a.full:
         print("| entry | store | CPU ms per put, full store (2 processes) |\n|---|---|---|")
         for r in full(a.puts):

@@ -94,7 +94,8 @@ class Settings(BaseSettings):
         False,
         description="on CUDA with CUDA_FIXED_BATCH: capture a run's kernels once as a CUDA graph and replay it, "
         "one launch a run instead of one a kernel (a padded run of the default model is about 1.6 ms, mostly "
-        "launches). Runs then take turns on buffers bound once. Not yet measured on a GPU",
+        "launches). Runs then take turns on buffers bound once. On an H100: 0.83 vs 1.56 ms a padded run, the "
+        "service at 64 connections unchanged (1,473 req/s)",
     )
 
     GRPC_PORT: int = Field(

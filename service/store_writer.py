@@ -24,6 +24,7 @@ import time
 from multiprocessing.connection import Client, Connection, Listener
 from multiprocessing.reduction import recv_handle, send_handle
 
+from service import threads
 from service.children import Child, as_child_of_the_service
 from service.logs import show_service_logs
 
@@ -52,7 +53,12 @@ def serve(address: str, authkey: bytes) -> None:
         except Exception as e:  # a peer without the key, or one that hung up mid-handshake
             log.warning("refused a connection to the store writer: %r", e)
             continue
-        threading.Thread(target=take_writes, args=(conn, store.write), daemon=True, name="store-relay").start()
+        threading.Thread(target=relay, args=(conn, store.write), daemon=True, name="store-relay").start()
+
+
+def relay(conn: Connection, write) -> None:
+    threads.name_os_thread()
+    take_writes(conn, write)
 
 
 def take_writes(conn: Connection, write) -> None:

@@ -60,7 +60,9 @@ def test_two_workers_share_predictions_and_metrics(model_path, tmp_path):
 
         answers, overlays, metrics = asyncio.run(main())
         (writer,) = named_children(server, "warn-store")
-        assert len(os.listdir(f"/proc/{writer}/task")) >= 3  # a relay thread per worker: both wrote through it
+        tasks = Path(f"/proc/{writer}/task").iterdir()
+        relays = [t for t in tasks if (t / "comm").read_text().strip() == "store-relay"]
+        assert len(relays) == 2  # a relay thread per worker: both wrote through it
         # the workers share the gRPC port too; fresh channels land on either
         for _ in range(6):
             with tc.InferenceServerClient(f"127.0.0.1:{env['WARN_GRPC_PORT']}") as client:
