@@ -16,6 +16,7 @@ import shutil
 import sys
 import tempfile
 
+from service import store_writer
 from service import workers as workers_module
 from service.children import Child
 from service.config import Settings
@@ -23,9 +24,6 @@ from service.connection import PROTOCOL
 from service.errors import StartupError
 from service.shared_session import ADDRESS_ENV, KEY_ENV, SharedSession
 from service.store import DiskStore, scratch_dir
-from service.store_writer import ADDRESS_ENV as WRITER_ADDRESS_ENV
-from service.store_writer import KEY_ENV as WRITER_KEY_ENV
-from service.store_writer import StoreWriter
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -42,9 +40,9 @@ def main(argv: list[str] | None = None) -> None:
     children: list[Child] = []
     if settings.shared_session():
         children.append(SharedSession())
-    if settings.STORE == "disk" and settings.STORE_WRITER and workers > 1:
-        children.append(StoreWriter())
-    for name in (ADDRESS_ENV, KEY_ENV, WRITER_ADDRESS_ENV, WRITER_KEY_ENV):  # the workers' own, never inherited
+    if settings.STORE == "disk" and settings.STORE_WRITER and workers > 1 and store_writer.available():
+        children.append(store_writer.StoreWriter())
+    for name in (ADDRESS_ENV, KEY_ENV, store_writer.ADDRESS_ENV, store_writer.KEY_ENV):  # the workers' own only
         os.environ.pop(name, None)
     argv = list(sys.argv[1:] if argv is None else argv)
     if settings.GRPC_HOST is None:  # gRPC listens where HTTP does

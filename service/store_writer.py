@@ -37,6 +37,11 @@ RETRY_AFTER_S = 1.0  # after a failed write, a worker writes itself this long be
 HEADER = struct.Struct(">Q?")  # an entry's length in the worker's buffer; whether the buffer's descriptor follows
 
 
+def available() -> bool:
+    """Whether workers can share an entry's buffer with the store writer (memfd_create: Linux)."""
+    return hasattr(os, "memfd_create")
+
+
 def serve(address: str, authkey: bytes) -> None:
     """The store writer's process: opens the store, then listens at `address` (its existence says ready)."""
     from service.config import Settings
@@ -167,7 +172,7 @@ class WriterLink:
     @classmethod
     def from_env(cls) -> WriterLink | None:
         address = os.environ.get(ADDRESS_ENV)
-        if not address:
+        if not address or not available():
             return None
         try:
             key = bytes.fromhex(os.environ.get(KEY_ENV, ""))

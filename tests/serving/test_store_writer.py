@@ -153,3 +153,13 @@ def test_while_the_writer_is_away_a_worker_writes_itself_and_then_uses_it_again(
     asyncio.run(store.put(ids[2], sample(2)))
     assert asyncio.run(store.get(ids[2])).result == sample(2).result
     asyncio.run(store.close())
+
+
+def test_without_memfd_the_workers_write_themselves(writer, tmp_path, monkeypatch):
+    """memfd_create is Linux's: elsewhere a worker's store ignores the writer's address and writes itself."""
+    monkeypatch.delattr(os, "memfd_create")
+    store = worker_store(tmp_path)
+    assert store.link is None
+    asyncio.run(store.put(keys(1)[0], sample(5)))
+    assert asyncio.run(store.get(keys(1)[0])).result == sample(5).result
+    asyncio.run(store.close())
