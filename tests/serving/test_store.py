@@ -182,9 +182,9 @@ def test_a_full_map_makes_room_instead_of_failing(tmp_path, monkeypatch):
     assert (tmp_path / "data.mdb").stat().st_size <= 8 << 20
 
 
-def test_two_processes_writing_at_once_keep_the_count(tmp_path):
-    """Each worker process writes to the one file; together they never hold more than the bound, and what
-    they keep is the newest of all."""
+def two_processes_put(directory, items: int, relayed: bool) -> list[str]:
+    """Two processes each put 60 entries at once into a store of `items` in `directory` (relayed: through the
+    store writer their environment names); the ids they made."""
     import subprocess
     import sys
 
@@ -193,7 +193,8 @@ def test_two_processes_writing_at_once_keep_the_count(tmp_path):
         "from service.store import DiskStore, new_key\n"
         "from tests.serving.test_store import sample\n"
         "async def main():\n"
-        "    s = DiskStore(sys.argv[1], 10, 60, 64 << 20)\n"
+        f"    s = DiskStore(sys.argv[1], {items}, 60, 64 << 20)\n"
+        f"    assert (s.link is not None) == {relayed}\n"
         "    for i in range(60):\n"
         "        key = new_key()\n"
         "        await s.put(key, sample(i))\n"
@@ -202,14 +203,25 @@ def test_two_processes_writing_at_once_keep_the_count(tmp_path):
         "asyncio.run(main())"
     )
     procs = [
-        subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+        subprocess.Popen([sys.executable, "-c", code, str(directory)], stdout=subprocess.PIPE, text=True)
         for _ in range(2)
     ]
     made = [key for p in procs for key in p.communicate(timeout=120)[0].split()]
     assert [p.returncode for p in procs] == [0, 0] and len(made) == 120
-    store = DiskStore(tmp_path, 10, 60, 64 << 20)
+    return made
+
+
+def held_keys(store: DiskStore) -> list[str]:
     with store.env.begin() as txn:
-        held = [bytes(k).decode() for k in txn.cursor().iternext(values=False)]
+        return [bytes(k).decode() for k in txn.cursor().iternext(values=False)]
+
+
+def test_two_processes_writing_at_once_keep_the_count(tmp_path):
+    """Each worker process writes to the one file; together they never hold more than the bound, and what
+    they keep is the newest of all."""
+    made = two_processes_put(tmp_path, 10, relayed=False)
+    store = DiskStore(tmp_path, 10, 60, 64 << 20)
+    held = held_keys(store)
     assert held == sorted(made)[-10:]
     assert all(asyncio.run(store.get(k)) is not None for k in held)
     asyncio.run(store.close())

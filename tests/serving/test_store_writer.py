@@ -4,8 +4,6 @@ import asyncio
 import dataclasses
 import os
 import signal
-import subprocess
-import sys
 import time
 from multiprocessing.connection import Client
 
@@ -13,7 +11,7 @@ import pytest
 
 from service.store import DiskStore
 from service.store_writer import StoreWriter
-from tests.serving.test_store import keys, sample
+from tests.serving.test_store import held_keys, keys, sample, two_processes_put
 
 ITEMS = 10
 
@@ -62,29 +60,9 @@ def test_a_workers_writes_are_made_by_the_writer_process(writer, tmp_path, monke
 def test_two_workers_writing_at_once_keep_the_newest(writer, tmp_path):
     """Two worker processes put 60 entries each at once, through the writer: the file holds exactly the
     newest ITEMS of all 120, each readable."""
-    code = (
-        "import asyncio, sys\n"
-        "from service.store import DiskStore, new_key\n"
-        "from tests.serving.test_store import sample\n"
-        "async def main():\n"
-        f"    s = DiskStore(sys.argv[1], {ITEMS}, 60, 64 << 20)\n"
-        "    assert s.link is not None\n"
-        "    for i in range(60):\n"
-        "        key = new_key()\n"
-        "        await s.put(key, sample(i))\n"
-        "        print(key)\n"
-        "    await s.close()\n"
-        "asyncio.run(main())"
-    )
-    procs = [
-        subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
-        for _ in range(2)
-    ]
-    made = [key for p in procs for key in p.communicate(timeout=120)[0].split()]
-    assert [p.returncode for p in procs] == [0, 0] and len(made) == 120
+    made = two_processes_put(tmp_path, ITEMS, relayed=True)
     store = DiskStore(tmp_path, ITEMS, 60, 64 << 20, relay=False)
-    with store.env.begin() as txn:
-        held = [bytes(k).decode() for k in txn.cursor().iternext(values=False)]
+    held = held_keys(store)
     assert held == sorted(made)[-ITEMS:]
     assert all(asyncio.run(store.get(k)) is not None for k in held)
     asyncio.run(store.close())
