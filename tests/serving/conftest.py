@@ -59,6 +59,8 @@ class Server:
         self, env: dict[str, str], python: str = sys.executable, launcher: bool = False, cpus: set[int] | None = None
     ) -> None:
         self.port = free_port()
+        while str(self.port) == env.get("WARN_GRPC_PORT"):  # the kernel may offer a just-released port again
+            self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         module = ["service"] if launcher else ["uvicorn", "service.main:app"]
         # a file, not a pipe: an unread pipe fills with the access log and blocks the server
