@@ -15,7 +15,9 @@ p50/p99 of one put+get.
 default bounds, 1,000 entries or 512 MiB), so that every put also evicts the oldest entry. 2 processes
 fill one store in /dev/shm, then each puts `--puts` entries through the store's writer thread; reported
 is the CPU time of one put, for the two kinds of entry the service stores: a JPEG upload as sent
-(scikit-learn's 640x427 photo, 192 KB) and decoded pixels (the 1024x683 sample above).
+(scikit-learn's 640x427 photo, 192 KB) and decoded pixels (the 1024x683 sample above). A third row
+sends the puts through the store writer's process, as `python -m service` with several workers does,
+and adds that process's CPU.
 
     .venv/bin/python -m bench.store --busy 1  # a worker's writes while another worker is busy
 
@@ -138,13 +140,17 @@ class DiskcacheStore:
 
 
 DISK_STORES = {"lmdb (the service's)": DiskStore, "diskcache (before)": DiskcacheStore}
+RELAYED = "lmdb through the store writer (the service's, several workers)"
 
 
 def make(kind: str, where: str):
     """A store bounded as the service's defaults bound it (1,000 entries, 512 MiB, an hour)."""
     s = Settings()
+    if kind == RELAYED:  # the store writer's address is in the environment
+        return DiskStore(Path(where), s.STORE_MAX_ITEMS, s.STORE_TTL_S, s.STORE_MAX_BYTES)
     if kind in DISK_STORES:
-        return DISK_STORES[kind](Path(where), s.STORE_MAX_ITEMS, s.STORE_TTL_S, s.STORE_MAX_BYTES)
+        alone = {"relay": False} if DISK_STORES[kind] is DiskStore else {}  # each process writes itself
+        return DISK_STORES[kind](Path(where), s.STORE_MAX_ITEMS, s.STORE_TTL_S, s.STORE_MAX_BYTES, **alone)
     return RedisStore(where, 1000, 3600, prefix=f"bench-{uuid.uuid4().hex[:6]}:")
 
 
@@ -200,14 +206,26 @@ def full_worker(directory: str, store_kind: str, entry: str, puts: int, out) -> 
 
 
 def full(puts: int) -> list[dict]:
+    """CPU per put; through the store writer, the workers' (timed puts) plus the writer's (its CPU over every
+    put, the 600 per worker that fill the store included)."""
+    from bench.server import cpu_seconds
+    from service.store_writer import StoreWriter
+
     ctx = mp.get_context("spawn")
     rows = []
     for entry in ("upload", "pixels"):
-        for store_kind in DISK_STORES:
+        for store_kind in (*DISK_STORES, RELAYED):
             directory = tempfile.mkdtemp(
                 prefix="warn-store-bench-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None
             )
+            writer, saved = None, dict(os.environ)
             try:
+                if store_kind == RELAYED:
+                    os.environ["WARN_STORE_DIR"] = directory
+                    writer = StoreWriter()
+                    writer.start()
+                    os.environ.update(writer.env())
+                    began = cpu_seconds(f"/proc/{writer.process.pid}/stat")
                 q = ctx.Queue()
                 ps = [ctx.Process(target=full_worker, args=(directory, store_kind, entry, puts, q)) for _ in range(2)]
                 for p in ps:
@@ -215,9 +233,18 @@ def full(puts: int) -> list[dict]:
                 cpu = [q.get(timeout=600) for _ in ps]
                 for p in ps:
                     p.join()
+                row = {"entry": entry, "store": store_kind, "cpu_ms": float(np.mean(cpu))}
+                if writer:
+                    spent = cpu_seconds(f"/proc/{writer.process.pid}/stat") - began
+                    row["writer_ms"] = spent / (2 * (600 + puts)) * 1e3
+                    row["cpu_ms"] += row["writer_ms"]
+                rows.append(row)
             finally:
+                if writer:
+                    writer.stop()
+                os.environ.clear()
+                os.environ.update(saved)
                 shutil.rmtree(directory, ignore_errors=True)
-            rows.append({"entry": entry, "store": store_kind, "cpu_ms": float(np.mean(cpu))})
     return rows
 
 
@@ -318,7 +345,8 @@ def main() -> None:
     if a.full:
         print("| entry | store | CPU ms per put, full store (2 processes) |\n|---|---|---|")
         for r in full(a.puts):
-            print(f"| {r['entry']} | {r['store']} | {r['cpu_ms']:.3f} |")
+            writer = f" (the store writer's {r['writer_ms']:.3f})" if "writer_ms" in r else ""
+            print(f"| {r['entry']} | {r['store']} | {r['cpu_ms']:.3f}{writer} |")
         return
     rows, tmp = [], Path(tempfile.mkdtemp(prefix="warn-store-bench-"))
     try:
