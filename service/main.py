@@ -21,7 +21,7 @@ from service.logs import show_service_logs
 from service.memory import return_freed_memory
 from service.metrics import Metrics, MetricsMiddleware
 from service.pipeline import Runtime
-from service.request_id import RequestIdMiddleware
+from service.request_id import RequestIdMiddleware, log_request_ids
 from service.routes import docs, health, model, predict, predictions, v2, viewer
 
 log = logging.getLogger("service")
@@ -36,6 +36,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Settings | Metrics]]:
+        log_request_ids()  # uvicorn has set up its access log by now
         return_freed_memory()
         overlay.one_blas_thread()
         try:

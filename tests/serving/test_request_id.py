@@ -71,3 +71,31 @@ def test_cors_lets_a_page_read_the_id(model_path):
     with make_client(model_path, CORS_ORIGINS=["https://dash.example"], GRPC_PORT=0) as c:
         r = c.get("/v2/health/live", headers={"origin": "https://dash.example"})
         assert "x-request-id" in r.headers["access-control-expose-headers"].lower()
+
+
+def test_uvicorns_access_line_ends_with_the_request_id(model_path):
+    """The line uvicorn logs for each request names the id its answer carries: the client's own, or the
+    one the service made; a forged id never reaches the log."""
+    import httpx
+
+    from tests.serving.conftest import Server
+
+    server = Server({"WARN_MODEL_PATH": str(model_path), "WARN_GRPC_PORT": "0"})
+    try:
+        server.wait_ready()
+        given = httpx.get(f"{server.url}/v1/model", headers={"x-request-id": "client-7f3c2a1e"})
+        made = httpx.get(f"{server.url}/v1/predictions/nope")
+        forged = httpx.get(f"{server.url}/v2/health/live", headers={"x-request-id": 'a" 200 x'})
+        out = server.stop_and_read()
+    finally:
+        server.stop()
+    lines = [line for line in out.splitlines() if '" 2' in line or '" 4' in line]
+    assert any(
+        '"GET /v1/model HTTP/1.1" 200' in line and line.endswith(" request_id=client-7f3c2a1e") for line in lines
+    )
+    rid = made.headers["x-request-id"]
+    assert any(
+        '"GET /v1/predictions/nope HTTP/1.1" 404' in line and line.endswith(f" request_id={rid}") for line in lines
+    )
+    assert given.status_code == 200 and forged.headers["x-request-id"] != 'a" 200 x'
+    assert f"request_id={forged.headers['x-request-id']}" in out and 'a" 200 x' not in out
