@@ -9,8 +9,8 @@ such rival, and read the file themselves as before (readers never wait for the l
 
 A worker assembles each entry in a memory file this process maps too, and sends only its length; each
 worker's connection has a thread of its own here, so a worker slow to send holds up only its own
-write. A worker whose write this process does not take (it died, or is being restarted) makes that
-write itself.
+write. A worker whose write this process does not take (it died, is being restarted, or hangs) makes
+that write itself.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ log = logging.getLogger("service.store_writer")
 
 ADDRESS_ENV, KEY_ENV = "WARN_STORE_WRITER_ADDRESS", "WARN_STORE_WRITER_KEY"
 PROCESS_NAME = b"warn-store"  # what ps, top and /proc/<pid>/comm show for it
-REPLY_TIMEOUT_S = 10.0  # a write not taken in this long is made by the worker itself
+REPLY_TIMEOUT_S = 2.0  # a write not taken in this long (a put takes milliseconds) is made by the worker itself
 RETRY_AFTER_S = 1.0  # after a failed write, a worker writes itself this long before it reconnects
 HEADER = struct.Struct(">Q?")  # an entry's length in the worker's buffer; whether the buffer's descriptor follows
 

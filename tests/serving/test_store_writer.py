@@ -141,3 +141,32 @@ def test_without_memfd_the_workers_write_themselves(writer, tmp_path, monkeypatc
     asyncio.run(store.put(keys(1)[0], sample(5)))
     assert asyncio.run(store.get(keys(1)[0])).result == sample(5).result
     asyncio.run(store.close())
+
+
+def test_a_writer_that_never_answers_costs_a_write_its_timeout_and_no_more(tmp_path, monkeypatch):
+    """A store writer that takes connections but answers nothing (hung): the put is made by the worker
+    after REPLY_TIMEOUT_S, and the next ones at once, while the link rests."""
+    import threading
+    from multiprocessing.connection import Listener
+
+    from service import store_writer
+
+    key = os.urandom(32)
+    address = str(tmp_path / "socket")
+    listener = Listener(address, "AF_UNIX", authkey=key)
+    held = []
+    threading.Thread(target=lambda: held.append(listener.accept()), daemon=True).start()
+    monkeypatch.setenv(store_writer.ADDRESS_ENV, address)
+    monkeypatch.setenv(store_writer.KEY_ENV, key.hex())
+    monkeypatch.setattr(store_writer, "REPLY_TIMEOUT_S", 0.5)
+    store = DiskStore(tmp_path / "store", ITEMS, 60, 64 << 20)
+    ids = keys(3)
+    took = []
+    for i, k in enumerate(ids):
+        began = time.monotonic()
+        asyncio.run(store.put(k, sample(i)))
+        took.append(time.monotonic() - began)
+    assert [asyncio.run(store.get(k)).result for k in ids] == [sample(i).result for i in range(3)]
+    assert 0.5 <= took[0] < 5 and max(took[1:]) < 0.4, took
+    asyncio.run(store.close())
+    listener.close()
