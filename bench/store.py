@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import itertools
 import multiprocessing as mp
@@ -205,27 +206,40 @@ def full_worker(directory: str, store_kind: str, entry: str, puts: int, out) -> 
     out.put((time.process_time() - cpu) / puts * 1e3)
 
 
+@contextlib.contextmanager
+def scratch_store(relayed: bool):
+    """A directory for a store, in /dev/shm where there is one, removed after; where `relayed`, with a store
+    writer on it, whose address this process's environment holds meanwhile (for the workers it spawns)."""
+    from service.store_writer import StoreWriter
+
+    directory = tempfile.mkdtemp(prefix="warn-store-bench-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None)
+    writer, saved = None, dict(os.environ)
+    try:
+        if relayed:
+            os.environ["WARN_STORE_DIR"] = directory
+            writer = StoreWriter()
+            writer.start()
+            os.environ.update(writer.env())
+        yield directory, writer
+    finally:
+        if writer:
+            writer.stop()
+        os.environ.clear()
+        os.environ.update(saved)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 def full(puts: int) -> list[dict]:
     """CPU per put; through the store writer, the workers' (timed puts) plus the writer's (its CPU over every
     put, the 600 per worker that fill the store included)."""
     from bench.server import cpu_seconds
-    from service.store_writer import StoreWriter
 
     ctx = mp.get_context("spawn")
     rows = []
     for entry in ("upload", "pixels"):
         for store_kind in (*DISK_STORES, RELAYED):
-            directory = tempfile.mkdtemp(
-                prefix="warn-store-bench-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None
-            )
-            writer, saved = None, dict(os.environ)
-            try:
-                if store_kind == RELAYED:
-                    os.environ["WARN_STORE_DIR"] = directory
-                    writer = StoreWriter()
-                    writer.start()
-                    os.environ.update(writer.env())
-                    began = cpu_seconds(f"/proc/{writer.process.pid}/stat")
+            with scratch_store(store_kind == RELAYED) as (directory, writer):
+                began = cpu_seconds(f"/proc/{writer.process.pid}/stat") if writer else 0.0
                 q = ctx.Queue()
                 ps = [ctx.Process(target=full_worker, args=(directory, store_kind, entry, puts, q)) for _ in range(2)]
                 for p in ps:
@@ -238,13 +252,7 @@ def full(puts: int) -> list[dict]:
                     spent = cpu_seconds(f"/proc/{writer.process.pid}/stat") - began
                     row["writer_ms"] = spent / (2 * (600 + puts)) * 1e3
                     row["cpu_ms"] += row["writer_ms"]
-                rows.append(row)
-            finally:
-                if writer:
-                    writer.stop()
-                os.environ.clear()
-                os.environ.update(saved)
-                shutil.rmtree(directory, ignore_errors=True)
+            rows.append(row)
     return rows
 
 
@@ -281,20 +289,10 @@ def busy(seconds: float, procs: int) -> list[dict]:
     """`procs` busy workers and one idle one putting at once into one store in /dev/shm, each writing
     itself, then through the store writer's process (WARN_STORE_WRITER): how long the idle worker's puts
     take, and the busy ones'."""
-    from service.store_writer import StoreWriter
-
     ctx = mp.get_context("spawn")
     rows = []
     for relay in (False, True):
-        directory = tempfile.mkdtemp(prefix="warn-store-bench-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None)
-        writer = None
-        saved = dict(os.environ)
-        try:
-            if relay:
-                os.environ.update(WARN_STORE_DIR=directory, WARN_STORE_MAX_ITEMS="1000")
-                writer = StoreWriter()
-                writer.start()
-                os.environ.update(writer.env())
+        with scratch_store(relay) as (directory, _):
             q = ctx.Queue()
             ps = [ctx.Process(target=busy_worker, args=(directory, relay, seconds, i > 0, q)) for i in range(procs + 1)]
             for p in ps:
@@ -302,12 +300,6 @@ def busy(seconds: float, procs: int) -> list[dict]:
             got = [q.get(timeout=600) for _ in ps]
             for p in ps:
                 p.join()
-        finally:
-            if writer:
-                writer.stop()
-            os.environ.clear()
-            os.environ.update(saved)
-            shutil.rmtree(directory, ignore_errors=True)
         for who in (False, True):
             latencies = np.concatenate([lat for b, lat in got if b == who]) * 1e3
             rows.append(

@@ -27,6 +27,15 @@ async def kept(store, ids: list[str]) -> list[int]:
     return [i for i, key in enumerate(ids) if await store.get(key) is not None]
 
 
+async def put_then_get(store, ids: list[str], entries: list[StoredPrediction]) -> list[StoredPrediction | None]:
+    """Puts each entry under its id, then reads each back; closes the store."""
+    for key, entry in zip(ids, entries):
+        await store.put(key, entry)
+    got = [await store.get(key) for key in ids]
+    await store.close()
+    return got
+
+
 def sample(i: int, side: int = 8) -> StoredPrediction:
     return StoredPrediction(
         result={"top_k": [{"label": str(i)}]},
@@ -235,15 +244,7 @@ def test_entries_of_any_size_read_back_as_put(tmp_path):
     ids = keys(3)
     entries = [dataclasses.replace(sample(i), image=bytes([i + 1]) * n) for i, n in enumerate((300_000, 10, 4_000))]
 
-    async def main():
-        store = DiskStore(tmp_path, 10, 60, 64 << 20)
-        for key, entry in zip(ids, entries):
-            await store.put(key, entry)
-        got = [await store.get(key) for key in ids]
-        await store.close()
-        return got
-
-    for g, want in zip(asyncio.run(main()), entries):
+    for g, want in zip(asyncio.run(put_then_get(DiskStore(tmp_path, 10, 60, 64 << 20), ids, entries)), entries):
         assert g.encoded == want.image and g.result == want.result
         np.testing.assert_array_equal(g.masks[1], want.masks[1])
 

@@ -11,7 +11,7 @@ import pytest
 
 from service.store import DiskStore
 from service.store_writer import StoreWriter
-from tests.serving.test_store import held_keys, keys, sample, two_processes_put
+from tests.serving.test_store import held_keys, keys, put_then_get, sample, two_processes_put
 
 ITEMS = 10
 
@@ -74,15 +74,7 @@ def test_entries_larger_than_the_writers_buffer_arrive_whole(writer, tmp_path):
     ids = keys(3)
     entries = [dataclasses.replace(sample(i), image=bytes([i + 1]) * n) for i, n in enumerate((3_000_000, 10, 40))]
 
-    async def main():
-        store = worker_store(tmp_path)
-        for key, entry in zip(ids, entries):
-            await store.put(key, entry)
-        got = [await store.get(key) for key in ids]
-        await store.close()
-        return got
-
-    for g, want in zip(asyncio.run(main()), entries):
+    for g, want in zip(asyncio.run(put_then_get(worker_store(tmp_path), ids, entries)), entries):
         assert g.encoded == want.image and g.result == want.result
 
 
