@@ -22,11 +22,13 @@ from service.children import Child
 from service.config import Settings
 from service.connection import PROTOCOL
 from service.errors import StartupError
+from service.logs import show_service_logs
 from service.shared_session import ADDRESS_ENV, KEY_ENV, SharedSession
 from service.store import DiskStore, scratch_dir
 
 
 def main(argv: list[str] | None = None) -> None:
+    show_service_logs()  # the processes it starts beside the workers, and their restarts
     settings = Settings()
     workers = settings.workers()
     os.environ["WARN_WORKERS"] = str(workers)  # each worker sizes its decoding pool by this

@@ -60,6 +60,7 @@ def test_two_workers_share_predictions_and_metrics(model_path, tmp_path):
 
         answers, overlays, metrics = asyncio.run(main())
         (writer,) = named_children(server, "warn-store")
+        assert f"the store writer for every worker, in process {writer}" in server.output()
         tasks = Path(f"/proc/{writer}/task").iterdir()
         relays = [t for t in tasks if (t / "comm").read_text().strip() == "store-relay"]
         # a relay thread per worker that stored a prediction (the kernel may give one worker every connection)
