@@ -105,3 +105,15 @@ class Child:
             self.process.kill()  # it ignores SIGTERM; the workers it served have exited
             self.process.join(5)
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def peer_from_env(address_env: str, key_env: str) -> tuple[str, bytes] | None:
+    """Where a worker finds the child the launcher started, and its key (b"" where the variable is not the
+    key in hex: a stray variable, not the launcher's); None where it started none."""
+    address = os.environ.get(address_env)
+    if not address:
+        return None
+    try:
+        return address, bytes.fromhex(os.environ.get(key_env, ""))
+    except ValueError:
+        return address, b""

@@ -16,7 +16,6 @@ key (multiprocessing's HMAC handshake) before anything it sends is unpickled (se
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import socket
 import sys
@@ -32,7 +31,7 @@ from prometheus_client import Histogram
 
 from service import threads
 from service.batcher import split
-from service.children import Child, as_child_of_the_service
+from service.children import Child, as_child_of_the_service, peer_from_env
 from service.config import Settings
 from service.errors import ModelLoadError, ModelUnavailable
 from service.logs import show_service_logs
@@ -229,14 +228,10 @@ class RemoteModel:
 
     @classmethod
     def from_env(cls) -> RemoteModel | None:
-        address = os.environ.get(ADDRESS_ENV)
-        if not address:
+        if (peer := peer_from_env(ADDRESS_ENV, KEY_ENV)) is None:
             return None
-        try:
-            key = bytes.fromhex(os.environ.get(KEY_ENV, ""))
-        except ValueError:
-            key = b""
-        if not key:  # set by `python -m service`; anything else is a stray variable
+        address, key = peer
+        if not key:
             raise ModelUnavailable(f"{ADDRESS_ENV} is set, but {KEY_ENV} is not the session's key in hex")
         return cls(address, key)
 

@@ -25,7 +25,7 @@ from multiprocessing.connection import Client, Connection, Listener
 from multiprocessing.reduction import recv_handle, send_handle
 
 from service import threads
-from service.children import Child, as_child_of_the_service
+from service.children import Child, as_child_of_the_service, peer_from_env
 from service.logs import show_service_logs
 
 log = logging.getLogger("service.store_writer")
@@ -171,14 +171,10 @@ class WriterLink:
 
     @classmethod
     def from_env(cls) -> WriterLink | None:
-        address = os.environ.get(ADDRESS_ENV)
-        if not address or not available():
+        if (peer := peer_from_env(ADDRESS_ENV, KEY_ENV)) is None or not available():
             return None
-        try:
-            key = bytes.fromhex(os.environ.get(KEY_ENV, ""))
-        except ValueError:
-            key = b""
-        if not key:  # set by `python -m service`; anything else is a stray variable
+        address, key = peer
+        if not key:
             log.warning("%s is set, but %s is not the store writer's key in hex: writing here", ADDRESS_ENV, KEY_ENV)
             return None
         return cls(address, key)

@@ -252,11 +252,11 @@ def test_workers_are_pinned_only_where_each_has_a_core_of_its_own():
 def worker_pids(server: Server) -> list[int]:
     """The server's worker processes (multiprocessing's resource tracker and the store writer left out)."""
     children = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children").read_text().split()
+    writers = named_children(server, "warn-store")
     return [
         int(p)
         for p in children
-        if b"resource_tracker" not in Path(f"/proc/{p}/cmdline").read_bytes()
-        and int(p) not in named_children(server, "warn-store")
+        if b"resource_tracker" not in Path(f"/proc/{p}/cmdline").read_bytes() and int(p) not in writers
     ]
 
 
