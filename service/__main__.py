@@ -3,10 +3,10 @@
 WARN_WORKERS sets the number of workers (0, the default: one per core); uvicorn's own options and
 UVICORN_* variables (host, port, ...) pass through. Each worker listens on a socket of its own
 (WARN_REUSE_PORT) and may run on a core of its own (WARN_PIN_WORKERS; see service/workers.py).
-Several workers share stored predictions through the disk (or Redis) store, whose writes one process
-of its own makes (WARN_STORE_WRITER, service/store_writer.py), and report metrics together (Prometheus
-multiprocess mode). On a GPU (WARN_SHARED_SESSION) they also share one session, in a process of its own
-(service/shared_session.py).
+Several workers share stored predictions through the disk (or Redis) store and report metrics
+together (Prometheus multiprocess mode). On a GPU (WARN_SHARED_SESSION) they also share one session, in
+a process of its own (service/shared_session.py), and one process of its own makes the disk store's
+writes (WARN_STORE_WRITER, service/store_writer.py).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     children: list[Child] = []
     if settings.shared_session():
         children.append(SharedSession())
-    if settings.STORE == "disk" and settings.STORE_WRITER and workers > 1 and store_writer.available():
+    if settings.store_writer() and store_writer.available():
         children.append(store_writer.StoreWriter())
     for name in (ADDRESS_ENV, KEY_ENV, store_writer.ADDRESS_ENV, store_writer.KEY_ENV):  # the workers' own only
         os.environ.pop(name, None)

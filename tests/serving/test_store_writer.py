@@ -162,3 +162,21 @@ def test_a_writer_that_never_answers_costs_a_write_its_timeout_and_no_more(tmp_p
     assert 0.5 <= took[0] < 5 and max(took[1:]) < 0.4, took
     asyncio.run(store.close())
     listener.close()
+
+
+def test_the_store_writer_is_on_by_itself_only_where_the_workers_share_a_session(monkeypatch):
+    from service.config import Settings
+
+    monkeypatch.setattr(Settings, "shared_session", lambda self: True)
+    assert Settings(WORKERS=4).store_writer()
+    assert not Settings(WORKERS=1).store_writer()  # one worker: nobody to wait for
+    assert not Settings(WORKERS=4, STORE="redis").store_writer()
+    assert not Settings(WORKERS=4, STORE_WRITER=False).store_writer()
+    monkeypatch.setattr(Settings, "shared_session", lambda self: False)
+    assert not Settings(WORKERS=4).store_writer()  # the CPU: off unless asked for
+    assert Settings(WORKERS=4, STORE_WRITER=True).store_writer()
+    monkeypatch.setenv("WARN_STORE_WRITER", " Auto ")
+    assert Settings().STORE_WRITER == "auto"
+    monkeypatch.setenv("WARN_STORE_WRITER", "maybe")
+    with pytest.raises(ValueError, match="STORE_WRITER"):
+        Settings()
