@@ -37,6 +37,7 @@ from service.errors import (
 from service.metrics import Metrics
 from service.pipeline import Runtime
 from service.protocol import check_model, model_metadata, server_metadata, to_model_input
+from service.request_id import CURRENT, kept_or_new
 from service.tensors import DTYPES, Tensor, check_spec, from_raw, select_outputs, shaped
 
 log = logging.getLogger("service.grpc")
@@ -125,30 +126,39 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @asynccontextmanager
     async def _call(self, method: str, context: grpc.aio.ServicerContext, guarded: bool = True) -> AsyncIterator[None]:
-        """Checks the key, and turns the service's errors into gRPC status codes (the one place that does)."""
+        """Gives the call its request id, checks the key, and turns the service's errors into gRPC status
+        codes (the one place that does)."""
         started, code = time.perf_counter(), grpc.StatusCode.OK
+        metadata = dict(context.invocation_metadata() or ())
+        given = metadata.get("x-request-id")
+        rid = kept_or_new(given.encode("latin-1", "replace") if isinstance(given, str) else None).decode()
+        CURRENT.set(rid)
+        trailer = (("x-request-id", rid),)
+        context.set_trailing_metadata(trailer)
         try:
             if guarded:
-                self._authorize(context)
+                self._authorize(metadata)
             yield
         except ServiceError as e:
             code = STATUS.get(type(e), grpc.StatusCode.INTERNAL)
-            await context.abort(code, e.message)
+            await context.abort(code, e.message, trailer)
         except Exception as e:
             if isinstance(e, grpc.aio.AbortError):
                 raise
             code = grpc.StatusCode.INTERNAL
-            log.error("unhandled error in gRPC %s", method, exc_info=e)
-            await context.abort(code, "internal server error (logged); please report it")
+            log.error("unhandled error in gRPC %s, request id %s", method, rid, exc_info=e)
+            message = f"internal server error (logged under request id {rid}); please report it with that id"
+            await context.abort(code, message, trailer)
         finally:
             self.metrics.grpc_requests.labels(method, code.name).inc()
             self.metrics.grpc_latency.labels(method).observe(time.perf_counter() - started)
 
-    def _authorize(self, context: grpc.aio.ServicerContext) -> None:
+    def _authorize(self, metadata: dict[str, str | bytes]) -> None:
         keys = self.api_keys
         if not keys:
             return
-        token = bearer_token(dict(context.invocation_metadata() or ()).get("authorization", ""))
+        header = metadata.get("authorization", "")
+        token = bearer_token(header if isinstance(header, str) else "")
         if token is None or not key_matches(token, keys):
             raise Unauthorized("missing or wrong API key: send the metadata 'authorization: Bearer <key>'")
 

@@ -1,8 +1,10 @@
-"""X-Request-ID: an id for every HTTP request, so that a client's report of a failed call finds its log line.
+"""X-Request-ID: an id for every HTTP request and gRPC call, so that a client's report of a failed call
+finds its log line.
 
 A client's own id (a proxy's, such as nginx's `$request_id`, or one it made) is kept where it is short and
-plain; otherwise the service makes one. Either way the response carries it in `X-Request-ID`, a 500
-names it in its body and in the logged traceback, and uvicorn's access line ends with it.
+plain; otherwise the service makes one. Either way the response carries it in `X-Request-ID` (a gRPC
+call: in its trailing metadata `x-request-id`), a 500 (gRPC: INTERNAL) names it in its message and in the
+logged traceback, and uvicorn's access line ends with it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,11 @@ PLAIN = re.compile(rb"[A-Za-z0-9._:+=-]{1,128}")
 CURRENT: ContextVar[str | None] = ContextVar("warn_request_id", default=None)
 
 
+def kept_or_new(given: bytes | None) -> bytes:
+    """The client's id where it is plain, else a new one."""
+    return given if given is not None and PLAIN.fullmatch(given) else os.urandom(16).hex().encode()
+
+
 def request_id(scope: Scope) -> str | None:
     """The id RequestIdMiddleware gave this request."""
     return scope.get(SCOPE_KEY)
@@ -37,7 +44,7 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send)
             return
         given = next((v for k, v in scope["headers"] if k == HEADER), None)
-        rid = given if given is not None and PLAIN.fullmatch(given) else os.urandom(16).hex().encode()
+        rid = kept_or_new(given)
         scope[SCOPE_KEY] = rid.decode()
         CURRENT.set(scope[SCOPE_KEY])
 

@@ -2,6 +2,7 @@
 
 import asyncio
 import io
+import re
 import socket
 import subprocess
 import sys
@@ -295,3 +296,46 @@ def test_calls_whose_message_never_comes_give_their_slots_back(model_path):
         asyncio.run(main())
     finally:
         server.stop()
+
+
+def test_every_call_carries_a_request_id_in_its_trailers(served):
+    """As X-Request-ID over HTTP: the client's own where it is plain, else one the service made, on
+    answers and refusals alike."""
+    with grpc.insecure_channel(f"127.0.0.1:{served[1]}") as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+        def trailer(call) -> str:
+            return dict(call.trailing_metadata())["x-request-id"]
+
+        _, kept = stub.ServerLive.with_call(pb.ServerLiveRequest(), metadata=(("x-request-id", "client-9"),))
+        _, made = stub.ServerLive.with_call(pb.ServerLiveRequest())
+        _, forged = stub.ServerLive.with_call(pb.ServerLiveRequest(), metadata=(("x-request-id", "a b"),))
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ModelMetadata(pb.ModelMetadataRequest(name="nope"), metadata=(("x-request-id", "client-10"),))
+    assert trailer(kept) == "client-9"
+    assert re.fullmatch("[0-9a-f]{32}", trailer(made)) and re.fullmatch("[0-9a-f]{32}", trailer(forged))
+    assert refused.value.code() == grpc.StatusCode.NOT_FOUND and trailer(refused.value) == "client-10"
+
+
+def test_an_internal_error_names_its_request_id_in_the_status_and_the_log(model_path, caplog):
+    import logging
+
+    from fastapi.testclient import TestClient
+
+    from service.config import Settings
+    from service.main import create_app
+
+    port = free_port()
+    app = create_app(Settings(MODEL_PATH=model_path, STORE="memory", GRPC_PORT=port))
+    with TestClient(app), grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        app.state.runtime.batcher._run = lambda x: 1 / 0
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        request = pb.ModelInferRequest(model_name=MODEL)
+        request.inputs.add(name="image", datatype="FP32", shape=[1, 3, 48, 48])
+        request.raw_input_contents.append(np.zeros((1, 3, 48, 48), np.float32).tobytes())
+        with caplog.at_level(logging.ERROR, logger="service.grpc"), pytest.raises(grpc.RpcError) as failed:
+            stub.ModelInfer(request, metadata=(("x-request-id", "client-11"),))
+    assert failed.value.code() == grpc.StatusCode.INTERNAL and "client-11" in failed.value.details()
+    assert dict(failed.value.trailing_metadata())["x-request-id"] == "client-11"
+    logged = [r for r in caplog.records if "client-11" in r.getMessage()]
+    assert logged and logged[0].exc_info and logged[0].exc_info[0] is ZeroDivisionError
