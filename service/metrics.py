@@ -58,6 +58,13 @@ class Metrics:
             registry=r,
         )
         self.images = Counter("warn_images", "Images classified", registry=r)
+        self.store_writes = Histogram(
+            "warn_store_write_duration_seconds",
+            "Storing a prediction for its overlay URLs, after its answer: waiting for the store (LMDB's write lock, "
+            "the store writer's process, Redis) included. Rising here, with req/s flat, points at the store",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.store_failures = Counter(
             "warn_store_write_failures", "Predictions answered but not stored (their URLs answer 404)", registry=r
         )

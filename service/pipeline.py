@@ -203,11 +203,14 @@ class Runtime:
             await asyncio.shield(write)  # a client that gives up does not cancel the write
 
     async def _write(self, key: str, stored: StoredPrediction) -> None:
+        started = time.perf_counter()
         try:
             await self.store.put(key, stored)  # the store's one hop off the loop, if any
         except Exception as e:  # the answer is out; its URLs will answer 404
             self.metrics.store_failures.inc()
             log.warning("storing prediction %s failed: %r", key, e)
+        else:
+            self.metrics.store_writes.observe(time.perf_counter() - started)
 
     async def find(self, key: str) -> StoredPrediction | None:
         """A stored prediction. An id made in the last `STORE_WRITE_WAIT_S` seconds may still be being

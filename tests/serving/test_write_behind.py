@@ -97,7 +97,20 @@ def test_a_failed_store_keeps_the_answer_is_counted_and_not_waited_for(model_pat
         # this worker saw its own write fail: one lookup, no waiting for a write that will not come
         assert c.get(f"/v1/predictions/{r.json()['id']}").status_code == 404
         assert store.gets == 1
-        assert "warn_store_write_failures_total 1.0" in c.get("/metrics").text
+        metrics = c.get("/metrics").text
+        assert "warn_store_write_failures_total 1.0" in metrics
+        assert "warn_store_write_duration_seconds_count 0.0" in metrics  # a failure is not a write's time
+
+
+def test_the_time_a_write_waited_for_the_store_is_measured(model_path):
+    with make_client(model_path) as c:
+        store = gate(c)
+        r = c.post("/v1/predict", content=IMAGE, headers=PNG)  # answered; its write waits at the gate
+        open_later(store, 0.3)
+        assert c.get(f"/v1/predictions/{r.json()['id']}").status_code == 200  # waits for the write
+        metrics = c.get("/metrics").text
+    assert "warn_store_write_duration_seconds_count 1.0" in metrics
+    assert 'warn_store_write_duration_seconds_bucket{le="0.25"} 0.0' in metrics  # it waited 0.3 s or more
 
 
 def test_past_the_pending_limit_the_answer_waits_for_its_write(model_path):
