@@ -37,7 +37,7 @@ from service.errors import (
 from service.metrics import Metrics
 from service.pipeline import Runtime
 from service.protocol import check_model, model_metadata, server_metadata, to_model_input
-from service.request_id import CURRENT, kept_or_new
+from service.request_id import kept_or_new
 from service.tensors import DTYPES, Tensor, check_spec, from_raw, select_outputs, shaped
 
 log = logging.getLogger("service.grpc")
@@ -132,7 +132,6 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         metadata = dict(context.invocation_metadata() or ())
         given = metadata.get("x-request-id")
         rid = kept_or_new(given.encode("latin-1", "replace") if isinstance(given, str) else None).decode()
-        CURRENT.set(rid)
         trailer = (("x-request-id", rid),)
         context.set_trailing_metadata(trailer)
         try:
