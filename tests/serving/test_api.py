@@ -449,9 +449,16 @@ def test_readiness_follows_a_shared_session_that_is_down(model_path, monkeypatch
         rt = c.app.state.runtime
         servicer = Servicer(rt, rt.settings, rt.metrics)
 
+        class Context:  # what the servicer reads of a call's context
+            def invocation_metadata(self) -> tuple:
+                return ()
+
+            def set_trailing_metadata(self, metadata: tuple) -> None:
+                pass
+
         def grpc_ready() -> tuple[bool, bool]:
-            server = asyncio.run(servicer.ServerReady(pb.ServerReadyRequest(), None)).ready
-            model = asyncio.run(servicer.ModelReady(pb.ModelReadyRequest(name=rt.info.name), None)).ready
+            server = asyncio.run(servicer.ServerReady(pb.ServerReadyRequest(), Context())).ready
+            model = asyncio.run(servicer.ModelReady(pb.ModelReadyRequest(name=rt.info.name), Context())).ready
             return server, model
 
         assert c.get("/v2/health/ready").status_code == 200 and grpc_ready() == (True, True)
