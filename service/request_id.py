@@ -10,7 +10,7 @@ logged traceback, and uvicorn's access line ends with it.
 from __future__ import annotations
 
 import logging
-import os
+import random
 import re
 from contextvars import ContextVar
 
@@ -27,7 +27,7 @@ CURRENT: ContextVar[str | None] = ContextVar("warn_request_id", default=None)
 
 def kept_or_new(given: bytes | None) -> bytes:
     """The client's id where it is plain, else a new one."""
-    return given if given is not None and PLAIN.fullmatch(given) else os.urandom(16).hex().encode()
+    return given if given is not None and PLAIN.fullmatch(given) else b"%032x" % random.getrandbits(128)
 
 
 def request_id(scope: Scope) -> str | None:

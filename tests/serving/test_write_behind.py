@@ -1,5 +1,6 @@
 """Predictions are stored after their answer is sent, and their URLs still answer at once."""
 
+import os
 import threading
 import time
 import uuid
@@ -8,7 +9,7 @@ import anyio
 import numpy as np
 from PIL import Image
 
-from service.store import DiskStore, key_time, new_key
+from service.store import DiskStore, Entropy, key_time, new_key
 from tests.serving.conftest import make_client, png
 
 IMAGE = png(Image.fromarray(np.random.default_rng(1).integers(0, 255, (60, 90, 3), dtype=np.uint8)))
@@ -70,6 +71,21 @@ def test_the_answer_does_not_wait_for_the_store_and_its_urls_wait_for_the_write(
         assert c.get(f"/v1/predictions/{key}").json()["top_k"] == r.json()["top_k"]
         assert c.get(r.json()["attention_urls"]["combined"]).status_code == 200
         assert not c.app.state.runtime.writes
+
+
+def test_a_forked_process_never_draws_the_random_bytes_its_parent_draws():
+    entropy = Entropy()
+    entropy.take(10)  # a block is read
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next bytes, to the parent
+        os.write(write, entropy.take(10))
+        os._exit(0)
+    os.waitpid(pid, 0)
+    childs = os.read(read, 10)
+    os.close(read)
+    os.close(write)
+    assert len(childs) == 10 and childs != entropy.take(10)
 
 
 def test_another_worker_waits_for_a_young_id_but_not_for_an_old_one(model_path, tmp_path):
