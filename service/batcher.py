@@ -117,7 +117,10 @@ class MicroBatcher:
             self._on_batch(len(x), time.perf_counter() - started)
         return outputs
 
-    def _run_batch(self, batch: np.ndarray) -> Outputs:
+    def _run_batch(self, xs: list[np.ndarray]) -> Outputs:
+        """Stacked here, in the batcher's thread: on the event loop, numpy's copy gave the GIL up and waited
+        to get it back behind the decoding threads."""
+        batch = xs[0] if len(xs) == 1 else np.concatenate(xs)
         with self._running:
             return self._run(batch)
 
@@ -167,17 +170,18 @@ class MicroBatcher:
             self._report()
             if not items:
                 continue
-            batch = items[0][0] if len(items) == 1 else np.concatenate([x for x, _ in items])
+            xs = [x for x, _ in items]
             started = time.perf_counter()
             try:
-                outputs = await loop.run_in_executor(self._executor, self._run_batch, batch)
+                outputs = await loop.run_in_executor(self._executor, self._run_batch, xs)
             except Exception as e:  # one bad batch fails its own requests, never the loop
                 for _, f in items:
                     if not f.done():
                         f.set_exception(e)
                 continue
+            sizes = [len(x) for x in xs]
             if self._on_batch:
-                self._on_batch(len(batch), time.perf_counter() - started)
-            for (_, f), rows in zip(items, split(outputs, [len(x) for x, _ in items])):
+                self._on_batch(sum(sizes), time.perf_counter() - started)
+            for (_, f), rows in zip(items, split(outputs, sizes)):
                 if not f.done():
                     f.set_result(rows)
