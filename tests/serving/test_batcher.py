@@ -146,6 +146,32 @@ def test_a_failing_batch_fails_only_its_requests():
     assert asyncio.run(main())["y"][0, 0] == 1
 
 
+def test_requests_that_cannot_be_stacked_fail_together_and_the_batcher_goes_on():
+    gate = threading.Event()
+
+    def held(x):
+        gate.wait(5)
+        return {"y": x}
+
+    async def main():
+        b = MicroBatcher(held, max_batch=8, max_wait_ms=0, queue_size=8)
+        b.start()
+        first = asyncio.ensure_future(b.submit(np.zeros((1, 2))))  # runs while the next two queue
+        await asyncio.sleep(0.05)
+        mismatched = [asyncio.ensure_future(b.submit(np.zeros((1, n)))) for n in (2, 3)]
+        await asyncio.sleep(0.05)
+        gate.set()
+        await first
+        failed = await asyncio.gather(*mismatched, return_exceptions=True)
+        out = await b.submit(np.ones((1, 2)))
+        await b.stop()
+        return failed, out
+
+    failed, out = asyncio.run(main())
+    assert all(isinstance(e, ValueError) for e in failed), failed
+    assert out["y"][0, 0] == 1
+
+
 def test_overloaded_service_answers_503_with_retry_after(model_path):
     import service.pipeline as predictor
 
