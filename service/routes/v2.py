@@ -78,8 +78,26 @@ async def model_ready(rt: RuntimeDep, name: str, version: str | None = None) -> 
     return {"name": name, "ready": True}
 
 
+# A request whose JSON is this small and which needs no decompression (the binary tensor extension, as
+# tritonclient sends it: a header, then raw tensors) is parsed and answered on the event loop, as the
+# gRPC port's small calls are: two thread hops cost more than the work. Anything else, whose JSON or
+# decompression may be large, goes to a thread.
+INLINE_BODY_BYTES = 64 * 1024
+INLINE_JSON_BYTES = 4 * 1024
+INLINE_JSON_VALUES = 1024  # output values answered as JSON numbers rather than binary
+INLINE_OUTPUT_BYTES = 256 * 1024
+
+
+def parses_inline(body: bytes, encoding: str | None, header_length: str | None) -> bool:
+    if encoding not in (None, "identity") or len(body) > INLINE_BODY_BYTES:
+        return False
+    if header_length is None:
+        return len(body) <= INLINE_JSON_BYTES
+    return not (header_length.isascii() and header_length.isdigit()) or int(header_length) <= INLINE_JSON_BYTES
+
+
 def parse_request(rt: Runtime, body: bytes, encoding: str | None, header_length: str | None) -> Parsed:
-    """Decompress and parse an inference request (CPU work, run off the event loop)."""
+    """Decompress and parse an inference request (CPU work: off the event loop unless `parses_inline`)."""
     limit = rt.settings.MAX_BODY_BYTES
     header, binary = split_body(decompress(body, encoding, limit), header_length)
     h, w = rt.info.input_size
@@ -103,18 +121,23 @@ async def infer(request: Request, rt: RuntimeDep, name: str, version: str | None
     check_model(rt, name, version)
     with rt.batcher.admit():  # a full queue refuses before the body is even parsed
         body = await request.body()
-        headers = request.headers
-        parsed = await run_in_threadpool(
-            parse_request, rt, body, headers.get("content-encoding"), headers.get(HEADER_LENGTH)
-        )
-        del body
+        request_parts = (body, request.headers.get("content-encoding"), request.headers.get(HEADER_LENGTH))
+        if parses_inline(*request_parts):
+            parsed = parse_request(rt, *request_parts)
+        else:
+            parsed = await run_in_threadpool(parse_request, rt, *request_parts)
+        del body, request_parts
         x = await to_model_input(rt, parsed.tensors)
         outputs = await rt.batcher.submit_admitted(x)
     reply: dict[str, Any] = {"model_name": rt.info.name, "model_version": rt.info.version}
     if "id" in parsed.header:
         reply["id"] = str(parsed.header["id"])[:256]
     wanted = [(n, outputs[n], b) for n, b in parsed.outputs]
-    content, header_length = await run_in_threadpool(encode_response, reply, wanted)
+    as_json = sum(a.size for _, a, binary in wanted if not binary)
+    if as_json <= INLINE_JSON_VALUES and sum(a.nbytes for _, a, _ in wanted) <= INLINE_OUTPUT_BYTES:
+        content, header_length = encode_response(reply, wanted)
+    else:
+        content, header_length = await run_in_threadpool(encode_response, reply, wanted)
     if header_length is None:
         return Response(content, media_type="application/json")
     return Response(

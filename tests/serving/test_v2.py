@@ -322,3 +322,65 @@ def test_an_unexpected_error_is_a_json_500(model_path):
         "code": "internal_error",
         "request_id": rid,
     }
+
+
+def test_small_binary_requests_are_handled_on_the_event_loop_and_the_rest_in_threads(model_path, monkeypatch):
+    """tritonclient's binary form (a small JSON header, raw tensors) is parsed and answered on the event loop,
+    as the gRPC port's small calls are; JSON tensors, compressed bodies and large JSON answers go to a
+    thread, so that one of them never holds the loop."""
+    import asyncio
+
+    from service.routes import v2
+    from tests.serving.conftest import make_client
+
+    where: list[tuple[str, str]] = []
+
+    def recording(name, fn):
+        def wrapped(*args):
+            try:
+                asyncio.get_running_loop()
+                where.append((name, "loop"))
+            except RuntimeError:
+                where.append((name, "thread"))
+            return fn(*args)
+
+        return wrapped
+
+    monkeypatch.setattr(v2, "parse_request", recording("parse", v2.parse_request))
+    monkeypatch.setattr(v2, "encode_response", recording("encode", v2.encode_response))
+    x = pixels(1)
+    one_output = [{"name": "probabilities", "parameters": {"binary_data": True}}]
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "image",
+                    "datatype": "FP32",
+                    "shape": [1, 3, 48, 48],
+                    "parameters": {"binary_data_size": x.nbytes},
+                }
+            ],
+            "outputs": one_output,
+        }
+    ).encode()
+    binary = {"content-type": "application/octet-stream", "inference-header-content-length": str(len(header))}
+    as_json = json.dumps(
+        {"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 3, 48, 48], "data": x.ravel().tolist()}]}
+    ).encode()
+    with make_client(model_path) as c:
+        url = f"/v2/models/{c.get('/v1/model').json()['name']}/infer"
+        answers = [
+            c.post(url, content=header + x.tobytes(), headers=binary),
+            c.post(url, content=gzip.compress(header + x.tobytes()), headers={**binary, "content-encoding": "gzip"}),
+            c.post(url, content=as_json, headers={"content-type": "application/json"}),  # every output, as JSON
+        ]
+    assert [r.status_code for r in answers] == [200, 200, 200], [r.text[:200] for r in answers]
+    assert answers[0].content == answers[1].content
+    assert where == [
+        ("parse", "loop"),
+        ("encode", "loop"),
+        ("parse", "thread"),  # decompression
+        ("encode", "loop"),
+        ("parse", "thread"),  # 6,912 numbers as JSON text
+        ("encode", "thread"),  # every output, attention maps included, as JSON numbers
+    ]
