@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.compare 70ccc02      # prints a markdown table
     .venv/bin/python -m bench.compare HEAD --after-env WARN_SHARED_SESSION=true   # a setting, same code
+    .venv/bin/python -m bench.compare 70ccc02 --v2  # also the v2 binary request tritonclient sends
 
 Each revision's service runs as that revision ran it (`python -m service` where it has one, else
 one uvicorn process) on this checkout's default model, under the same `wrk` load as `make bench`.
@@ -51,6 +52,28 @@ def paced(url: str, seconds: float, body: Path, ctype: str, gap: float = 0.03) -
     return {"req_s": len(latencies) / seconds, "p50_ms": p50, "p99_ms": p99}
 
 
+V2 = "v2 binary FP32 (digit.png)"
+
+
+def v2_body(image: Path, out: Path) -> tuple[int, str]:
+    """The v2 request `make bench` sends (row 6) for `image`, written to `out`: its header's length, and the
+    default model's name to send it to."""
+    import json
+
+    import onnxruntime as ort
+    from PIL import Image
+
+    from bench import protocols
+    from service.preprocess import to_input
+
+    meta = ort.InferenceSession(str(DEFAULT_ONNX), providers=["CPUExecutionProvider"]).get_modelmeta()
+    size = tuple(json.loads(meta.custom_metadata_map["input_size"]))
+    x, _ = to_input(Image.open(image).convert("RGB"), size)
+    body, length = protocols.http_body(x[None], "probabilities")
+    out.write_bytes(body)
+    return length, meta.custom_metadata_map["model_name"]
+
+
 def setting(text: str) -> tuple[str, str]:
     name, eq, value = text.partition("=")
     if not eq or not name:
@@ -65,6 +88,11 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="turns of each server under each load")
     p.add_argument(
         "--connections", default="paced,1,8,32", help="comma-separated load levels; paced: one request every 30 ms"
+    )
+    p.add_argument(
+        "--v2",
+        action="store_true",
+        help="also the Open Inference Protocol's binary FP32 request (tritonclient's form), at each wrk level",
     )
     p.add_argument(
         "--after-env",
@@ -88,6 +116,10 @@ def main() -> None:
         p.error(f"cannot check out {a.base!r} beside this checkout (git worktree add failed)")
     loads = [(name, path, ctype, c) for name, (path, ctype) in images.items() for c in levels]
     loads.append(("/v1/attention, digit.png", *images["digit.png (640x400 PNG)"], "8"))
+    header_length, model = None, ""
+    if a.v2:
+        header_length, model = v2_body(images["digit.png (640x400 PNG)"][0], work / "v2.bin")
+        loads += [(V2, work / "v2.bin", "application/octet-stream", c) for c in levels if c != "paced"]
     turns: dict[tuple[str, str], dict[str, list[dict]]] = {}
     servers: dict[str, Uvicorn] = {}
     try:
@@ -95,13 +127,16 @@ def main() -> None:
         servers["after"] = serve(ROOT, **dict(a.after_env))
         for name, path, ctype, c in loads:
             route = "/v1/attention?max_size=512" if name.startswith("/v1/attention") else "/v1/predict"
+            if name == V2:
+                route = f"/v2/models/{model}/infer"
             for _ in range(a.rounds):
                 for label, server in servers.items():
                     url = f"{server.url}{route}"
                     if c == "paced":
                         r = paced(url, a.seconds, path, ctype)
                     else:
-                        r = wrk(url, int(c), a.seconds, path, ctype, server=server)
+                        length = header_length if name == V2 else None
+                        r = wrk(url, int(c), a.seconds, path, ctype, length, server)
                         r["cpu_ms"] = r["server_cpu"] / r["req_s"] * 1e3  # the server's CPU per request
                     turns.setdefault((name, c), {}).setdefault(label, []).append(r)
     finally:

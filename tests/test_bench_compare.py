@@ -56,3 +56,21 @@ def test_a_revision_git_cannot_check_out_is_refused_and_leaves_nothing_behind(mo
         compare.main()
     assert e.value.code == 2  # argparse's error
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_v2_load_is_the_request_tritonclient_sends(tmp_path):
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    from service.tensors import read_inputs, split_body
+
+    digit = Path(__file__).resolve().parents[1] / "docs/digit.png"
+    length, model = compare.v2_body(digit, tmp_path / "v2.bin")
+    body = (tmp_path / "v2.bin").read_bytes()
+    header, binary = split_body(body, str(length))
+    (tensor,) = read_inputs(header, binary, 3 * 48 * 48)
+    assert model == "warn-cluttered-digits" and json.loads(body[:length]) == header
+    assert tensor.data.shape == (1, 3, 48, 48) and 0 <= float(np.min(tensor.data)) <= float(np.max(tensor.data)) <= 1
+    assert header["outputs"] == [{"name": "probabilities", "parameters": {"binary_data": True}}]
