@@ -38,7 +38,7 @@ from service.metrics import Metrics
 from service.pipeline import Runtime
 from service.protocol import check_model, model_metadata, server_metadata, to_model_input
 from service.request_id import kept_or_new
-from service.tensors import DTYPES, Tensor, check_spec, from_raw, select_outputs, shaped
+from service.tensors import DTYPES, Tensor, check_spec, element_limit, from_raw, select_outputs, shaped
 
 log = logging.getLogger("service.grpc")
 
@@ -74,8 +74,9 @@ CONTENTS = {
 }
 
 
-def read_inputs(request: pb.ModelInferRequest, max_elements: int) -> list[Tensor]:
-    """The request's input tensors, from raw_input_contents or typed contents (CPU work: off the loop)."""
+def read_inputs(request: pb.ModelInferRequest, max_elements: int, max_strings: int | None = None) -> list[Tensor]:
+    """The request's input tensors, from raw_input_contents or typed contents (CPU work: off the loop);
+    none may hold more than `max_elements` elements, nor a BYTES one more than `max_strings`."""
     if not request.inputs:
         raise InvalidRequest("inference request needs at least one input")
     raw = request.raw_input_contents
@@ -84,7 +85,7 @@ def read_inputs(request: pb.ModelInferRequest, max_elements: int) -> list[Tensor
     tensors = []
     for i, spec in enumerate(request.inputs):
         name, datatype, shape = spec.name, spec.datatype, list(spec.shape)
-        check_spec(name, datatype, shape, max_elements)
+        check_spec(name, datatype, shape, element_limit(datatype, max_elements, max_strings))
         if raw:
             data = from_raw(name, datatype, shape, raw[i])
         elif datatype == "FP16":
@@ -197,13 +198,14 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             check_model(rt, request.model_name, request.model_version or None)
             names = select_outputs([o.name for o in request.outputs], rt.model.output_names)
             h, w = rt.info.input_size
-            limit = rt.settings.MAX_IMAGES_PER_REQUEST * 3 * h * w
+            cap = rt.settings.MAX_IMAGES_PER_REQUEST
+            limits = (cap * 3 * h * w, cap)
             small = request.ByteSize() <= INLINE_BYTES
             with rt.batcher.admit():
                 if small:
-                    tensors = read_inputs(request, limit)
+                    tensors = read_inputs(request, *limits)
                 else:
-                    tensors = await run_in_threadpool(read_inputs, request, limit)
+                    tensors = await run_in_threadpool(read_inputs, request, *limits)
                 x = await to_model_input(rt, tensors)
                 outputs = await rt.batcher.submit_admitted(x)
             if small:

@@ -79,9 +79,13 @@ def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], 
     return header, memoryview(body)[n:]
 
 
-def _bytes_elements(raw: memoryview) -> list[bytes]:
+def _bytes_elements(raw: memoryview, count: int) -> list[bytes]:
+    """The `count` length-prefixed elements of a BYTES tensor's binary data, read no further: 16 MB of
+    empty elements would otherwise be 4 million turns of this loop."""
     items, i = [], 0
     while i < len(raw):
+        if len(items) == count:
+            raise InvalidRequest(f"BYTES tensor data holds more than the {count} elements of its shape")
         if i + 4 > len(raw):
             raise InvalidRequest("BYTES tensor data ends inside an element's length")
         (size,) = struct.unpack_from("<I", raw, i)
@@ -116,6 +120,11 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def element_limit(datatype: Any, max_elements: int, max_strings: int | None) -> int:
+    """The most elements an input of `datatype` may hold: a BYTES element is a whole encoded image."""
+    return max_strings if datatype == "BYTES" and max_strings is not None else max_elements
+
+
 def check_spec(name: Any, datatype: Any, shape: Any, max_elements: int) -> int:
     """The element count of a well-formed input declaration; the errors name what is wrong."""
     if not isinstance(name, str) or not isinstance(datatype, str) or not isinstance(shape, list):
@@ -137,7 +146,7 @@ def check_spec(name: Any, datatype: Any, shape: Any, max_elements: int) -> int:
 def from_raw(name: str, datatype: str, shape: list[int], raw: memoryview | bytes) -> np.ndarray:
     """A tensor's elements from its binary form (BYTES: each element length-prefixed), unshaped."""
     if datatype == "BYTES":
-        elements = _bytes_elements(memoryview(raw))
+        elements = _bytes_elements(memoryview(raw), math.prod(shape))
         data = np.empty(len(elements), dtype=object)
         data[:] = elements
         return data
@@ -153,8 +162,11 @@ def shaped(name: str, shape: list[int], data: np.ndarray) -> np.ndarray:
     return data.reshape(shape)
 
 
-def read_inputs(header: dict[str, Any], binary: memoryview, max_elements: int) -> list[Tensor]:
-    """The request's input tensors; none may hold more than `max_elements` elements."""
+def read_inputs(
+    header: dict[str, Any], binary: memoryview, max_elements: int, max_strings: int | None = None
+) -> list[Tensor]:
+    """The request's input tensors; none may hold more than `max_elements` elements, nor a BYTES one more
+    than `max_strings` (where given)."""
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise InvalidRequest("inference request needs a non-empty 'inputs' list")
@@ -164,7 +176,7 @@ def read_inputs(header: dict[str, Any], binary: memoryview, max_elements: int) -
         if not isinstance(spec, dict):
             raise InvalidRequest("each input must be a JSON object")
         name, datatype, shape = spec.get("name"), spec.get("datatype"), spec.get("shape")
-        check_spec(name, datatype, shape, max_elements)
+        check_spec(name, datatype, shape, element_limit(datatype, max_elements, max_strings))
         size = _parameters(spec, f"input {name[:64]!r}").get("binary_data_size")
         if size is not None:
             if not _is_int(size) or size < 0:

@@ -101,7 +101,8 @@ def parse_request(rt: Runtime, body: bytes, encoding: str | None, header_length:
     limit = rt.settings.MAX_BODY_BYTES
     header, binary = split_body(decompress(body, encoding, limit), header_length)
     h, w = rt.info.input_size
-    tensors = read_inputs(header, binary, rt.settings.MAX_IMAGES_PER_REQUEST * 3 * h * w)
+    cap = rt.settings.MAX_IMAGES_PER_REQUEST
+    tensors = read_inputs(header, binary, cap * 3 * h * w, cap)
     return Parsed(header, tensors, requested_outputs(header, rt.model.output_names))
 
 

@@ -384,3 +384,23 @@ def test_small_binary_requests_are_handled_on_the_event_loop_and_the_rest_in_thr
         ("parse", "thread"),  # 6,912 numbers as JSON text
         ("encode", "thread"),  # every output, attention maps included, as JSON numbers
     ]
+
+
+def test_binary_bytes_tensors_are_read_no_further_than_their_shape(server):
+    """16 MB of empty BYTES elements was 4 million turns of a Python loop before any count was checked."""
+    url = f"{server.url}/v2/models/{model_name(server)}/infer"
+
+    def send(shape: list[int], data: bytes) -> httpx.Response:
+        spec = {"name": "image", "datatype": "BYTES", "shape": shape, "parameters": {"binary_data_size": len(data)}}
+        header = json.dumps({"inputs": [spec]}).encode()
+        headers = {"inference-header-content-length": str(len(header)), "content-type": "application/octet-stream"}
+        return httpx.post(url, content=header + data, headers=headers, timeout=30)
+
+    empties = struct.pack("<I", 0) * 500_000  # 2 MB
+    one = png(Image.new("RGB", (8, 8)))
+    element = struct.pack("<I", len(one)) + one
+    more = send([1], element + empties)
+    assert more.status_code == 400 and "more than the 1 elements" in more.json()["error"]
+    too_many = send([65], empties)
+    assert too_many.status_code == 413 and "limit of 64" in too_many.json()["error"]
+    assert send([1], element).status_code == 200
