@@ -193,6 +193,7 @@ def read_inputs(
                     flat = np.asarray(spec["data"], dtype=object).reshape(-1)
                 except ValueError:
                     raise InvalidRequest(f"input {name[:64]!r}: data is not a regular array") from None
+                shaped(name, shape, flat)  # before any element is decoded
                 data = np.empty(len(flat), dtype=object)
                 data[:] = [_json_bytes(v) for v in flat]
             else:

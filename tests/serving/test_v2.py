@@ -404,3 +404,15 @@ def test_binary_bytes_tensors_are_read_no_further_than_their_shape(server):
     too_many = send([65], empties)
     assert too_many.status_code == 413 and "limit of 64" in too_many.json()["error"]
     assert send([1], element).status_code == 200
+
+
+def test_json_bytes_elements_are_counted_before_any_is_decoded(monkeypatch):
+    from service import tensors
+
+    decoded = []
+    monkeypatch.setattr(tensors, "_json_bytes", lambda v: decoded.append(v) or b"")
+    one = base64.b64encode(png(Image.new("RGB", (8, 8)))).decode()
+    header = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [one] + [""] * 200_000}]}
+    with pytest.raises(tensors.InvalidRequest, match="200001 elements do not fill shape"):
+        tensors.read_inputs(header, memoryview(b""), 64 * 3 * 48 * 48, 64)
+    assert decoded == []
