@@ -13,6 +13,7 @@ import tritonclient.http as triton
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
+from bench.protocols import http_body
 from service.preprocess import to_input
 from tests.serving.conftest import png
 
@@ -349,29 +350,16 @@ def test_small_binary_requests_are_handled_on_the_event_loop_and_the_rest_in_thr
     monkeypatch.setattr(v2, "parse_request", recording("parse", v2.parse_request))
     monkeypatch.setattr(v2, "encode_response", recording("encode", v2.encode_response))
     x = pixels(1)
-    one_output = [{"name": "probabilities", "parameters": {"binary_data": True}}]
-    header = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "image",
-                    "datatype": "FP32",
-                    "shape": [1, 3, 48, 48],
-                    "parameters": {"binary_data_size": x.nbytes},
-                }
-            ],
-            "outputs": one_output,
-        }
-    ).encode()
-    binary = {"content-type": "application/octet-stream", "inference-header-content-length": str(len(header))}
+    body, header_length = http_body(x, "probabilities")  # as tritonclient sends it
+    binary = {"content-type": "application/octet-stream", "inference-header-content-length": str(header_length)}
     as_json = json.dumps(
         {"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 3, 48, 48], "data": x.ravel().tolist()}]}
     ).encode()
     with make_client(model_path) as c:
         url = f"/v2/models/{c.get('/v1/model').json()['name']}/infer"
         answers = [
-            c.post(url, content=header + x.tobytes(), headers=binary),
-            c.post(url, content=gzip.compress(header + x.tobytes()), headers={**binary, "content-encoding": "gzip"}),
+            c.post(url, content=body, headers=binary),
+            c.post(url, content=gzip.compress(body), headers={**binary, "content-encoding": "gzip"}),
             c.post(url, content=as_json, headers={"content-type": "application/json"}),  # every output, as JSON
         ]
     assert [r.status_code for r in answers] == [200, 200, 200], [r.text[:200] for r in answers]
