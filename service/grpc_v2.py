@@ -36,7 +36,7 @@ from service.errors import (
 )
 from service.metrics import Metrics
 from service.pipeline import Runtime
-from service.protocol import check_model, model_metadata, server_metadata, to_model_input
+from service.protocol import INLINE_BYTES, check_model, input_limits, model_metadata, server_metadata, to_model_input
 from service.request_id import kept_or_new
 from service.tensors import DTYPES, Tensor, check_spec, element_limit, from_raw, select_outputs, shaped
 
@@ -53,9 +53,6 @@ STATUS: dict[type[ServiceError], grpc.StatusCode] = {
     ImageTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unauthorized: grpc.StatusCode.UNAUTHENTICATED,
 }
-
-# Requests this small are read and answered on the event loop: a thread hop costs more than the work.
-INLINE_BYTES = 64 * 1024
 
 # InferTensorContents' field for each datatype (the protocol packs the small integers into 32 bits)
 CONTENTS = {
@@ -74,7 +71,7 @@ CONTENTS = {
 }
 
 
-def read_inputs(request: pb.ModelInferRequest, max_elements: int, max_strings: int | None = None) -> list[Tensor]:
+def read_inputs(request: pb.ModelInferRequest, max_elements: int, max_strings: int) -> list[Tensor]:
     """The request's input tensors, from raw_input_contents or typed contents (CPU work: off the loop);
     none may hold more than `max_elements` elements, nor a BYTES one more than `max_strings`."""
     if not request.inputs:
@@ -197,9 +194,7 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             rt = self.rt
             check_model(rt, request.model_name, request.model_version or None)
             names = select_outputs([o.name for o in request.outputs], rt.model.output_names)
-            h, w = rt.info.input_size
-            cap = rt.settings.MAX_IMAGES_PER_REQUEST
-            limits = (cap * 3 * h * w, cap)
+            limits = input_limits(rt)
             small = request.ByteSize() <= INLINE_BYTES
             with rt.batcher.admit():
                 if small:

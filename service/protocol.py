@@ -14,6 +14,9 @@ from service.tensors import Tensor, finite
 
 SERVER_NAME = "warn-serve"
 EXTENSIONS = ["binary_tensor_data"]
+# Requests this small (with nothing to decompress) are read and answered on the event loop, on either port:
+# a thread hop costs more than the work.
+INLINE_BYTES = 64 * 1024
 
 
 def server_metadata() -> dict[str, Any]:
@@ -24,6 +27,14 @@ def check_model(rt: Runtime, name: str, version: str | None = None) -> None:
     if name != rt.info.name or (version is not None and version != rt.info.version):
         wanted = f"{name[:64]!r}" + (f" version {version[:64]!r}" if version else "")  # echoed back: bounded
         raise NotFound(f"unknown model {wanted}: this server has {rt.info.name!r} version {rt.info.version!r}")
+
+
+def input_limits(rt: Runtime) -> tuple[int, int]:
+    """The most elements a request's input may hold: the FP32 values of WARN_MAX_IMAGES_PER_REQUEST images,
+    or that many BYTES elements (each an encoded image)."""
+    h, w = rt.info.input_size
+    cap = rt.settings.MAX_IMAGES_PER_REQUEST
+    return cap * 3 * h * w, cap
 
 
 def model_metadata(rt: Runtime) -> dict[str, Any]:

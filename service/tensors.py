@@ -120,9 +120,9 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def element_limit(datatype: Any, max_elements: int, max_strings: int | None) -> int:
+def element_limit(datatype: Any, max_elements: int, max_strings: int) -> int:
     """The most elements an input of `datatype` may hold: a BYTES element is a whole encoded image."""
-    return max_strings if datatype == "BYTES" and max_strings is not None else max_elements
+    return max_strings if datatype == "BYTES" else max_elements
 
 
 def check_spec(name: Any, datatype: Any, shape: Any, max_elements: int) -> int:
@@ -162,11 +162,9 @@ def shaped(name: str, shape: list[int], data: np.ndarray) -> np.ndarray:
     return data.reshape(shape)
 
 
-def read_inputs(
-    header: dict[str, Any], binary: memoryview, max_elements: int, max_strings: int | None = None
-) -> list[Tensor]:
+def read_inputs(header: dict[str, Any], binary: memoryview, max_elements: int, max_strings: int) -> list[Tensor]:
     """The request's input tensors; none may hold more than `max_elements` elements, nor a BYTES one more
-    than `max_strings` (where given)."""
+    than `max_strings`."""
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise InvalidRequest("inference request needs a non-empty 'inputs' list")

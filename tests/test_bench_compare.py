@@ -70,7 +70,7 @@ def test_the_v2_load_is_the_request_tritonclient_sends(tmp_path):
     length, model = compare.v2_body(digit, tmp_path / "v2.bin")
     body = (tmp_path / "v2.bin").read_bytes()
     header, binary = split_body(body, str(length))
-    (tensor,) = read_inputs(header, binary, 3 * 48 * 48)
+    (tensor,) = read_inputs(header, binary, 3 * 48 * 48, 1)
     assert model == "warn-cluttered-digits" and json.loads(body[:length]) == header
     assert tensor.data.shape == (1, 3, 48, 48) and 0 <= float(np.min(tensor.data)) <= float(np.max(tensor.data)) <= 1
     assert header["outputs"] == [{"name": "probabilities", "parameters": {"binary_data": True}}]

@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from service.deps import RuntimeDep
 from service.errors import ModelUnavailable
 from service.pipeline import Runtime
-from service.protocol import check_model, model_metadata, server_metadata, to_model_input
+from service.protocol import INLINE_BYTES, check_model, input_limits, model_metadata, server_metadata, to_model_input
 from service.schemas import InferResponse, ModelMetadata, ModelReady, ServerMetadata, errors
 from service.tensors import (
     HEADER_LENGTH,
@@ -78,18 +78,17 @@ async def model_ready(rt: RuntimeDep, name: str, version: str | None = None) -> 
     return {"name": name, "ready": True}
 
 
-# A request whose JSON is this small and which needs no decompression (the binary tensor extension, as
-# tritonclient sends it: a header, then raw tensors) is parsed and answered on the event loop, as the
-# gRPC port's small calls are: two thread hops cost more than the work. Anything else, whose JSON or
-# decompression may be large, goes to a thread.
-INLINE_BODY_BYTES = 64 * 1024
+# A request of at most INLINE_BYTES whose JSON is this small and which needs no decompression (the binary
+# tensor extension, as tritonclient sends it: a header, then raw tensors) is parsed and answered on the
+# event loop, as the gRPC port's small calls are: two thread hops cost more than the work. Anything else,
+# whose JSON or decompression may be large, goes to a thread.
 INLINE_JSON_BYTES = 4 * 1024
 INLINE_JSON_VALUES = 1024  # output values answered as JSON numbers rather than binary
 INLINE_OUTPUT_BYTES = 256 * 1024
 
 
 def parses_inline(body: bytes, encoding: str | None, header_length: str | None) -> bool:
-    if encoding not in (None, "identity") or len(body) > INLINE_BODY_BYTES:
+    if encoding not in (None, "identity") or len(body) > INLINE_BYTES:
         return False
     if header_length is None:
         return len(body) <= INLINE_JSON_BYTES
@@ -100,9 +99,7 @@ def parse_request(rt: Runtime, body: bytes, encoding: str | None, header_length:
     """Decompress and parse an inference request (CPU work: off the event loop unless `parses_inline`)."""
     limit = rt.settings.MAX_BODY_BYTES
     header, binary = split_body(decompress(body, encoding, limit), header_length)
-    h, w = rt.info.input_size
-    cap = rt.settings.MAX_IMAGES_PER_REQUEST
-    tensors = read_inputs(header, binary, cap * 3 * h * w, cap)
+    tensors = read_inputs(header, binary, *input_limits(rt))
     return Parsed(header, tensors, requested_outputs(header, rt.model.output_names))
 
 
