@@ -18,7 +18,7 @@ from service.deps import require_api_key, require_api_key_or_signature
 from service.head import HeadAsGet
 from service.limits import BodyLimitMiddleware
 from service.logs import show_service_logs
-from service.memory import return_freed_memory
+from service.memory import return_freed_memory, startup_objects_frozen
 from service.metrics import Metrics, MetricsMiddleware
 from service.pipeline import Runtime
 from service.request_id import RequestIdMiddleware, log_request_ids
@@ -62,8 +62,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 raise
         app.state.runtime = runtime
         try:
-            # uvicorn hands this state to each connection (service/connection.py)
-            yield {"settings": settings, "metrics": metrics}
+            with startup_objects_frozen():
+                # uvicorn hands this state to each connection (service/connection.py)
+                yield {"settings": settings, "metrics": metrics}
         finally:
             app.state.runtime = None
             if grpc:

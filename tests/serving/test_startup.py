@@ -98,3 +98,18 @@ def test_connection_bounds_refuse_values_that_mean_nothing(monkeypatch, name, va
     monkeypatch.setenv(name, value)
     with pytest.raises(ValidationError, match=name.removeprefix("WARN_")):
         Settings()
+
+
+def test_a_running_app_leaves_its_start_up_objects_out_of_garbage_collection(model_path):
+    import gc
+
+    from service.memory import YOUNG_THRESHOLD
+    from tests.serving.conftest import make_client
+
+    gc.unfreeze()
+    before = gc.get_threshold()
+    with make_client(model_path) as client:
+        assert client.get("/v2/health/ready").status_code == 200
+        assert gc.get_freeze_count() > 10_000  # the app, its routes and the session's metadata among them
+        assert gc.get_threshold() == (YOUNG_THRESHOLD, *before[1:])
+    assert gc.get_freeze_count() == 0 and gc.get_threshold() == before  # as it was, for the apps that follow
