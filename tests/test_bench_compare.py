@@ -74,3 +74,35 @@ def test_the_v2_load_is_the_request_tritonclient_sends(tmp_path):
     assert model == "warn-cluttered-digits" and json.loads(body[:length]) == header
     assert tensor.data.shape == (1, 3, 48, 48) and 0 <= float(np.min(tensor.data)) <= float(np.max(tensor.data)) <= 1
     assert header["outputs"] == [{"name": "probabilities", "parameters": {"binary_data": True}}]
+
+
+def test_the_gc_hook_reports_each_collection_of_the_process_it_is_loaded_into(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = "import gc, time; gc.collect(); gc.collect(1); time.sleep(1.2)"
+    env = {**os.environ, "PYTHONPATH": str(compare.GC_HOOK), "BENCH_GC_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, check=True)
+    (written,) = tmp_path.glob("*.json")
+    report = json.loads(written.read_text())
+    assert done.returncode == 0 and report["counts"][1] >= 1 and report["counts"][2] >= 1
+    assert sum(report["seconds"]) > 0
+
+
+def test_gc_time_is_per_request_over_every_worker_and_its_longest_pause_is_of_the_turn_alone():
+    before = {1: {"seconds": [0.1, 0.0, 0.5], "pauses": [(2, 0.5)]}}
+    after = {
+        1: {"seconds": [0.2, 0.0, 0.55], "pauses": [(2, 0.5), (2, 0.05)]},
+        2: {"seconds": [0.05, 0.0, 0.0], "pauses": [(0, 0.002)]},  # a worker the first snapshot missed
+    }
+    turn = compare.gc_turn(before, after, requests=1000)
+    assert turn["gc_ms"] == pytest.approx((0.1 + 0.05 + 0.05) / 1000 * 1e3)
+    assert turn["gc_longest_ms"] == pytest.approx(50.0)  # the 0.5 s pause was before the turn
+    turns = {
+        ("photo", "32"): {
+            side: [{"req_s": 1.0, "p50_ms": 1.0, "p99_ms": 1.0, "cpu_ms": 1.0, **turn}] for side in compare.SIDES
+        }
+    }
+    assert "1.00 ms CPU (GC 0.200 ms, longest 50 ms)" in compare.table(turns, "abc123").splitlines()[2]
