@@ -8,8 +8,8 @@ The process then stays at its peak. A fixed threshold keeps large buffers mmappe
 free), and fewer arenas keep many decoding threads from each holding their own.
 
 Python's collector walks every tracked object on each full collection: in a worker about 100,000 built at
-start-up (modules, the app, the model's metadata), 60-90 ms of event loop each time, every 3-5 s at 480
-req/s on 2 cores. Frozen, they are skipped.
+start-up (modules, the app, the model's metadata), 45-120 ms of event loop each time, every few seconds
+under load (2 cores, 480 req/s). Frozen, they are skipped.
 """
 
 from __future__ import annotations

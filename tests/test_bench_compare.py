@@ -82,7 +82,15 @@ def test_the_gc_hook_reports_each_collection_of_the_process_it_is_loaded_into(tm
     import subprocess
     import sys
 
-    code = "import gc, time; gc.collect(); gc.collect(1); time.sleep(1.2)"
+    # collects, then waits (up to a minute, on a slow machine) for the hook to write after that
+    code = (
+        "import gc, os, time\n"
+        "gc.collect(); gc.collect(1); collected = time.time()\n"
+        "path = os.path.join(os.environ['BENCH_GC_DIR'], f'{os.getpid()}.json')\n"
+        "deadline = time.monotonic() + 60\n"
+        "while time.monotonic() < deadline and not (os.path.exists(path) and os.path.getmtime(path) > collected):\n"
+        "    time.sleep(0.1)\n"
+    )
     env = {**os.environ, "PYTHONPATH": str(compare.GC_HOOK), "BENCH_GC_DIR": str(tmp_path)}
     done = subprocess.run([sys.executable, "-c", code], env=env, check=True)
     (written,) = tmp_path.glob("*.json")
