@@ -202,9 +202,9 @@ def table(turns: dict[tuple[str, str], dict[str, list[dict]]], base: str) -> str
     ]
     for (name, c), by in turns.items():
         b, n = ({k: statistics.median(r.get(k, math.nan) for r in by[side]) for k in keys} for side in SIDES)
-        for side, r in zip(SIDES, (b, n)):  # the longest pause of any turn, not a median's
-            r["gc_longest_ms"] = max((t.get("gc_longest_ms", math.nan) for t in by[side]), default=math.nan)
         for side, r in zip(SIDES, (b, n)):
+            # the longest pause of any turn, not a median's
+            r["gc_longest_ms"] = max((t.get("gc_longest_ms", math.nan) for t in by[side]), default=math.nan)
             r["non_2xx"] = sum(t.get("non_2xx", 0) for t in by[side])  # failures count as req/s in wrk's rate
         lines.append(f"| {name} | {c} | {figures(b)} | {figures(n)} | {n['req_s'] / b['req_s']:.2f}x |")
     return "\n".join(lines)

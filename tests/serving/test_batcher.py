@@ -53,12 +53,19 @@ def test_multi_row_requests_keep_their_rows():
     np.testing.assert_array_equal(rc["echo"], c * 2)
 
 
-def test_full_queue_is_refused_not_grown():
+def held_until_set():
+    """A model that answers its batch as "y" once the returned event is set (5 s at most), and that event."""
     gate = threading.Event()
 
-    def slow(x):
+    def run(x):
         gate.wait(5)
         return {"y": x}
+
+    return gate, run
+
+
+def test_full_queue_is_refused_not_grown():
+    gate, slow = held_until_set()
 
     async def main():
         b = MicroBatcher(slow, max_batch=1, max_wait_ms=0, queue_size=3)  # 3 in progress: 1 running, 2 queued
@@ -147,11 +154,7 @@ def test_a_failing_batch_fails_only_its_requests():
 
 
 def test_requests_that_cannot_be_stacked_fail_together_and_the_batcher_goes_on():
-    gate = threading.Event()
-
-    def held(x):
-        gate.wait(5)
-        return {"y": x}
+    gate, held = held_until_set()
 
     async def main():
         b = MicroBatcher(held, max_batch=8, max_wait_ms=0, queue_size=8)
