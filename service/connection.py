@@ -4,7 +4,7 @@ request's head.
 It also turns Nagle's algorithm off on every TCP connection (TCP_NODELAY). uvloop does so itself, but
 asyncio's loop (`UVICORN_LOOP=asyncio`) only for a listening socket bound with protocol IPPROTO_TCP, and
 uvicorn binds its workers' socket with 0 (Kludex/uvicorn#3149): a response's body, written after its
-head, then waited for the client's delayed acknowledgement, 44 ms on every request at one connection.
+head, then waited for the client's delayed acknowledgement (a photo at one connection: 48 ms, not 4).
 
 uvicorn bounds the idle time between two requests, and only until a first byte arrives. Nothing bounds
 how long a request line and its headers may take, nor a connection that sends nothing at all: such
