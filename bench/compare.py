@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.run import DEFAULT_ONNX, wrk
+from bench.run import DEFAULT_ONNX, write_v2_request, wrk
 from bench.server import ROOT, Uvicorn, bench_images
 
 GC_HOOK = ROOT / "bench/gc_hook"
@@ -88,19 +88,11 @@ V2 = "v2 binary FP32 (digit.png)"
 def v2_body(image: Path, out: Path) -> tuple[int, str]:
     """The v2 request `make bench` sends (row 6) for `image`, written to `out`: its header's length, and the
     default model's name to send it to."""
-    import json
-
     import onnxruntime as ort
-    from PIL import Image
-
-    from bench import protocols
-    from service.preprocess import to_input
 
     meta = ort.InferenceSession(str(DEFAULT_ONNX), providers=["CPUExecutionProvider"]).get_modelmeta()
     size = tuple(json.loads(meta.custom_metadata_map["input_size"]))
-    x, _ = to_input(Image.open(image).convert("RGB"), size)
-    body, length = protocols.http_body(x[None], "probabilities")
-    out.write_bytes(body)
+    _, length = write_v2_request(image, size, out)
     return length, meta.custom_metadata_map["model_name"]
 
 

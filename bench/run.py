@@ -343,9 +343,21 @@ def render_rows(
     return rows
 
 
+def write_v2_request(image: Path, size: tuple[int, int], out: Path) -> tuple[np.ndarray, int]:
+    """The v2 request of rows 6 and 7 (tritonclient's binary form, asking for the probabilities) for `image`,
+    written to `out`: the model input it carries (3, H, W), and its header's length."""
+    from PIL import Image
+
+    from service.preprocess import to_input
+
+    x, _ = to_input(Image.open(image).convert("RGB"), size)
+    body, header_length = protocols.http_body(x[None], "probabilities")
+    out.write_bytes(body)
+    return x, header_length
+
+
 def service_rows(threads: int, seconds: float, quick: bool) -> list[dict]:
     from bench import pipeline
-    from service.preprocess import to_input
 
     work = Path(tempfile.mkdtemp(prefix="warn-bench-"))
     images = bench_images(work)
@@ -360,11 +372,7 @@ def service_rows(threads: int, seconds: float, quick: bool) -> list[dict]:
     rows += decode_rows(images, size, seconds)
     rows += render_rows(images["digit.png (640x400 PNG)"][0], info_session, size, seconds)
 
-    from PIL import Image
-
-    x, _ = to_input(Image.open(images["digit.png (640x400 PNG)"][0]).convert("RGB"), size)
-    v2_body, header_length = protocols.http_body(x[None], "probabilities")
-    (work / "v2.bin").write_bytes(v2_body)
+    x, header_length = write_v2_request(images["digit.png (640x400 PNG)"][0], size, work / "v2.bin")
 
     levels = (1, 32) if quick else (1, 8, 32)
     # as `make serve` runs it: one worker per core, every other setting at its default
