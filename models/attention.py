@@ -53,7 +53,7 @@ def shifted_masks(mask: torch.Tensor) -> torch.Tensor:
 
     PyTorch slices the zero-padded masks: no arithmetic, and 1.7-1.8x faster than a convolution in
     training. The export shifts them by a grouped convolution with one-hot kernels instead, which
-    onnxruntime runs faster than a Pad and nine Slices (README, "Pool-first attention").
+    onnxruntime runs faster than a Pad and nine Slices (docs/performance.md, "Pool-first attention").
     """
     n, k, h, w = mask.shape
     if torch.onnx.is_in_onnx_export():

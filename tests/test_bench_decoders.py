@@ -29,3 +29,10 @@ def test_a_candidate_that_decodes_other_pixels_is_refused(monkeypatch):
 def test_the_resize_is_a_small_share_of_preparing_an_input():
     data = decoders.inputs()["4000x3000 JPEG"]
     assert 0 < decoders.resize_share(data, (48, 48), Settings(), seconds=0.05) < 0.5
+
+
+def test_the_inflate_bound_reads_the_pngs_pixel_data():
+    png = decoders.inputs()["digit.png (640x400 PNG)"]
+    assert len(decoders.idat(png)) > len(png) * 0.9  # a photo-like PNG is almost all pixel data
+    r = decoders.inflate(png, seconds=0.02, rounds=1)
+    assert r["zlib"] > 0 and r["zlib-ng"] > 0
