@@ -147,6 +147,13 @@ class Settings(BaseSettings):
         64, ge=1, description="images (v2 FP32 rows or BYTES elements) one request may carry (413 past it)"
     )
     MAX_IMAGE_PIXELS: int = Field(40_000_000, ge=1, description="images with more pixels are refused undecoded")
+    MAX_REQUEST_PIXELS: int = Field(
+        0,
+        ge=0,
+        description="pixels the images of one v2 request may decode to in all (a JPEG counts at the reduced "
+        "scale it is decoded at), read from their headers: past it, 413 before any is decoded (0: twice "
+        "MAX_IMAGE_PIXELS; else at least MAX_IMAGE_PIXELS)",
+    )
     RESIZE: Literal["letterbox", "stretch"] = Field(
         "letterbox", description="letterbox: keep aspect, pad with the image's mean colour; stretch: ignore aspect"
     )
@@ -241,6 +248,15 @@ class Settings(BaseSettings):
         if "" in self.PREVIOUS_API_KEYS:
             raise ValueError("PREVIOUS_API_KEYS holds an empty key")
         return self
+
+    @model_validator(mode="after")
+    def _a_request_holds_an_image(self) -> Settings:
+        if self.MAX_REQUEST_PIXELS and self.MAX_REQUEST_PIXELS < self.MAX_IMAGE_PIXELS:
+            raise ValueError("MAX_REQUEST_PIXELS is below MAX_IMAGE_PIXELS: a request could not hold one image")
+        return self
+
+    def request_pixels(self) -> int:
+        return self.MAX_REQUEST_PIXELS or 2 * self.MAX_IMAGE_PIXELS
 
     def api_keys(self) -> list[str]:
         """The keys a client may send: API_KEY first (URLs are signed under it), then the previous ones."""

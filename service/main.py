@@ -9,11 +9,12 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from service import __version__, errors, overlay, workers
 from service.auth import UrlSigner
 from service.config import Settings
+from service.decode import PNG_TEXT_BYTES
 from service.deps import require_api_key, require_api_key_or_signature
 from service.head import HeadAsGet
 from service.limits import BodyLimitMiddleware
@@ -33,6 +34,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     metrics = Metrics()
     # Pillow refuses past twice its MAX_IMAGE_PIXELS, also inside containers (ICO, TIFF): half ours
     Image.MAX_IMAGE_PIXELS = settings.MAX_IMAGE_PIXELS // 2
+    PngImagePlugin.MAX_TEXT_MEMORY = PNG_TEXT_BYTES
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Settings | Metrics]]:

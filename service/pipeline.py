@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -21,7 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from service import overlay, threads
 from service.batcher import MicroBatcher, Outputs
 from service.config import Settings
-from service.decode import Need, decode
+from service.decode import Need, decode, pixels_to_decode
 from service.errors import ModelLoadError, ModelUnavailable
 from service.metrics import Metrics
 from service.model import ModelInfo, OnnxModel
@@ -142,6 +142,11 @@ class Runtime:
         """`fn(*args)` in one of the decoding threads. Work beyond them waits in the pool's queue (bounded by
         admission), and queued work whose request is cancelled never runs."""
         return await asyncio.get_running_loop().run_in_executor(self.decoders, fn, *args)
+
+    def pixels_to_prepare(self, images: Iterable[bytes]) -> int:
+        """The pixels `prepare` decodes for these images (side 0: the model input alone), from their headers."""
+        need = need_for(0, self.info.input_size, self.settings)
+        return sum(pixels_to_decode(data, self.settings.MAX_IMAGE_PIXELS, need) for data in images)
 
     async def decode(self, data: bytes, side: int = 0) -> tuple[Image.Image, np.ndarray, Geometry]:
         """`prepare` in a decoding thread."""

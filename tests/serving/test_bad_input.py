@@ -160,3 +160,28 @@ def test_bad_requests_do_not_disturb_good_ones(client):
     for bad in (b"", b"junk", png(RGB)[:100]):
         assert post(client, bad).status_code in (415, 422)
         assert post(client, good).json()["top_k"] == expected
+
+
+def with_text(image: bytes, chunks: int, size: int = 1_000_000) -> bytes:
+    """`image` (a PNG) with that many zTXt chunks of `size` zeros each (about 1 KB a megabyte compressed)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    text = zlib.compress(bytes(size), 9)
+    at = image.index(b"IDAT") - 4
+    return image[:at] + b"".join(chunk(b"zTXt", b"k%d\0\0" % i + text) for i in range(chunks)) + image[at:]
+
+
+def test_png_text_chunks_are_bounded(client):
+    """Pillow inflates a PNG's text chunks as it reads the header, up to 64 MB of them (0.16 s of a core
+    from 63 KB); the service allows 4 MiB, far above what editors write."""
+    small = png(Image.new("RGB", (64, 64), (10, 200, 30)))
+    ok = client.post("/v1/predict", content=with_text(small, 2), headers={"content-type": "image/png"})
+    assert ok.status_code == 200, ok.text
+    bomb = with_text(small, 60)
+    assert len(bomb) < 70_000
+    r = client.post("/v1/predict", content=bomb, headers={"content-type": "image/png"})
+    assert r.status_code == 413 and r.json()["code"] == "image_too_large" and "text chunks" in r.json()["error"]
+    r = client.post("/v1/predict", content=with_text(small, 1, 2**21), headers={"content-type": "image/png"})
+    assert r.status_code == 413 and "text chunks" in r.json()["error"]  # Pillow's 1 MB a chunk, checked alike

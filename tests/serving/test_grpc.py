@@ -36,7 +36,13 @@ def start(model_path, **env) -> tuple[Server, int]:
 
 @pytest.fixture(scope="module")
 def served(model_path):
-    server, port = start(model_path, WARN_MAX_BODY_BYTES=str(2 * 1024 * 1024), WARN_MAX_IMAGES_PER_REQUEST="8")
+    server, port = start(
+        model_path,
+        WARN_MAX_BODY_BYTES=str(2 * 1024 * 1024),
+        WARN_MAX_IMAGES_PER_REQUEST="8",
+        WARN_MAX_IMAGE_PIXELS="1000000",
+        WARN_MAX_REQUEST_PIXELS="2500000",
+    )
     try:
         yield server, port
     finally:
@@ -162,6 +168,11 @@ def test_bad_requests_get_their_status_codes_and_the_server_stays_up(grpc_client
     assert code_of(lambda: grpc_client.infer(MODEL, [huge])) == grpc.StatusCode.RESOURCE_EXHAUSTED
     many = bytes_input(tc, [DIGIT] * 9)
     assert code_of(lambda: grpc_client.infer(MODEL, [many])) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # and the pixels per request (2.5 M here): three 1-megapixel PNGs
+    megapixel = io.BytesIO()
+    Image.new("RGB", (1000, 1000), (30, 140, 200)).save(megapixel, "PNG")
+    three = bytes_input(tc, [megapixel.getvalue()] * 3)
+    assert code_of(lambda: grpc_client.infer(MODEL, [three])) == grpc.StatusCode.RESOURCE_EXHAUSTED
     wide = io.BytesIO()
     Image.new("L", (1, 1)).save(wide, "PNG")
     assert grpc_client.infer(MODEL, [bytes_input(tc, [wide.getvalue()])]).as_numpy("probabilities").shape == (1, 11)

@@ -14,8 +14,9 @@ from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from bench.protocols import http_body
+from service.config import Settings
 from service.preprocess import to_input
-from tests.serving.conftest import png
+from tests.serving.conftest import encode, make_client, png
 
 
 @pytest.fixture(scope="module")
@@ -292,6 +293,40 @@ def test_images_per_request_are_capped(server):
         headers={"inference-header-content-length": str(len(header)), "content-type": "application/octet-stream"},
     )
     assert r.status_code == 413 and r.json()["code"] == "body_too_large"
+
+
+def test_pixels_per_request_are_capped_before_any_image_is_decoded(model_path):
+    """A 126 KB PNG can hold 40 megapixels, 0.37 s of a core to decode, and a v2 request 64 of them: so a
+    request's images may decode to MAX_REQUEST_PIXELS in all, counted from their headers."""
+    square = Image.new("RGB", (1000, 1000), (30, 140, 200))
+    pngs, jpegs = [png(square)] * 3, [encode(square, "JPEG")] * 3
+
+    def infer(c, images: list[bytes]):
+        spec = {"name": "image", "datatype": "BYTES", "shape": [len(images)]}
+        body = {"inputs": [{**spec, "data": [base64.b64encode(b).decode() for b in images]}]}
+        return c.post(f"/v2/models/{c.get('/v1/model').json()['name']}/infer", json=body)
+
+    with make_client(model_path, STORE="memory", MAX_IMAGE_PIXELS=1_000_000, MAX_REQUEST_PIXELS=2_500_000) as c:
+        rt = c.app.state.runtime
+        prepared = []
+        original = rt.prepare
+        rt.prepare = lambda data, side=0: (prepared.append(len(data)), original(data, side))[1]
+        refused = infer(c, pngs)
+        assert refused.status_code == 413 and refused.json()["code"] == "image_too_large", refused.text
+        assert "3,000,000 pixels" in refused.json()["error"] and "2,500,000" in refused.json()["error"]
+        assert prepared == []  # refused from the headers alone
+        assert infer(c, pngs[:2]).status_code == 200  # 2 megapixels
+        assert infer(c, jpegs).status_code == 200  # a JPEG counts at the scale it decodes at (1/8 here)
+        assert len(prepared) == 5
+        assert infer(c, [pngs[0], b"not an image", pngs[0]]).json()["code"] == "unsupported_media_type"
+    with make_client(model_path, STORE="memory", MAX_IMAGE_PIXELS=1_000_000) as c:  # default: twice an image's
+        assert infer(c, pngs).status_code == 413 and infer(c, pngs[:2]).status_code == 200
+
+
+def test_a_request_pixel_limit_below_one_image_is_refused_at_start():
+    with pytest.raises(ValueError, match="MAX_REQUEST_PIXELS is below MAX_IMAGE_PIXELS"):
+        Settings(MAX_IMAGE_PIXELS=1_000_000, MAX_REQUEST_PIXELS=999_999)
+    assert Settings(MAX_IMAGE_PIXELS=1_000_000).request_pixels() == 2_000_000
 
 
 def test_non_finite_pixels_are_422(server):
