@@ -117,8 +117,10 @@ def parse_request(rt: Runtime, body: bytes, encoding: str | None, header_length:
 async def infer(request: Request, rt: RuntimeDep, name: str, version: str | None = None) -> Response:
     """At most WARN_MAX_IMAGES_PER_REQUEST images (FP32 rows or BYTES elements) per request."""
     check_model(rt, name, version)
-    with rt.batcher.admit():  # a full queue refuses before the body is even parsed
-        body = await request.body()
+    # The body first: a place in the queue is for parsing, decoding and inference, and an upload that trickles in
+    # must not hold one (the body's own limits bound it: service/limits.py).
+    body = await request.body()
+    with rt.batcher.admit():  # a full queue refuses before the body is parsed
         request_parts = (body, request.headers.get("content-encoding"), request.headers.get(HEADER_LENGTH))
         if parses_inline(*request_parts):
             parsed = parse_request(rt, *request_parts)

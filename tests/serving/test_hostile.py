@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.serving.conftest import Server, encode, png
+from tests.serving.conftest import ROOT, Server, encode, png
 
 
 def rss_mb(pid: int) -> float:
@@ -238,5 +238,35 @@ def test_connections_that_never_finish_a_request_head_are_closed(model_path):
                 while not answer.endswith(b'{"live":true}'):
                     answer += conn.recv(4096) or pytest.fail(f"closed after {answer!r}")
                 assert answer.startswith(b"HTTP/1.1 200")
+    finally:
+        s.stop()
+
+
+def test_slow_uploads_hold_no_place_in_the_queue(model_path):
+    """A place in the queue is for decoding and inference. A v2 request took its place before it read its body,
+    so as many clients as WARN_QUEUE_SIZE, each trickling a body, turned every other request away with 503."""
+    s = Server({"WARN_MODEL_PATH": str(model_path), "WARN_WORKERS": "1", "WARN_QUEUE_SIZE": "2"}, launcher=True)
+    try:
+        s.wait_ready()
+        slow = []
+        for _ in range(3):
+            conn = socket.create_connection(("127.0.0.1", s.port))
+            conn.sendall(
+                b"POST /v2/models/warn-cluttered-digits/infer HTTP/1.1\r\nHost: x\r\n"
+                b'Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n{"inputs": '
+            )
+            slow.append(conn)
+        time.sleep(0.5)  # each is now waiting for the rest of its body
+        digit = (ROOT / "docs/digit.png").read_bytes()
+        r = httpx.post(f"{s.url}/v1/predict", content=digit, headers={"content-type": "image/png"}, timeout=10)
+        assert r.status_code == 200, r.text
+        v2 = httpx.post(
+            f"{s.url}/v2/models/warn-cluttered-digits/infer",
+            json={"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 3, 48, 48], "data": [0.5] * 6912}]},
+            timeout=10,
+        )
+        assert v2.status_code == 200, v2.text
+        for conn in slow:
+            conn.close()
     finally:
         s.stop()
