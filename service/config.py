@@ -121,6 +121,12 @@ class Settings(BaseSettings):
     )
 
     MAX_BODY_BYTES: int = Field(16 * 1024 * 1024, ge=1, description="request body limit (413 past it)")
+    MAX_BODY_BYTES_IN_FLIGHT: int = Field(
+        512 * 1024 * 1024,
+        ge=1,
+        description="bytes of request bodies one worker holds at once, being read or read, until each request is "
+        "answered; past it, 503 + Retry-After (at least MAX_BODY_BYTES)",
+    )
     BODY_READ_TIMEOUT_S: float = Field(30, gt=0, description="408 when a request body stalls this long")
     BODY_MIN_RATE: float = Field(
         1000,
@@ -253,6 +259,12 @@ class Settings(BaseSettings):
     def _a_request_holds_an_image(self) -> Settings:
         if self.MAX_REQUEST_PIXELS and self.MAX_REQUEST_PIXELS < self.MAX_IMAGE_PIXELS:
             raise ValueError("MAX_REQUEST_PIXELS is below MAX_IMAGE_PIXELS: a request could not hold one image")
+        return self
+
+    @model_validator(mode="after")
+    def _a_worker_holds_a_body(self) -> Settings:
+        if self.MAX_BODY_BYTES_IN_FLIGHT < self.MAX_BODY_BYTES:
+            raise ValueError("MAX_BODY_BYTES_IN_FLIGHT is below MAX_BODY_BYTES: a worker could not hold one body")
         return self
 
     def request_pixels(self) -> int:

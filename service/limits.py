@@ -1,4 +1,5 @@
-"""Request body limits, enforced while the body streams in: its size, and how slowly it may arrive."""
+"""Request body limits, enforced while the body streams in: its size, how slowly it may arrive, and how many
+bytes of bodies one worker holds at once."""
 
 from __future__ import annotations
 
@@ -6,19 +7,38 @@ import asyncio
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import BodyTooLarge, BodyTooSlow, error_response
+from service.errors import BodyTooLarge, BodyTooSlow, Overloaded, error_response
 
 
 class BodyLimitMiddleware:
     """413 past `max_bytes`; 408 when any one read of the body waits more than `read_timeout_s`, or when the
     body falls behind `min_rate` bytes a second after its first `read_timeout_s` (a client trickling its
-    upload holds a connection for nothing: a byte every few seconds kept one open indefinitely)."""
+    upload holds a connection for nothing: a byte every few seconds kept one open indefinitely).
 
-    def __init__(self, app: ASGIApp, max_bytes: int, read_timeout_s: float = 30.0, min_rate: float = 0.0) -> None:
+    And 503 when the bodies this worker holds, being read or read, would pass `max_in_flight` bytes: each
+    connection may hold a body of `max_bytes`, and a thousand connections a worker 16 GB. A body's bytes are
+    counted as they arrive (a Content-Length claims nothing) until its request is answered."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        read_timeout_s: float = 30.0,
+        min_rate: float = 0.0,
+        max_in_flight: int | None = None,
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.read_timeout_s = read_timeout_s
         self.min_rate = min_rate
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0  # bytes of the bodies this worker holds now (one event loop: no lock)
+
+    def _overloaded(self) -> str:
+        return (
+            f"this worker holds {self.in_flight:,} bytes of request bodies, near its limit of "
+            f"{self.max_in_flight:,}; retry shortly"
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -30,12 +50,17 @@ class BodyLimitMiddleware:
         if declared is not None and declared.isdigit() and int(declared) > limit:
             await error_response(413, BodyTooLarge.code, message)(scope, receive, send)
             return
-        seen = 0
+        budget = self.max_in_flight
+        if budget is not None and declared is not None and declared.isdigit():
+            if self.in_flight + int(declared) > budget:  # it could not be read whole: refused before any is
+                await error_response(503, Overloaded.code, self._overloaded(), Overloaded.headers)(scope, receive, send)
+                return
+        seen = held = 0
         loop = asyncio.get_running_loop()
         started = loop.time()
 
         async def limited() -> Message:
-            nonlocal seen
+            nonlocal seen, held
             stall = loop.time() + self.read_timeout_s
             deadline = stall
             if self.min_rate:
@@ -48,9 +73,17 @@ class BodyLimitMiddleware:
                     raise BodyTooSlow(f"the request body arrived slower than {self.min_rate:g} bytes/s") from None
                 raise BodyTooSlow(f"the request body stalled for more than {self.read_timeout_s:g} s") from None
             if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
+                size = len(msg.get("body", b""))
+                seen += size
                 if seen > limit:
                     raise BodyTooLarge(message)  # turned into a 413 by the app's error handlers
+                if budget is not None and self.in_flight + size > budget:
+                    raise Overloaded(self._overloaded())
+                self.in_flight += size
+                held += size
             return msg
 
-        await self.app(scope, limited, send)
+        try:
+            await self.app(scope, limited, send)
+        finally:
+            self.in_flight -= held

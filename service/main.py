@@ -110,6 +110,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_bytes=settings.MAX_BODY_BYTES,
         read_timeout_s=settings.BODY_READ_TIMEOUT_S,
         min_rate=settings.BODY_MIN_RATE,
+        max_in_flight=settings.MAX_BODY_BYTES_IN_FLIGHT,
     )
     if settings.CORS_ORIGINS:
         app.add_middleware(

@@ -270,3 +270,45 @@ def test_slow_uploads_hold_no_place_in_the_queue(model_path):
             conn.close()
     finally:
         s.stop()
+
+
+def test_the_bodies_a_worker_holds_are_bounded_in_total(model_path):
+    """Each connection may send a body of WARN_MAX_BODY_BYTES, slowly: a thousand connections a worker held
+    16 GB. Past WARN_MAX_BODY_BYTES_IN_FLIGHT a worker answers 503, and what it held is released with each
+    request, a client that hung up included."""
+    env = {
+        "WARN_MODEL_PATH": str(model_path),
+        "WARN_WORKERS": "1",
+        "WARN_MAX_BODY_BYTES": "1000000",
+        "WARN_MAX_BODY_BYTES_IN_FLIGHT": "2000000",
+        "WARN_BODY_READ_TIMEOUT_S": "20",
+    }
+    s = Server(env, launcher=True)
+    digit = (ROOT / "docs/digit.png").read_bytes()  # 540 KB
+    url = f"{s.url}/v1/predict"
+    try:
+        s.wait_ready()
+        held = []
+        for _ in range(2):  # 900 KB of 1 MB each, then nothing: 1.8 MB held
+            conn = socket.create_connection(("127.0.0.1", s.port))
+            conn.sendall(
+                b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 1000000\r\n\r\n"
+            )
+            conn.sendall(digit[:500_000] + bytes(400_000))
+            held.append(conn)
+        time.sleep(1)
+        refused = httpx.post(url, content=digit, headers={"content-type": "image/png"}, timeout=10)
+        assert refused.status_code == 503 and refused.json()["code"] == "overloaded", refused.text
+        assert refused.headers["retry-after"] == "1" and "bytes of request bodies" in refused.json()["error"]
+        chunked = httpx.post(
+            url, content=iter([digit[:300_000], digit[300_000:]]), headers={"content-type": "image/png"}
+        )
+        assert chunked.status_code == 503  # no length to judge by: refused once what arrived passes the limit
+        assert httpx.get(f"{s.url}/v2/health/ready").status_code == 200  # no body, no limit
+        for conn in held:
+            conn.close()
+        time.sleep(1)
+        r = httpx.post(url, content=digit, headers={"content-type": "image/png"}, timeout=10)
+        assert r.status_code == 200, r.text
+    finally:
+        s.stop()
