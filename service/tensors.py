@@ -61,13 +61,22 @@ def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
     return out
 
 
-def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], memoryview]:
+def split_body(
+    body: bytes, header_length: str | None, max_values: int | None = None
+) -> tuple[dict[str, Any], memoryview]:
+    """The request's JSON and the binary data after it. With `max_values`, JSON with more commas than that is
+    refused unparsed: Python holds each JSON value as an object, and 16 MB of numbers took 147 MB and 0.23 s."""
     n = len(body)
     if header_length is not None:
         # ASCII digits only: isdigit() also admits "²", which int() refuses
         if not (header_length.isascii() and header_length.isdigit()) or int(header_length) > n:
             raise InvalidRequest(f"Inference-Header-Content-Length {header_length[:20]!r} does not fit a {n}-byte body")
         n = int(header_length)
+    if max_values is not None and (values := body.count(b",", 0, n)) > max_values:
+        raise BodyTooLarge(
+            f"the request's JSON holds more than {max_values:,} values ({values:,} commas), more than its tensors "
+            "may: send fewer images per request, or their data as binary tensors"
+        )
     try:
         header = json.loads(body[:n])
     except RecursionError:

@@ -83,6 +83,8 @@ async def model_ready(rt: RuntimeDep, name: str, version: str | None = None) -> 
 # event loop, as the gRPC port's small calls are: two thread hops cost more than the work. Anything else,
 # whose JSON or decompression may be large, goes to a thread.
 INLINE_JSON_BYTES = 4 * 1024
+# Values a request's JSON may hold beyond its tensors' data: names, shapes, parameters, requested outputs.
+JSON_STRUCTURE_VALUES = 10_000
 INLINE_JSON_VALUES = 1024  # output values answered as JSON numbers rather than binary
 INLINE_OUTPUT_BYTES = 256 * 1024
 
@@ -98,8 +100,10 @@ def parses_inline(body: bytes, encoding: str | None, header_length: str | None) 
 def parse_request(rt: Runtime, body: bytes, encoding: str | None, header_length: str | None) -> Parsed:
     """Decompress and parse an inference request (CPU work: off the event loop unless `parses_inline`)."""
     limit = rt.settings.MAX_BODY_BYTES
-    header, binary = split_body(decompress(body, encoding, limit), header_length)
-    tensors = read_inputs(header, binary, *input_limits(rt))
+    max_elements, max_strings = input_limits(rt)
+    json_values = max_elements + max_strings + JSON_STRUCTURE_VALUES
+    header, binary = split_body(decompress(body, encoding, limit), header_length, json_values)
+    tensors = read_inputs(header, binary, max_elements, max_strings)
     return Parsed(header, tensors, requested_outputs(header, rt.model.output_names))
 
 

@@ -329,6 +329,17 @@ def test_a_request_pixel_limit_below_one_image_is_refused_at_start():
     assert Settings(MAX_IMAGE_PIXELS=1_000_000).request_pixels() == 2_000_000
 
 
+def test_json_with_more_values_than_the_tensors_may_hold_is_refused_unparsed(server):
+    """Python holds each JSON value as an object: 16 MB of numbers parsed to 147 MB in 0.23 s of a core."""
+    url = f"{server.url}/v2/models/{model_name(server)}/infer"
+    image = {"name": "image", "datatype": "FP32", "shape": [8, 3, 48, 48], "data": pixels(8).ravel().tolist()}
+    assert httpx.post(url, json={"inputs": [image]}, timeout=30).status_code == 200  # 55,296 values
+    padded = {"inputs": [{**image, "shape": [1, 3, 48, 48], "data": [0.5] * 6912}], "padding": [1] * 500_000}
+    r = httpx.post(url, json=padded, timeout=30)
+    assert r.status_code == 413 and r.json()["code"] == "body_too_large" and "values" in r.json()["error"], r.text[:300]
+    assert httpx.get(f"{server.url}/v2/health/ready").status_code == 200
+
+
 def test_non_finite_pixels_are_422(server):
     x = pixels(1)
     x[0, 0, 0, 0] = np.nan
