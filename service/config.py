@@ -156,9 +156,9 @@ class Settings(BaseSettings):
     MAX_REQUEST_PIXELS: int = Field(
         0,
         ge=0,
-        description="pixels the images of one v2 request may decode to in all (a JPEG counts at the reduced "
-        "scale it is decoded at), read from their headers: past it, 413 before any is decoded (0: twice "
-        "MAX_IMAGE_PIXELS; else at least MAX_IMAGE_PIXELS)",
+        description="pixels the images of one v2 request may decode to in all (a baseline JPEG counts at the "
+        "reduced scale it is decoded at, a progressive one in full), read from their headers: past it, 413 before "
+        "any is decoded (0: twice MAX_IMAGE_PIXELS; else at least MAX_IMAGE_PIXELS)",
     )
     RESIZE: Literal["letterbox", "stretch"] = Field(
         "letterbox", description="letterbox: keep aspect, pad with the image's mean colour; stretch: ignore aspect"

@@ -185,3 +185,20 @@ def test_png_text_chunks_are_bounded(client):
     assert r.status_code == 413 and r.json()["code"] == "image_too_large" and "text chunks" in r.json()["error"]
     r = client.post("/v1/predict", content=with_text(small, 1, 2**21), headers={"content-type": "image/png"})
     assert r.status_code == 413 and "text chunks" in r.json()["error"]  # Pillow's 1 MB a chunk, checked alike
+
+
+def with_scans(jpeg: bytes, extra: int) -> bytes:
+    """A progressive JPEG with its last scan repeated `extra` more times (26 bytes each, here)."""
+    last, end = jpeg.rindex(b"\xff\xda"), jpeg.rindex(b"\xff\xd9")
+    return jpeg[:end] + jpeg[last:end] * extra + jpeg[end:]
+
+
+def test_jpeg_scans_are_bounded(client):
+    """libjpeg decodes every scan over the whole image at any DCT scale: a 12-megapixel JPEG with one scan
+    repeated 1,000 times (97 KB) took 4 s of a core."""
+    progressive = encode(Image.new("RGB", (400, 300), (120, 130, 140)), "JPEG", progressive=True)
+    assert progressive.count(b"\xff\xda") == 10  # libjpeg's progressive default
+    for data, status in ((with_scans(progressive, 54), 200), (with_scans(progressive, 55), 413)):
+        r = client.post("/v1/predict", content=data, headers={"content-type": "image/jpeg"})
+        assert r.status_code == status, r.text[:300]
+    assert "65 scans, more than the limit of 64" in r.json()["error"] and r.json()["code"] == "image_too_large"

@@ -318,6 +318,8 @@ def test_pixels_per_request_are_capped_before_any_image_is_decoded(model_path):
         assert infer(c, pngs[:2]).status_code == 200  # 2 megapixels
         assert infer(c, jpegs).status_code == 200  # a JPEG counts at the scale it decodes at (1/8 here)
         assert len(prepared) == 5
+        progressive = [encode(square, "JPEG", progressive=True)] * 3  # each scan decoded over the whole image
+        assert infer(c, progressive).status_code == 413 and len(prepared) == 5
         assert infer(c, [pngs[0], b"not an image", pngs[0]]).json()["code"] == "unsupported_media_type"
     with make_client(model_path, STORE="memory", MAX_IMAGE_PIXELS=1_000_000) as c:  # default: twice an image's
         assert infer(c, pngs).status_code == 413 and infer(c, pngs[:2]).status_code == 200
