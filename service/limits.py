@@ -10,14 +10,40 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.errors import BodyTooLarge, BodyTooSlow, Overloaded, error_response
 
 
+class BodyBudget:
+    """The bytes of request bodies one worker holds at once: what arrived, and what a route made of it (a
+    decompressed v2 body). Every user runs on the worker's event loop, so it needs no lock."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def fits(self, n: int) -> bool:
+        return self.held + n <= self.limit
+
+    def take(self, n: int) -> None:
+        """Hold `n` more bytes, or raise Overloaded (503) where they would pass the limit."""
+        if not self.fits(n):
+            raise Overloaded(self.refusal())
+        self.held += n
+
+    def give(self, n: int) -> None:
+        self.held -= n
+
+    def refusal(self) -> str:
+        return (
+            f"this worker holds {self.held:,} bytes of request bodies, near its limit of {self.limit:,}; retry shortly"
+        )
+
+
 class BodyLimitMiddleware:
     """413 past `max_bytes`; 408 when any one read of the body waits more than `read_timeout_s`, or when the
     body falls behind `min_rate` bytes a second after its first `read_timeout_s` (a client trickling its
     upload holds a connection for nothing: a byte every few seconds kept one open indefinitely).
 
-    And 503 when the bodies this worker holds, being read or read, would pass `max_in_flight` bytes: each
-    connection may hold a body of `max_bytes`, and a thousand connections a worker 16 GB. A body's bytes are
-    counted as they arrive (a Content-Length claims nothing) until its request is answered."""
+    And 503 when the bodies this worker holds, being read or read, would pass `budget`: each connection may
+    hold a body of `max_bytes`, and a thousand connections a worker 16 GB. A body's bytes are counted as they
+    arrive (a Content-Length claims nothing) until its request is answered."""
 
     def __init__(
         self,
@@ -25,20 +51,13 @@ class BodyLimitMiddleware:
         max_bytes: int,
         read_timeout_s: float = 30.0,
         min_rate: float = 0.0,
-        max_in_flight: int | None = None,
+        budget: BodyBudget | None = None,
     ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.read_timeout_s = read_timeout_s
         self.min_rate = min_rate
-        self.max_in_flight = max_in_flight
-        self.in_flight = 0  # bytes of the bodies this worker holds now (one event loop: no lock)
-
-    def _overloaded(self) -> str:
-        return (
-            f"this worker holds {self.in_flight:,} bytes of request bodies, near its limit of "
-            f"{self.max_in_flight:,}; retry shortly"
-        )
+        self.budget = budget
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -50,11 +69,11 @@ class BodyLimitMiddleware:
         if declared is not None and declared.isdigit() and int(declared) > limit:
             await error_response(413, BodyTooLarge.code, message)(scope, receive, send)
             return
-        budget = self.max_in_flight
-        if budget is not None and declared is not None and declared.isdigit():
-            if self.in_flight + int(declared) > budget:  # it could not be read whole: refused before any is
-                await error_response(503, Overloaded.code, self._overloaded(), Overloaded.headers)(scope, receive, send)
-                return
+        budget = self.budget
+        if budget is not None and declared is not None and declared.isdigit() and not budget.fits(int(declared)):
+            # it could not be read whole: refused before any of it is
+            await error_response(503, Overloaded.code, budget.refusal(), Overloaded.headers)(scope, receive, send)
+            return
         seen = held = 0
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -77,13 +96,13 @@ class BodyLimitMiddleware:
                 seen += size
                 if seen > limit:
                     raise BodyTooLarge(message)  # turned into a 413 by the app's error handlers
-                if budget is not None and self.in_flight + size > budget:
-                    raise Overloaded(self._overloaded())
-                self.in_flight += size
-                held += size
+                if budget is not None:
+                    budget.take(size)
+                    held += size
             return msg
 
         try:
             await self.app(scope, limited, send)
         finally:
-            self.in_flight -= held
+            if budget is not None:
+                budget.give(held)

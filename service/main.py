@@ -17,7 +17,7 @@ from service.config import Settings
 from service.decode import PNG_TEXT_BYTES
 from service.deps import require_api_key, require_api_key_or_signature
 from service.head import HeadAsGet
-from service.limits import BodyLimitMiddleware
+from service.limits import BodyBudget, BodyLimitMiddleware
 from service.logs import show_service_logs
 from service.memory import return_freed_memory, startup_objects_frozen
 from service.metrics import Metrics, MetricsMiddleware
@@ -89,6 +89,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings, app.state.metrics, app.state.runtime = settings, metrics, None
     app.state.api_keys = settings.api_keys()
+    app.state.body_budget = BodyBudget(settings.MAX_BODY_BYTES_IN_FLIGHT)  # the middleware's, and v2's
     signed = app.state.api_keys and settings.SIGNED_URLS
     app.state.signer = UrlSigner(app.state.api_keys, settings.STORE_TTL_S) if signed else None
     errors.install(app)
@@ -110,7 +111,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_bytes=settings.MAX_BODY_BYTES,
         read_timeout_s=settings.BODY_READ_TIMEOUT_S,
         min_rate=settings.BODY_MIN_RATE,
-        max_in_flight=settings.MAX_BODY_BYTES_IN_FLIGHT,
+        budget=app.state.body_budget,
     )
     if settings.CORS_ORIGINS:
         app.add_middleware(

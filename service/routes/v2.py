@@ -10,6 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.deps import RuntimeDep
 from service.errors import ModelUnavailable
+from service.limits import BodyBudget
 from service.pipeline import Runtime
 from service.protocol import INLINE_BYTES, check_model, input_limits, model_metadata, server_metadata, to_model_input
 from service.schemas import InferResponse, ModelMetadata, ModelReady, ServerMetadata, errors
@@ -31,6 +32,7 @@ class Parsed:
     header: dict[str, Any]
     tensors: list[Tensor]
     outputs: list[tuple[str, bool]]  # (name, as binary)
+    inflated: int  # bytes of the body decompressed (gzip, deflate), which the tensors refer to; 0 if it was not
 
 
 INFER_EXAMPLE = {
@@ -102,9 +104,11 @@ def parse_request(rt: Runtime, body: bytes, encoding: str | None, header_length:
     limit = rt.settings.MAX_BODY_BYTES
     max_elements, max_strings = input_limits(rt)
     json_values = max_elements + max_strings + JSON_STRUCTURE_VALUES
-    header, binary = split_body(decompress(body, encoding, limit), header_length, json_values)
+    plain = decompress(body, encoding, limit)
+    header, binary = split_body(plain, header_length, json_values)
     tensors = read_inputs(header, binary, max_elements, max_strings)
-    return Parsed(header, tensors, requested_outputs(header, rt.model.output_names))
+    inflated = 0 if plain is body else len(plain)
+    return Parsed(header, tensors, requested_outputs(header, rt.model.output_names), inflated)
 
 
 @router.post(
@@ -131,8 +135,13 @@ async def infer(request: Request, rt: RuntimeDep, name: str, version: str | None
         else:
             parsed = await run_in_threadpool(parse_request, rt, *request_parts)
         del body, request_parts
-        x = await to_model_input(rt, parsed.tensors)
-        outputs = await rt.batcher.submit_admitted(x)
+        budget: BodyBudget = request.app.state.body_budget
+        budget.take(parsed.inflated)  # a 16 KB gzip body inflates to 16 MiB, which the body's count did not see
+        try:
+            x = await to_model_input(rt, parsed.tensors)
+            outputs = await rt.batcher.submit_admitted(x)
+        finally:
+            budget.give(parsed.inflated)
     reply: dict[str, Any] = {"model_name": rt.info.name, "model_version": rt.info.version}
     if "id" in parsed.header:
         reply["id"] = str(parsed.header["id"])[:256]

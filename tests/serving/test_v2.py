@@ -342,6 +342,20 @@ def test_json_with_more_values_than_the_tensors_may_hold_is_refused_unparsed(ser
     assert httpx.get(f"{server.url}/v2/health/ready").status_code == 200
 
 
+def test_a_decompressed_body_counts_in_the_bodies_a_worker_holds(model_path):
+    """A few KB of gzip may inflate to WARN_MAX_BODY_BYTES, which counting the body as it arrived did not see."""
+    image = {"name": "image", "datatype": "FP32", "shape": [1, 3, 48, 48], "data": pixels(1).ravel().tolist()}
+    text = json.dumps({"inputs": [image]}).encode()
+    packed = gzip.compress(text + b" " * (4_190_000 - len(text)))  # JSON allows the trailing spaces
+    headers = {"content-type": "application/json", "content-encoding": "gzip"}
+    for budget, status in ((4_194_304, 503), (8_388_608, 200)):
+        with make_client(model_path, STORE="memory", MAX_BODY_BYTES=4_194_304, MAX_BODY_BYTES_IN_FLIGHT=budget) as c:
+            r = c.post(f"/v2/models/{c.get('/v1/model').json()['name']}/infer", content=packed, headers=headers)
+            assert r.status_code == status, r.text[:300]
+            assert c.app.state.body_budget.held == 0  # given back, answered or refused
+    assert r.json()["outputs"][0]["shape"] == [1, 11]
+
+
 def test_non_finite_pixels_are_422(server):
     x = pixels(1)
     x[0, 0, 0, 0] = np.nan
