@@ -296,8 +296,12 @@ def test_the_bodies_a_worker_holds_are_bounded_in_total(model_path):
             )
             conn.sendall(digit[:500_000] + bytes(400_000))
             held.append(conn)
-        time.sleep(1)
-        refused = httpx.post(url, content=digit, headers={"content-type": "image/png"}, timeout=10)
+        deadline = time.monotonic() + 20  # until the worker has read what they sent (a busy machine is slow)
+        while (
+            refused := httpx.post(url, content=digit, headers={"content-type": "image/png"}, timeout=10)
+        ).status_code == 200:
+            assert time.monotonic() < deadline, "the worker never held the two bodies"
+            time.sleep(0.2)
         assert refused.status_code == 503 and refused.json()["code"] == "overloaded", refused.text
         assert refused.headers["retry-after"] == "1" and "bytes of request bodies" in refused.json()["error"]
         chunked = httpx.post(
@@ -307,8 +311,12 @@ def test_the_bodies_a_worker_holds_are_bounded_in_total(model_path):
         assert httpx.get(f"{s.url}/v2/health/ready").status_code == 200  # no body, no limit
         for conn in held:
             conn.close()
-        time.sleep(1)
-        r = httpx.post(url, content=digit, headers={"content-type": "image/png"}, timeout=10)
+        deadline = time.monotonic() + 20  # until the worker has seen them hang up
+        while (
+            r := httpx.post(url, content=digit, headers={"content-type": "image/png"}, timeout=10)
+        ).status_code == 503:
+            assert time.monotonic() < deadline, "what the two held was never given back"
+            time.sleep(0.2)
         assert r.status_code == 200, r.text
     finally:
         s.stop()
