@@ -51,7 +51,8 @@ class BodyLimitMiddleware:
         max_bytes: int,
         read_timeout_s: float = 30.0,
         min_rate: float = 0.0,
-        budget: BodyBudget | None = None,
+        *,
+        budget: BodyBudget,
     ) -> None:
         self.app = app
         self.max_bytes = max_bytes
@@ -66,12 +67,12 @@ class BodyLimitMiddleware:
         limit = self.max_bytes
         message = f"request body is larger than the limit of {limit} bytes"
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
+        length = int(declared) if declared is not None and declared.isdigit() else None
+        if length is not None and length > limit:
             await error_response(413, BodyTooLarge.code, message)(scope, receive, send)
             return
         budget = self.budget
-        if budget is not None and declared is not None and declared.isdigit() and not budget.fits(int(declared)):
-            # it could not be read whole: refused before any of it is
+        if length is not None and not budget.fits(length):  # it could not be read whole: refused before any of it is
             await error_response(503, Overloaded.code, budget.refusal(), Overloaded.headers)(scope, receive, send)
             return
         seen = held = 0
@@ -96,13 +97,11 @@ class BodyLimitMiddleware:
                 seen += size
                 if seen > limit:
                     raise BodyTooLarge(message)  # turned into a 413 by the app's error handlers
-                if budget is not None:
-                    budget.take(size)
-                    held += size
+                budget.take(size)
+                held += size
             return msg
 
         try:
             await self.app(scope, limited, send)
         finally:
-            if budget is not None:
-                budget.give(held)
+            budget.give(held)
