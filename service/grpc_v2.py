@@ -34,6 +34,7 @@ from service.errors import (
     Unauthorized,
     UnsupportedMedia,
 )
+from service.limits import BodyBudget
 from service.metrics import Metrics
 from service.pipeline import Runtime
 from service.protocol import INLINE_BYTES, check_model, input_limits, model_metadata, server_metadata, to_model_input
@@ -133,11 +134,12 @@ def fail(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str,
 class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     """The v2 calls this service supports; the rest (repository, shared memory, tracing) answer UNIMPLEMENTED."""
 
-    def __init__(self, runtime: Runtime, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, runtime: Runtime, settings: Settings, metrics: Metrics, budget: BodyBudget) -> None:
         self.rt = runtime
         self.settings = settings
         self.api_keys = settings.api_keys()
         self.metrics = metrics
+        self.budget = budget  # the HTTP app's: bodies and messages, one count per worker
         self.serving = True
 
     @asynccontextmanager
@@ -213,14 +215,20 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             check_model(rt, request.model_name, request.model_version or None)
             names = select_outputs([o.name for o in request.outputs], rt.model.output_names)
             limits = input_limits(rt)
-            small = request.ByteSize() <= INLINE_BYTES
-            with rt.batcher.admit():
-                if small:
-                    tensors = read_inputs(request, *limits)
-                else:
-                    tensors = await run_in_threadpool(read_inputs, request, *limits)
-                x = await to_model_input(rt, tensors)
-                outputs = await rt.batcher.submit_admitted(x)
+            size = request.ByteSize()
+            small = size <= INLINE_BYTES
+            # grpc has read the message by now, and holds it, as HTTP does a body: in the same count, until answered
+            self.budget.take(size)
+            try:
+                with rt.batcher.admit():
+                    if small:
+                        tensors = read_inputs(request, *limits)
+                    else:
+                        tensors = await run_in_threadpool(read_inputs, request, *limits)
+                    x = await to_model_input(rt, tensors)
+                    outputs = await rt.batcher.submit_admitted(x)
+            finally:
+                self.budget.give(size)
             if small:
                 return infer_response(rt, request, names, outputs)
             return await run_in_threadpool(infer_response, rt, request, names, outputs)
@@ -272,11 +280,11 @@ class _Handlers:
 class GrpcServer:
     """A grpc.aio server on the running event loop; `start()` in the app's lifespan, `stop()` at its end."""
 
-    def __init__(self, runtime: Runtime, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, runtime: Runtime, settings: Settings, metrics: Metrics, budget: BodyBudget) -> None:
         host = settings.GRPC_HOST or "127.0.0.1"
         self.address = f"[{host}]:{settings.GRPC_PORT}" if ":" in host else f"{host}:{settings.GRPC_PORT}"
         self.grace = settings.SHUTDOWN_TIMEOUT_S
-        self.servicer = Servicer(runtime, settings, metrics)
+        self.servicer = Servicer(runtime, settings, metrics, budget)
         options = [
             # a message past the body limit is refused with RESOURCE_EXHAUSTED before it is read whole
             ("grpc.max_receive_message_length", settings.MAX_BODY_BYTES),

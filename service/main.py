@@ -55,7 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.GRPC_PORT:
             from service.grpc_v2 import GrpcServer
 
-            grpc = GrpcServer(runtime, settings, metrics)
+            grpc = GrpcServer(runtime, settings, metrics, app.state.body_budget)
             try:
                 await grpc.start()
             except OSError as e:

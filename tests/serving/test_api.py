@@ -447,7 +447,7 @@ def test_readiness_follows_a_shared_session_that_is_down(model_path, monkeypatch
 
     with make_client(model_path) as c:
         rt = c.app.state.runtime
-        servicer = Servicer(rt, rt.settings, rt.metrics)
+        servicer = Servicer(rt, rt.settings, rt.metrics, c.app.state.body_budget)
 
         class Context:  # what the servicer reads of a call's context
             def invocation_metadata(self) -> tuple:

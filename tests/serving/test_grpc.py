@@ -6,6 +6,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import grpc
@@ -388,3 +389,43 @@ def test_a_refused_call_leaves_no_garbage_holding_its_request(model_path):
             gc.set_debug(0)
             gc.garbage.clear()
     assert held == []
+
+
+def test_messages_count_in_the_bodies_a_worker_holds(model_path):
+    """grpc reads a call's message whole before the service sees it; from then until its answer it counts
+    in the same per-worker budget as HTTP bodies, and a call past it is refused (UNAVAILABLE, retryable)."""
+    from fastapi.testclient import TestClient
+
+    from service.config import Settings
+    from service.main import create_app
+
+    port = free_port()
+    mib = 1024 * 1024
+    settings = Settings(
+        MODEL_PATH=model_path, STORE="memory", GRPC_PORT=port, MAX_BODY_BYTES=mib, MAX_BODY_BYTES_IN_FLIGHT=mib
+    )
+    app = create_app(settings)
+    request = pb.ModelInferRequest(model_name=MODEL)
+    request.inputs.add(name="image", datatype="BYTES", shape=[1])
+    request.raw_input_contents.append(len(DIGIT).to_bytes(4, "little") + DIGIT)  # 540 KB: two do not fit
+    with TestClient(app), grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        batcher = app.state.runtime.batcher
+        run, running = batcher._run, threading.Event()
+
+        def slow(x):
+            running.set()
+            time.sleep(1.5)
+            return run(x)
+
+        batcher._run = slow
+        first = stub.ModelInfer.future(request)
+        assert running.wait(10)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ModelInfer(request)
+        assert first.result().outputs
+        batcher._run = run
+        assert stub.ModelInfer(request).outputs  # what the first held was given back
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "holds" in refused.value.details() and f"{mib:,}" in refused.value.details()
+    assert app.state.body_budget.held == 0
