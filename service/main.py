@@ -14,7 +14,7 @@ from PIL import Image, PngImagePlugin
 from service import __version__, errors, overlay, workers
 from service.auth import UrlSigner
 from service.config import Settings
-from service.decode import PNG_TEXT_BYTES
+from service.decode import JPEG_MAX_SCANS, PNG_TEXT_BYTES
 from service.deps import require_api_key, require_api_key_or_signature
 from service.head import HeadAsGet
 from service.limits import BodyBudget, BodyLimitMiddleware
@@ -35,6 +35,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Pillow refuses past twice its MAX_IMAGE_PIXELS, also inside containers (ICO, TIFF): half ours
     Image.MAX_IMAGE_PIXELS = settings.MAX_IMAGE_PIXELS // 2
     PngImagePlugin.MAX_TEXT_MEMORY = PNG_TEXT_BYTES
+    # a JPEG-compressed TIFF's strips are JPEGs too: libtiff reads this limit (scan numbers below it pass) per strip
+    os.environ["LIBTIFF_JPEG_MAX_ALLOWED_SCAN_NUMBER"] = str(JPEG_MAX_SCANS + 1)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Settings | Metrics]]:
