@@ -25,7 +25,7 @@ PNG_TEXT_BYTES = 4 * 1024 * 1024
 # libjpeg decodes every scan of a progressive JPEG over the whole image, at any DCT scale: a 12-megapixel
 # JPEG with one scan repeated 1,000 times (97 KB) took 4 s of a core. Encoders write 1 to about 10 scans
 # (libjpeg's progressive default: 10); an EXIF thumbnail's own scans count too. libtiff holds each strip of a
-# JPEG-compressed TIFF to it as well (create_app sets its limit, 100 by default).
+# JPEG-compressed TIFF to it as well (create_app sets libtiff's limit, whose default is 100).
 JPEG_MAX_SCANS = 64
 SOS = b"\xff\xda"  # start of scan: entropy-coded data stuffs every 0xFF byte, so the marker is never inside it
 ORIENTATION = 0x0112  # the EXIF tag
