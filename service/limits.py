@@ -4,6 +4,7 @@ bytes of bodies one worker holds at once."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -12,11 +13,23 @@ from service.errors import BodyTooLarge, BodyTooSlow, Overloaded, error_response
 
 class BodyBudget:
     """The bytes of request bodies one worker holds at once: what arrived, and what a route made of it (a
-    decompressed v2 body). Every user runs on the worker's event loop, so it needs no lock."""
+    decompressed v2 body, a gRPC message). Every user runs on the worker's event loop, so it needs no lock.
 
-    def __init__(self, limit: int) -> None:
+    Once `trim_after` bytes have passed and the worker has then held none for `quiet_s`, `trim` runs in a
+    thread (service.memory.trim_heap: the heap a burst of bodies leaves behind goes back to the system)."""
+
+    def __init__(
+        self,
+        limit: int,
+        trim: Callable[[], object] | None = None,
+        trim_after: int = 64 * 1024 * 1024,
+        quiet_s: float = 1.0,
+    ) -> None:
         self.limit = limit
         self.held = 0
+        self.trim, self.trim_after, self.quiet_s = trim, trim_after, quiet_s
+        self.since_trim = 0
+        self.quiet: asyncio.TimerHandle | None = None
 
     def fits(self, n: int) -> bool:
         return self.held + n <= self.limit
@@ -26,9 +39,20 @@ class BodyBudget:
         if not self.fits(n):
             raise Overloaded(self.refusal())
         self.held += n
+        self.since_trim += n
+        if self.quiet is not None:
+            self.quiet.cancel()
+            self.quiet = None
 
     def give(self, n: int) -> None:
         self.held -= n
+        if self.held == 0 and self.trim is not None and self.since_trim >= self.trim_after and self.quiet is None:
+            self.quiet = asyncio.get_running_loop().call_later(self.quiet_s, self._trim)
+
+    def _trim(self) -> None:
+        self.quiet = None
+        self.since_trim = 0
+        asyncio.get_running_loop().run_in_executor(None, self.trim)
 
     def refusal(self) -> str:
         return (

@@ -19,7 +19,7 @@ from service.deps import require_api_key, require_api_key_or_signature
 from service.head import HeadAsGet
 from service.limits import BodyBudget, BodyLimitMiddleware
 from service.logs import show_service_logs
-from service.memory import return_freed_memory, startup_objects_frozen
+from service.memory import return_freed_memory, startup_objects_frozen, trim_heap
 from service.metrics import Metrics, MetricsMiddleware
 from service.pipeline import Runtime
 from service.request_id import RequestIdMiddleware, log_request_ids
@@ -91,7 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings, app.state.metrics, app.state.runtime = settings, metrics, None
     app.state.api_keys = settings.api_keys()
-    app.state.body_budget = BodyBudget(settings.MAX_BODY_BYTES_IN_FLIGHT)  # the middleware's, and v2's
+    app.state.body_budget = BodyBudget(settings.MAX_BODY_BYTES_IN_FLIGHT, trim_heap)  # middleware, v2, gRPC
     signed = app.state.api_keys and settings.SIGNED_URLS
     app.state.signer = UrlSigner(app.state.api_keys, settings.STORE_TTL_S) if signed else None
     errors.install(app)

@@ -20,20 +20,29 @@ import gc
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
 
 log = logging.getLogger("service.memory")
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
 
 
+@cache
+def glibc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc.mallopt, libc.malloc_trim  # noqa: B018 (glibc's own)
+    except (OSError, AttributeError, TypeError):
+        return None
+    return libc
+
+
 def return_freed_memory(mmap_threshold: int = 1 << 20, arenas: int = 2) -> bool:
     """Set glibc's malloc to hand large freed buffers back; False where the C library is not glibc."""
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError, TypeError):
+    libc = glibc()
+    if libc is None:
         return False
+    mallopt = libc.mallopt
     ok = all(
         mallopt(option, value)
         for option, value in (
@@ -45,6 +54,21 @@ def return_freed_memory(mmap_threshold: int = 1 << 20, arenas: int = 2) -> bool:
     if not ok:
         log.warning("mallopt refused a setting; freed memory may stay with the process")
     return ok
+
+
+def trim_heap() -> bool:
+    """Hand the free pages inside the heap back to the system (glibc's malloc_trim); False where the C
+    library is not glibc.
+
+    Buffers under the mmap threshold (64 KB body chunks, small images, grpc's slices) come from the heap,
+    and a burst of them leaves it at its peak: free, but kept, unless trimmed. A worker that had just
+    served 60 v2 requests of 13.5 MB at once kept 0.9 GB, 0.14 GB once trimmed. The call takes 70-95 ms
+    on such a heap, holding malloc's locks: run it off the event loop, and when the worker is quiet."""
+    libc = glibc()
+    if libc is None:
+        return False
+    libc.malloc_trim(0)  # 1 where it freed pages, 0 where there were none
+    return True
 
 
 # Collect the youngest generation after this many more allocations than frees (Python's default: 700).
