@@ -92,6 +92,8 @@ class DiskcacheStore:
     `max_items`, each entry expiring after `ttl_s`. SQLite takes one writer at a time and polls a taken
     lock with sleeps, so entries were spread by id over `shards` databases, each bounded by its share."""
 
+    unavailable: tuple[type[Exception], ...] = ()
+
     def __init__(self, directory: Path, max_items: int, ttl_s: float, max_bytes: int, shards: int = 8) -> None:
         import diskcache
 

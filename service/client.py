@@ -97,6 +97,8 @@ def report(path: Path, answer: dict[str, Any], saved: list[Path]) -> str:
     ]
     if saved:
         lines += ["", "overlays: " + ", ".join(str(p) for p in saved)]
+    if warnings := answer.get("warnings"):
+        lines += ["", *(f"warning: {w}" for w in warnings)]
     return "\n".join(lines) + "\n"
 
 
@@ -107,12 +109,13 @@ async def predict_one(
         answer = check(
             await client.post("/v1/predict", params={"top_k": args.top_k}, files={"file": (path.name, f)})
         ).json()
-    wanted = {"all": list(answer["attention_urls"]), "combined": ["combined"], "none": []}[args.overlays]
+    urls = answer.get("attention_urls") or {}  # none where the service could not keep the prediction
+    wanted = {"all": list(urls), "combined": ["combined"], "none": []}[args.overlays] if urls else []
     params = {"format": args.format, **({"max_size": args.max_size} if args.max_size else {})}
     saved = []
     for name in wanted:
         # merged into the URL's own query (a signature, where the service signs them): params= would replace it
-        url = httpx.URL(answer["attention_urls"][name]).copy_merge_params(params)
+        url = httpx.URL(urls[name]).copy_merge_params(params)
         image = check(await client.get(url)).content
         target = path.with_name(f"{path.stem}.warn-{name}.{args.format}")
         target.write_bytes(image)

@@ -73,6 +73,13 @@ class ModelUnavailable(ServiceError):
     headers = {"Retry-After": "1"}
 
 
+class StoreUnavailable(ServiceError):
+    """The prediction store failed or did not answer within WARN_STORE_TIMEOUT_S (Redis down or hung)."""
+
+    status, code = 503, "store_unavailable"
+    headers = {"Retry-After": "5"}
+
+
 class StartupError(RuntimeError):
     """Something the service needs cannot start; start-up stops with this message."""
 

@@ -22,7 +22,7 @@ from service import overlay, threads
 from service.batcher import MicroBatcher, Outputs
 from service.config import Settings
 from service.decode import Need, decode, pixels_to_decode
-from service.errors import ModelLoadError, ModelUnavailable
+from service.errors import ModelLoadError, ModelUnavailable, StoreUnavailable
 from service.metrics import Metrics
 from service.model import ModelInfo, OnnxModel
 from service.overlay_cache import OverlayCache
@@ -32,6 +32,10 @@ from service.store import DiskStore, MemoryStore, PredictionStore, RedisStore, S
 
 log = logging.getLogger("service")
 T = TypeVar("T")
+# After a store write fails, predictions skip the store this long, then one tries it again while the rest
+# skip it until that one has its answer. A store that is down or hung otherwise held every answer waiting
+# for its write (past STORE_PENDING_WRITES): 161 req/s fell to 2.4.
+STORE_RETRY_S = 5.0
 
 
 @dataclass
@@ -116,7 +120,9 @@ class Runtime:
         )
         # Decodes at once per worker: more only thrash its cores, and each holds a decoded image in memory.
         self.decoders = threads.pool(settings.decode_threads(), "decode")
-        self.writes: dict[str, asyncio.Task[None]] = {}  # stores still under way, by prediction id
+        self.writes: dict[str, asyncio.Task[bool]] = {}  # stores still under way, by prediction id
+        self.store_down_until = 0.0  # time.monotonic(): until then, predictions are not stored (0: store up)
+        self.store_trial: asyncio.Task[bool] | None = None  # the write that tries a failed store again
         self.overlays = OverlayCache(settings.OVERLAY_CACHE_BYTES)
         self.encoding = overlay.Encoding(settings.OVERLAY_PNG_COMPRESSION, settings.OVERLAY_QUALITY)
 
@@ -197,33 +203,60 @@ class Runtime:
         side = self.settings.STORE_IMAGE_MAX_SIZE
         return data if data[:3] == b"\xff\xd8\xff" and len(data) <= 3 * side * side else None
 
-    async def remember(self, key: str, c: Classified, result: dict[str, Any], upload: bytes | None) -> None:
+    async def remember(self, key: str, c: Classified, result: dict[str, Any], upload: bytes | None) -> bool:
         """Store a prediction for its overlay URLs, with the image as uploaded (or as decoded, without
         `upload`). The write finishes after the answer is sent, unless `STORE_PENDING_WRITES` are already
-        under way: then this request waits for its own."""
+        under way: then this request waits for its own.
+
+        False where the prediction will not be stored: a write failed in the last STORE_RETRY_S, or since
+        then another is trying the store again, or this one failed while its request waited for it."""
+        trial = bool(self.store_down_until)
+        if trial and (time.monotonic() < self.store_down_until or self.store_trial is not None):
+            return False
         write = asyncio.create_task(self._write(key, self.snapshot(c, dict(result), upload)))  # the caller adds timings
         self.writes[key] = write
         write.add_done_callback(lambda _: self.writes.pop(key, None))
+        if trial:
+            self.store_trial = write
+            write.add_done_callback(lambda _: setattr(self, "store_trial", None))
         if len(self.writes) > self.settings.STORE_PENDING_WRITES:
-            await asyncio.shield(write)  # a client that gives up does not cancel the write
+            return await asyncio.shield(write)  # a client that gives up does not cancel the write
+        return True
 
-    async def _write(self, key: str, stored: StoredPrediction) -> None:
+    async def _write(self, key: str, stored: StoredPrediction) -> bool:
         started = time.perf_counter()
         try:
-            await self.store.put(key, stored)  # the store's one hop off the loop, if any
-        except Exception as e:  # the answer is out; its URLs will answer 404
+            async with asyncio.timeout(self.settings.STORE_TIMEOUT_S):
+                await self.store.put(key, stored)  # the store's one hop off the loop, if any
+        except Exception as e:  # where the answer is out, its URLs will answer 404
+            self.store_down_until = time.monotonic() + STORE_RETRY_S
             self.metrics.store_failures.inc()
-            log.warning("storing prediction %s failed: %r", key, e)
-        else:
-            self.metrics.store_writes.observe(time.perf_counter() - started)
+            log.warning(
+                "storing prediction %s failed: %r; predictions are answered without overlay URLs for %g s",
+                key,
+                e,
+                STORE_RETRY_S,
+            )
+            return False
+        self.store_down_until = 0.0
+        self.metrics.store_writes.observe(time.perf_counter() - started)
+        return True
+
+    async def _get(self, key: str) -> StoredPrediction | None:
+        try:
+            async with asyncio.timeout(self.settings.STORE_TIMEOUT_S):
+                return await self.store.get(key)
+        except (TimeoutError, OSError, *self.store.unavailable) as e:
+            log.warning("reading prediction %s failed: %r", key, e)
+            raise StoreUnavailable(f"the prediction store did not answer ({type(e).__name__}); retry shortly") from None
 
     async def find(self, key: str) -> StoredPrediction | None:
         """A stored prediction. An id made in the last `STORE_WRITE_WAIT_S` seconds may still be being
         written, by this worker or another, so a miss is retried until then."""
         if (write := self.writes.get(key)) is not None:
             await asyncio.shield(write)
-            return await self.store.get(key)  # written, or failed: nothing left to wait for
-        stored = await self.store.get(key)
+            return await self._get(key)  # written, or failed: nothing left to wait for
+        stored = await self._get(key)
         made = key_time(key)
         if stored is not None or made is None or made > time.time() + 1:  # 1 s: clock skew between hosts
             return stored
@@ -232,7 +265,7 @@ class Runtime:
         while stored is None and (left := deadline - time.time()) > 0:
             await asyncio.sleep(min(pause, left))
             pause = min(pause * 2, 0.1)
-            stored = await self.store.get(key)
+            stored = await self._get(key)
         return stored
 
     def picture(self, upload: bytes) -> Image.Image:

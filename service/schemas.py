@@ -46,7 +46,10 @@ class Prediction(BaseModel):
     layers: list[LayerResult]
     image: ImageSize
     probabilities: dict[str, float] | None = Field(None, description="with probabilities=true")
-    attention_urls: dict[str, str] | None = Field(None, description="overlay URLs: combined and each layer")
+    attention_urls: dict[str, str] | None = Field(
+        None, description="overlay URLs: combined and each layer (null while the prediction store is unreachable)"
+    )
+    warnings: list[str] | None = Field(None, description="what this answer lacks, and why")
     timings_ms: dict[str, float] | None = None
 
 
@@ -183,7 +186,7 @@ def errors(*statuses: int) -> dict[int | str, dict]:
         415: "not an image in a supported format",
         422: "invalid image or parameter",
         500: "unexpected error (logged)",
-        503: "queue full: retry after Retry-After seconds",
+        503: "queue full, or the model session or prediction store unavailable: retry after Retry-After seconds",
     }
     return {
         s: {

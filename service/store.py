@@ -166,6 +166,8 @@ class StoredPrediction:
 
 
 class PredictionStore(Protocol):
+    unavailable: tuple[type[Exception], ...]  # errors that say the store is down, not that a call was wrong
+
     async def put(self, key: str, value: StoredPrediction) -> None: ...
 
     async def get(self, key: str) -> StoredPrediction | None: ...
@@ -223,6 +225,8 @@ def _size(value: Any) -> int:
 class MemoryStore:
     """In-process store: the oldest entries go first past `max_items` or `max_bytes`; entries expire after `ttl_s`."""
 
+    unavailable: tuple[type[Exception], ...] = ()
+
     def __init__(self, max_items: int, ttl_s: float, max_bytes: int | None = None, clock=time.monotonic) -> None:
         self.max_items = max_items
         self.max_bytes = max_bytes
@@ -272,6 +276,8 @@ class DiskStore:
     writes run one at a time on a thread of their own, off the event loop; where `python -m service`
     started a store writer (service/store_writer.py, with `relay`), that thread sends them to it, and
     writes them itself only while that process is away."""
+
+    unavailable: tuple[type[Exception], ...] = ()
 
     EXPIRY = struct.Struct(">d")  # each value starts with when it expires (seconds since the epoch)
 
@@ -454,6 +460,7 @@ class RedisStore:
         import redis.asyncio as redis
 
         self.redis = redis.from_url(url)
+        self.unavailable = (redis.ConnectionError, redis.TimeoutError)
         self.max_items = max_items
         self.ttl_ms = int(ttl_s * 1000)
         self.prefix = prefix

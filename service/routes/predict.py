@@ -40,6 +40,12 @@ PREDICT_EXAMPLE = {
 }
 
 
+NOT_STORED = (
+    "no overlay URLs: the prediction store failed or did not answer in time (WARN_STORE_TIMEOUT_S), so this "
+    "prediction was not kept; POST /v1/attention draws an overlay in one call"
+)
+
+
 def url_base(request: Request) -> str:
     public = request.app.state.settings.PUBLIC_URL
     if public:
@@ -98,7 +104,9 @@ async def predict(
         **describe(rt.info, c.outputs, (g.width, g.height), top_k or rt.settings.TOP_K, probabilities),
         "attention_urls": {name: f"{base}/{name}.png{query}" for name in layers},
     }
-    await rt.remember(key, c, result, upload)
+    if not await rt.remember(key, c, result, upload):
+        result["attention_urls"] = None
+        result["warnings"] = [NOT_STORED]
     c.timings_ms["total_ms"] = (time.perf_counter() - started) * 1e3
     result["timings_ms"] = {k: round(v, 3) for k, v in c.timings_ms.items()}
     return JSONResponse(result)  # already plain JSON types: no encoder pass

@@ -53,7 +53,7 @@ def matches(if_none_match: str | None, tag: str) -> bool:
     summary="A stored prediction",
     response_model=Prediction,
     responses={304: {"description": "the copy the client holds (If-None-Match: its ETag) is current"}}
-    | errors(401, 404, 422, 500),
+    | errors(401, 404, 422, 500, 503),
 )
 async def get_prediction(request: Request, response: Response, rt: RuntimeDep, prediction_id: str) -> Any:
     """The answer /v1/predict gave, without its timings."""
@@ -72,7 +72,7 @@ async def get_prediction(request: Request, response: Response, rt: RuntimeDep, p
     responses={
         200: {"content": {media: {} for media in FORMATS.values()}, "description": "the overlay"},
         304: {"description": "the copy the client holds (If-None-Match: its ETag) is the overlay still"},
-        **errors(400, 401, 404, 422, 500),
+        **errors(400, 401, 404, 422, 500, 503),
     },
 )
 async def get_overlay(

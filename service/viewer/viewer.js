@@ -170,6 +170,11 @@ function render(p) {
     return div;
   }));
   $("timing").textContent = p.timings_ms ? "server time " + p.timings_ms.total_ms.toFixed(1) + " ms · id " + p.id : "id " + p.id;
+  $("maps").hidden = !p.attention_urls; // none where the service could not keep the prediction
+  if (!p.attention_urls) {
+    setStatus("Prediction: " + top.label + " (" + pct(top.probability) + "). " + (p.warnings || []).join(" "), true);
+    return;
+  }
   setStatus("Prediction: " + top.label + " (" + pct(top.probability) + ")");
   renderGrid();
   renderMap();

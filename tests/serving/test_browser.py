@@ -163,3 +163,20 @@ def test_docs_work_offline(browser, server):
     d.get(server.url + "/redoc")
     wait(d, lambda d: "Classify an image" in d.find_element(By.TAG_NAME, "body").text)
     no_errors(d, allowed="cdn.redoc.ly/redoc/logo-mini.svg")  # ReDoc's "by Redocly" badge; the page works without it
+
+
+def test_viewer_says_why_a_prediction_has_no_maps(browser, server):
+    """While the prediction store is down, /v1/predict answers without overlay URLs and says why."""
+    import httpx
+
+    p = httpx.post(f"{server.url}/v1/predict", content=DIGIT.read_bytes(), headers={"content-type": "image/png"}).json()
+    p["attention_urls"], p["warnings"] = None, ["no overlay URLs: the prediction store failed"]
+    d = browser
+    d.get(server.url + "/")
+    wait(d, lambda d: "warn-cluttered-digits" in d.find_element(By.ID, "model").text)
+    d.execute_script("render(arguments[0])", p)
+    status = d.find_element(By.ID, "status")
+    assert "the prediction store failed" in status.text and "error" in status.get_attribute("class")
+    assert not d.find_element(By.ID, "maps").is_displayed()
+    assert d.find_element(By.ID, "top").get_attribute("data-label") == "5"  # the prediction itself is shown
+    no_errors(d)

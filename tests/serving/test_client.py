@@ -58,3 +58,38 @@ def test_sends_the_api_key(model_path, tmp_path, capsys):
         assert code == 0 and image.with_name("digit.warn-combined.png").is_file()
     finally:
         server.stop()
+
+
+def test_an_answer_without_overlay_urls_is_reported_with_its_warning(tmp_path):
+    """While the service's prediction store is down it answers without overlay URLs, saying why."""
+    import argparse
+
+    import anyio
+    import httpx
+
+    from service.client import predict_one, report
+
+    layer = {"name": "attention_0", "global_gate": 0.6, "top_class": {"label": "5", "probability": 0.9}}
+    answer = {
+        "top_k": [{"label": "5", "index": 5, "probability": 0.9}],
+        "layers": [layer],
+        "attention_urls": None,
+        "warnings": ["no overlay URLs: the prediction store failed"],
+    }
+    seen = []
+
+    def reply(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.path)
+        return httpx.Response(200, json=answer)
+
+    image = tmp_path / "digit.png"
+    image.write_bytes(png(Image.new("RGB", (8, 8))))
+    args = argparse.Namespace(top_k=1, overlays="all", format="png", max_size=None)
+
+    async def predict() -> tuple[dict, list]:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(reply), base_url="http://service") as client:
+            return await predict_one(client, args, image)
+
+    got, saved = anyio.run(predict)
+    assert saved == [] and seen == ["/v1/predict"]  # no overlay fetched
+    assert "warning: no overlay URLs: the prediction store failed" in report(image, got, saved)

@@ -2,6 +2,7 @@
 
 import asyncio
 import shutil
+import signal
 import subprocess
 import time
 
@@ -17,6 +18,13 @@ from tests.serving.conftest import Server, free_port, png
 
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory):
+    proc, url = start_redis(tmp_path_factory.mktemp("redis"))
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+def start_redis(directory) -> tuple[subprocess.Popen, str]:
     binary = shutil.which("redis-server")
     assert binary, "redis-server is missing: `make test` installs it (Debian package redis-server)"
     port = free_port()
@@ -32,7 +40,7 @@ def redis_url(tmp_path_factory):
             "--appendonly",
             "no",
             "--dir",
-            str(tmp_path_factory.mktemp("redis")),
+            str(directory),
         ],
         stdout=subprocess.DEVNULL,
     )
@@ -46,9 +54,7 @@ def redis_url(tmp_path_factory):
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
-    yield url
-    proc.terminate()
-    proc.wait(10)
+    return proc, url
 
 
 def sample(i: int) -> StoredPrediction:
@@ -118,3 +124,44 @@ def test_an_unreachable_redis_stops_startup(model_path):
         assert "cannot reach the Redis store" in s.output()
     finally:
         s.stop()
+
+
+def test_a_hung_redis_costs_the_overlay_urls_not_the_predictions(model_path, tmp_path):
+    """A Redis that stops answering (stopped here with SIGSTOP) held every answer past
+    WARN_STORE_PENDING_WRITES waiting for its write: 161 req/s fell to 2.4. A write now fails after
+    WARN_STORE_TIMEOUT_S, the predictions after it come without overlay URLs, saying why, and a GET of a
+    stored one is a 503 that clients may retry."""
+    proc, url = start_redis(tmp_path)
+    env = {
+        "WARN_MODEL_PATH": str(model_path),
+        "WARN_STORE": "redis",
+        "WARN_REDIS_URL": url,
+        "WARN_STORE_TIMEOUT_S": "0.5",
+        "WARN_STORE_PENDING_WRITES": "2",
+    }
+    image = png(Image.new("RGB", (64, 48), (30, 160, 90)))
+    s = Server(env)
+    try:
+        s.wait_ready()
+
+        def post() -> httpx.Response:
+            return httpx.post(f"{s.url}/v1/predict", content=image, headers={"content-type": "image/png"}, timeout=30)
+
+        kept = post().json()
+        overlay = kept["attention_urls"]["combined"]
+        assert httpx.get(overlay).status_code == 200
+        proc.send_signal(signal.SIGSTOP)
+        answers = [post() for _ in range(8)]
+        assert all(a.status_code == 200 and a.json()["top_k"] for a in answers)
+        unkept = [a.json() for a in answers if a.json()["attention_urls"] is None]
+        assert len(unkept) >= 5 and answers[-1].json()["attention_urls"] is None
+        assert "WARN_STORE_TIMEOUT_S" in unkept[0]["warnings"][0]
+        got = httpx.get(overlay, timeout=30)
+        assert got.status_code == 503 and got.json()["code"] == "store_unavailable"
+        assert got.headers["retry-after"] == "5"
+        assert httpx.get(f"{s.url}/v2/health/ready").status_code == 200  # the model still serves
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        s.stop()
+        proc.terminate()
+        proc.wait(10)

@@ -1,5 +1,6 @@
 """Predictions are stored after their answer is sent, and their URLs still answer at once."""
 
+import asyncio
 import os
 import threading
 import time
@@ -19,13 +20,17 @@ PNG = {"content-type": "image/png"}
 class GatedStore:
     """A store whose writes wait until the test opens the gate (and then fail, if told to)."""
 
+    unavailable = ()
+
     def __init__(self, inner) -> None:
         self.inner = inner
         self.gate = threading.Event()
         self.fail = False
-        self.gets = 0
+        self.refuse_reads = False
+        self.gets = self.puts = 0
 
     async def put(self, key, value) -> None:
+        self.puts += 1
         await anyio.to_thread.run_sync(self.gate.wait)
         if self.fail:
             raise ConnectionError("the store is down")
@@ -33,6 +38,8 @@ class GatedStore:
 
     async def get(self, key):
         self.gets += 1
+        if self.refuse_reads:
+            raise ConnectionError("the store is down")
         return await self.inner.get(key)
 
     async def close(self) -> None:
@@ -158,3 +165,63 @@ def test_shutdown_does_not_wait_for_a_hung_store(model_path):
         assert time.monotonic() - started < 30, "shutdown waited for a store that never answered"
     finally:
         store.gate.set()
+
+
+def test_a_failing_store_costs_the_overlay_urls_not_the_predictions(model_path, monkeypatch):
+    """A store that fails: predictions are answered without URLs (saying why) instead of each trying,
+    and after STORE_RETRY_S the store is tried again."""
+    monkeypatch.setattr("service.pipeline.STORE_RETRY_S", 0.5)
+    with make_client(model_path, STORE_PENDING_WRITES=0) as c:  # every answer waits for its own write
+        store = gate(c)
+        store.fail = True
+        store.gate.set()
+        for _ in range(3):
+            r = c.post("/v1/predict", content=IMAGE, headers=PNG)
+            assert r.status_code == 200 and r.json()["top_k"]
+            assert r.json()["attention_urls"] is None and "not kept" in r.json()["warnings"][0]
+        assert store.puts == 1  # the first found it down; the next two did not try
+        time.sleep(0.6)
+        store.fail = False
+        r = c.post("/v1/predict", content=IMAGE, headers=PNG).json()
+        assert "warnings" not in r
+        assert c.get(r["attention_urls"]["combined"]).status_code == 200
+
+
+class HungStore:
+    """A store that never answers (a Redis that stopped responding)."""
+
+    unavailable = ()
+
+    async def put(self, key, value) -> None:
+        await asyncio.Event().wait()
+
+    async def get(self, key):
+        await asyncio.Event().wait()
+
+    async def close(self) -> None:
+        pass
+
+
+def test_a_hung_store_is_given_up_on_after_its_timeout(model_path):
+    with make_client(model_path, STORE_PENDING_WRITES=0, STORE_TIMEOUT_S=0.3) as c:
+        c.app.state.runtime.store = HungStore()
+        started = time.monotonic()
+        r = c.post("/v1/predict", content=IMAGE, headers=PNG)
+        assert r.status_code == 200 and r.json()["attention_urls"] is None
+        assert time.monotonic() - started < 20, "the answer waited for a store that never answered"
+        key = r.json()["id"]
+        got = c.get(f"/v1/predictions/{key}")
+        assert got.status_code == 503 and got.json()["code"] == "store_unavailable"
+        assert got.headers["retry-after"] == "5" and "did not answer" in got.json()["error"]
+
+
+def test_a_store_that_refuses_reads_is_a_503_not_a_500(model_path):
+    with make_client(model_path) as c:
+        store = gate(c)
+        store.gate.set()
+        r = c.post("/v1/predict", content=IMAGE, headers=PNG).json()
+        store.refuse_reads = True
+        for url in (f"/v1/predictions/{r['id']}", r["attention_urls"]["combined"]):
+            got = c.get(url)
+            assert got.status_code == 503 and got.json()["code"] == "store_unavailable", got.text
+            assert "ConnectionError" in got.json()["error"]
