@@ -202,10 +202,11 @@ class Settings(BaseSettings):
         2.0, ge=0, description="how long a GET of a just-made id waits for its store to finish, before 404"
     )
     STORE_TIMEOUT_S: float = Field(
-        2.0,
+        5.0,
         gt=0,
         description="a store read or write that takes longer fails: a GET answers 503, and for the next 5 s "
-        "predictions are answered without overlay URLs rather than wait for a store that is down",
+        "predictions are answered without overlay URLs rather than wait for a store that is down (above the "
+        "disk store writer's 2 s hand-back, so that its slowest writes still count)",
     )
     STORE_IMAGE_MAX_SIZE: int = Field(
         1024, ge=16, description="longest side overlays are drawn at (a stored upload is decoded at most this large)"
