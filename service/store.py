@@ -10,6 +10,7 @@ Entries are JSON plus raw arrays (`StoredPrediction.to_bytes`), never pickles.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import re
@@ -351,10 +352,26 @@ class DiskStore:
                 pass
         self.write(message)
 
+    # Beside an entry's own bytes, a write may take pages for the tree, the pages it copies and the free list.
+    ROOM_MARGIN = 4 << 20
+
+    def check_room(self, n: int) -> None:
+        """Raise ENOSPC where the file system lacks room for a write of `n` bytes.
+
+        LMDB writes through its map (writemap) into a sparse file, so a page the file system cannot give (a
+        full disk, or /dev/shm filled by other processes) kills the process with SIGBUS instead of failing:
+        every worker would die at its next write, again and again. A store whose own free pages would have
+        held the write is refused too: its overlays are lost until there is room, not its workers."""
+        stat = os.statvfs(self.directory)
+        free = stat.f_bavail * stat.f_frsize
+        if free < n + self.ROOM_MARGIN:
+            raise OSError(errno.ENOSPC, f"no room for a store write of {n:,} bytes: {free:,} free in {self.directory}")
+
     def write(self, message: memoryview) -> None:
         """Store what `_message` made (here, or in the store writer's process)."""
         n = message[0]
         key, data = bytes(message[1 : 1 + n]), message[1 + n :]
+        self.check_room(len(data))
         for attempt in range(3):
             try:
                 return self._write(key, data)

@@ -191,6 +191,42 @@ def test_a_full_map_makes_room_instead_of_failing(tmp_path, monkeypatch):
     assert (tmp_path / "data.mdb").stat().st_size <= 8 << 20
 
 
+def test_a_write_without_room_fails_instead_of_killing_the_process(tmp_path, monkeypatch):
+    """LMDB writes through its map into a sparse file: where the file system has no page to give, the write
+    killed the process with SIGBUS (a DiskStore on a 20 MB tmpfs died at its 22nd 786 KB entry). A write
+    now checks for room first, and fails with ENOSPC where there is none."""
+    import errno
+    import os
+    from types import SimpleNamespace
+
+    free = {"bytes": 1 << 40}
+    real = os.statvfs
+
+    def statvfs(path):
+        if str(path) == str(tmp_path):
+            return SimpleNamespace(f_bavail=free["bytes"] // 4096, f_frsize=4096)
+        return real(path)
+
+    monkeypatch.setattr(os, "statvfs", statvfs)
+    ids = keys(2)
+
+    async def main():
+        store = DiskStore(tmp_path, max_items=100, ttl_s=60, max_bytes=64 << 20)
+        await store.put(ids[0], sample(0, side=300))  # 270 KB of pixels
+        free["bytes"] = DiskStore.ROOM_MARGIN + 100_000
+        try:
+            await store.put(ids[1], sample(1, side=300))
+        except OSError as e:
+            refused = e
+        held = await kept(store, ids)
+        await store.close()
+        return refused, held
+
+    refused, held = asyncio.run(main())
+    assert refused.errno == errno.ENOSPC and "no room for a store write" in str(refused)
+    assert held == [0]
+
+
 def two_processes_put(directory, items: int, relayed: bool) -> list[str]:
     """Two processes each put 60 entries at once into a store of `items` in `directory` (relayed: through the
     store writer their environment names); the ids they made."""
