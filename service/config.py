@@ -143,6 +143,12 @@ class Settings(BaseSettings):
         "from connecting or from the request's first byte, and a gRPC one without its preface by then: idle or "
         "trickling clients cannot hold every connection",
     )
+    SEND_TIMEOUT_S: float = Field(
+        30,
+        gt=0,
+        description="`python -m service` closes a connection whose client has read nothing of its answer for this "
+        "long: the answer would stay in the worker's memory, and the connection open, for as long as it liked",
+    )
     MAX_CONNECTIONS: int = Field(
         1000, ge=1, description="open connections per worker of `python -m service`; past it, 503 at once"
     )

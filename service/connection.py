@@ -1,5 +1,5 @@
 """uvicorn's HTTP/1.1 connection, with a deadline (`WARN_HEADER_TIMEOUT_S`) and a size limit for each
-request's head.
+request's head, and a deadline for a client that stops reading its answer (`WARN_SEND_TIMEOUT_S`).
 
 It also turns Nagle's algorithm off on every TCP connection (TCP_NODELAY). uvloop does so itself, but
 asyncio's loop (`UVICORN_LOOP=asyncio`) only for a listening socket bound with protocol IPPROTO_TCP, and
@@ -10,6 +10,8 @@ uvicorn bounds the idle time between two requests, and only until a first byte a
 how long a request line and its headers may take, nor a connection that sends nothing at all: such
 connections cost a client next to nothing to hold, and `MAX_CONNECTIONS` of them turned every other
 client away with 503. Nor, with httptools, their size: one header of 76 MB grew a worker by 131 MB.
+Nor a client that sends its request and never reads the answer: the answer stays in the worker's memory,
+and the connection open, for good (300 such clients of a 496 KB overlay: 128 MB, still there a minute on).
 `python -m service` runs its workers on this protocol.
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import struct
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -26,6 +29,7 @@ from service.config import Settings
 PROTOCOL = "service.connection:HeadDeadline"  # uvicorn's --http, as an import string
 MAX_HEAD_BYTES = 64 * 1024  # request line and headers; h11's own limit is 16 KB, nginx's 32 KB
 DEFAULT_TIMEOUT_S = Settings.model_fields["HEADER_TIMEOUT_S"].default
+DEFAULT_SEND_TIMEOUT_S = Settings.model_fields["SEND_TIMEOUT_S"].default
 
 
 class HeadDeadline(HttpToolsProtocol):
@@ -35,6 +39,7 @@ class HeadDeadline(HttpToolsProtocol):
     its settings and metrics to uvicorn, which hands them to each connection (`app_state`)."""
 
     head_timer: asyncio.TimerHandle | None = None
+    send_timer: asyncio.TimerHandle | None = None
     awaiting_head = True
     head_bytes = 0  # received while a head is awaited, from the read after the one that ended the last request
     ended_in_this_read = False
@@ -79,7 +84,32 @@ class HeadDeadline(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._send_progressed()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        """The transport holds more than its high-water mark of the answer: the client must read some of it
+        within SEND_TIMEOUT_S. A client reading slowly resumes the transport, and the deadline, often."""
+        super().pause_writing()
+        if self.send_timer is None:
+            settings = self.app_state.get("settings")
+            timeout = DEFAULT_SEND_TIMEOUT_S if settings is None else settings.SEND_TIMEOUT_S
+            self.send_timer = self.loop.call_later(timeout, self._send_expired)
+
+    def resume_writing(self) -> None:
+        self._send_progressed()
+        super().resume_writing()
+
+    def _send_progressed(self) -> None:
+        if self.send_timer is not None:
+            self.send_timer.cancel()
+            self.send_timer = None
+
+    def _send_expired(self) -> None:
+        self.send_timer = None
+        if not self.transport.is_closing():
+            self._count("send_timeout")
+            reset(self.transport)
 
     def _arm(self) -> None:
         settings = self.app_state.get("settings")
@@ -100,6 +130,18 @@ class HeadDeadline(HttpToolsProtocol):
     def _count(self, reason: str) -> None:
         if (metrics := self.app_state.get("metrics")) is not None:
             metrics.connections_closed.labels(reason).inc()
+
+
+def reset(transport: asyncio.Transport) -> None:
+    """Drop a connection and what it has not sent: with SO_LINGER at 0 the kernel resets it, where a close
+    kept up to 4 MB of unsent answer per connection in its buffers, for minutes, for a client reading none."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+    transport.abort()
 
 
 def no_delay(transport: asyncio.BaseTransport) -> None:

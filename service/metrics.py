@@ -70,12 +70,16 @@ class Metrics:
         )
         self.connections_closed = Counter(
             "warn_connections_closed",
-            "HTTP connections closed before a request's head arrived: head_timeout (WARN_HEADER_TIMEOUT_S) or "
-            "head_too_large (a 431)",
+            "HTTP connections closed by the service: head_timeout (a request's head not in by WARN_HEADER_TIMEOUT_S), "
+            "head_too_large (a 431), send_timeout (an answer its client stopped reading: WARN_SEND_TIMEOUT_S)",
             ["reason"],
             registry=r,
         )
-        for reason in ("head_timeout", "head_too_large"):  # exported at 0 from the start, so rate() has a base
+        for reason in (
+            "head_timeout",
+            "head_too_large",
+            "send_timeout",
+        ):  # exported at 0 from the start, so rate() has a base
             self.connections_closed.labels(reason)
 
     def observe_depth(self, queued: int, admitted: int) -> None:

@@ -6,6 +6,7 @@ import gzip
 import io
 import json
 import random
+import re
 import socket
 import statistics
 import time
@@ -238,6 +239,44 @@ def test_connections_that_never_finish_a_request_head_are_closed(model_path):
                 while not answer.endswith(b'{"live":true}'):
                     answer += conn.recv(4096) or pytest.fail(f"closed after {answer!r}")
                 assert answer.startswith(b"HTTP/1.1 200")
+    finally:
+        s.stop()
+
+
+def test_a_client_that_never_reads_its_answers_is_closed(model_path):
+    """A client may send its requests (here, overlays pipelined on one connection) and read nothing: the
+    answer waits on the kernel's buffer and then in the worker's, and its connection stayed open mid-answer
+    for good, where uvicorn's keep-alive timeout does not reach. MAX_CONNECTIONS of them turned every other
+    client away with 503. Past WARN_SEND_TIMEOUT_S without a byte read, the connection is closed."""
+    env = {"WARN_WORKERS": "1", "WARN_MAX_CONNECTIONS": "4", "WARN_SEND_TIMEOUT_S": "3", "WARN_STORE": "memory"}
+    s = Server({"WARN_MODEL_PATH": str(model_path), **env}, launcher=True)
+    try:
+        s.wait_ready()
+        digit = (ROOT / "docs/digit.png").read_bytes()
+        answer = httpx.post(f"{s.url}/v1/predict", content=digit, headers={"content-type": "image/png"}).json()
+        path = answer["attention_urls"]["combined"].removeprefix(s.url)  # a 496 KB PNG
+        readers = []
+        for c in range(4):
+            conn = socket.create_connection(("127.0.0.1", s.port))
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            # more than the kernel's send buffer holds (4 MB): the rest waits in the worker
+            requests = (f"GET {path}?alpha=0.{c}{i:02d} HTTP/1.1\r\nHost: x\r\n\r\n" for i in range(16))
+            conn.sendall("".join(requests).encode())
+            readers.append(conn)
+
+        def live_until(status: int, why: str) -> None:
+            deadline = time.monotonic() + 60
+            while httpx.get(f"{s.url}/v2/health/live", timeout=10).status_code != status:
+                assert time.monotonic() < deadline, why
+                time.sleep(0.1)
+
+        live_until(503, "the four connections never held every slot")
+        live_until(200, "the clients that read nothing held their connections")
+        metrics = httpx.get(f"{s.url}/metrics", timeout=10).text
+        closed = re.search(r'warn_connections_closed_total\{reason="send_timeout"\} (\S+)', metrics)
+        assert closed and float(closed.group(1)) >= 1
+        for conn in readers:
+            conn.close()
     finally:
         s.stop()
 
