@@ -101,9 +101,7 @@ class HeadDeadline(HttpToolsProtocol):
         super().resume_writing()
 
     def _send_progressed(self) -> None:
-        if self.send_timer is not None:
-            self.send_timer.cancel()
-            self.send_timer = None
+        self.send_timer = cancelled(self.send_timer)
 
     def _send_expired(self) -> None:
         self.send_timer = None
@@ -117,9 +115,7 @@ class HeadDeadline(HttpToolsProtocol):
         self.head_timer = self.loop.call_later(timeout, self._expired)
 
     def _disarm(self) -> None:
-        if self.head_timer is not None:
-            self.head_timer.cancel()
-            self.head_timer = None
+        self.head_timer = cancelled(self.head_timer)
 
     def _expired(self) -> None:
         self.head_timer = None
@@ -130,6 +126,11 @@ class HeadDeadline(HttpToolsProtocol):
     def _count(self, reason: str) -> None:
         if (metrics := self.app_state.get("metrics")) is not None:
             metrics.connections_closed.labels(reason).inc()
+
+
+def cancelled(timer: asyncio.TimerHandle | None) -> None:
+    if timer is not None:
+        timer.cancel()
 
 
 def reset(transport: asyncio.Transport) -> None:
