@@ -6,6 +6,10 @@ queue, and the next batch takes everything queued (up to `max_batch` rows). With
 decoded.
 A request alone in its worker runs in the thread that decoded it (`run_alone`), skipping the hops
 to the batcher's thread and back.
+
+A request has `timeout_s` from its admission to its outputs. A run that goes on past that (a hung GPU or
+session) leaves the batcher stalled: it admits nothing until the run ends, so a hung model refuses at
+once rather than hold a queue of decoded tensors, each waiting out its deadline.
 """
 
 from __future__ import annotations
@@ -13,13 +17,13 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 
 import numpy as np
 
 from service import threads
-from service.errors import Overloaded
+from service.errors import ModelTimeout, ModelUnavailable, Overloaded
 
 Outputs = dict[str, np.ndarray]
 Item = tuple[np.ndarray, "asyncio.Future[Outputs]"]
@@ -48,11 +52,13 @@ class MicroBatcher:
         queue_size: int,
         on_batch: Callable[[int, float], None] | None = None,
         on_depth: Callable[[int, int], None] | None = None,
+        timeout_s: float | None = None,
     ) -> None:
         self._run = run
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000
         self.queue_size = queue_size
+        self.timeout_s = timeout_s
         self.queue: asyncio.Queue[Item] = asyncio.Queue()  # bounded by admission, not here
         self.admitted = 0
         self._on_batch = on_batch
@@ -60,6 +66,7 @@ class MicroBatcher:
         self._executor = threads.pool(1, "inference")
         self._running = threading.Lock()  # one run at a time: a batch's, or a lone request's
         self._alone = 0  # 1 while a lone request runs in its decoding thread: admitted, yet not decoding
+        self._run_started: float | None = None  # time.monotonic() of the run in progress, if any
         self._task: asyncio.Task[None] | None = None
         self._carry: Item | None = None  # a request that did not fit the last batch
 
@@ -76,21 +83,43 @@ class MicroBatcher:
         if self._on_depth:
             self._on_depth(self.queue.qsize(), self.admitted)
 
-    @contextmanager
-    def admit(self) -> Iterator[None]:
-        """Hold a place for one request (decode + inference), or raise Overloaded at once."""
+    def running_for(self) -> float:
+        """Seconds the run in progress (a batch's, or a lone request's) has taken so far; 0 when none runs."""
+        started = self._run_started
+        return 0.0 if started is None else time.monotonic() - started
+
+    def stalled(self) -> bool:
+        """Whether the run in progress has gone on past `timeout_s`: everyone it was for has given up."""
+        return self.timeout_s is not None and self.running_for() > self.timeout_s
+
+    @asynccontextmanager
+    async def admit(self) -> AsyncIterator[None]:
+        """Hold a place for one request (decode + inference) for at most `timeout_s`, or refuse at once: a full
+        queue raises Overloaded, a stalled model ModelUnavailable; past the deadline, ModelTimeout."""
+        if self.stalled():
+            raise ModelUnavailable(
+                f"the model has not finished its current run in {self.running_for():.0f} s; retry shortly"
+            )
         if self.admitted >= self.queue_size:
             raise Overloaded(f"the model's queue is full ({self.queue_size} requests in progress); retry shortly")
         self.admitted += 1
         self._report()
         try:
-            yield
+            async with asyncio.timeout(self.timeout_s) as deadline:
+                yield
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            raise ModelTimeout(
+                f"no answer from the model within {self.timeout_s:g} s of this request's admission "
+                f"(the model is hung, or far behind); retry later"
+            ) from None
         finally:
             self.admitted -= 1
             self._report()
 
     async def submit(self, x: np.ndarray) -> Outputs:
-        with self.admit():
+        async with self.admit():
             return await self.submit_admitted(x)
 
     async def submit_admitted(self, x: np.ndarray) -> Outputs:
@@ -109,7 +138,7 @@ class MicroBatcher:
         self._alone = 1
         try:
             started = time.perf_counter()
-            outputs = self._run(x)
+            outputs = self._timed_run(x)
         finally:
             self._alone = 0
             self._running.release()
@@ -122,7 +151,15 @@ class MicroBatcher:
         to get it back behind the decoding threads."""
         batch = xs[0] if len(xs) == 1 else np.concatenate(xs)
         with self._running:
+            return self._timed_run(batch)
+
+    def _timed_run(self, batch: np.ndarray) -> Outputs:
+        """`run`, its start kept for `running_for` (one run at a time: the caller holds `_running`)."""
+        self._run_started = time.monotonic()
+        try:
             return self._run(batch)
+        finally:
+            self._run_started = None
 
     def _take(self, items: list[Item], rows: int, item: Item | None = None) -> int:
         """Add `item`, then queued requests, to `items` while they fit `max_batch`; returns the row count.

@@ -119,6 +119,14 @@ class Settings(BaseSettings):
     QUEUE_SIZE: int = Field(
         256, ge=1, description="requests in progress (decoding or waiting) per worker before 503 + Retry-After"
     )
+    MODEL_TIMEOUT_S: float = Field(
+        30,
+        gt=0,
+        le=86400,
+        description="the most a request waits for the model, from its admission (decoding, queue and run): past "
+        "it, 504. A run that goes on longer (a hung GPU) makes the worker unready and refuse with 503 until it "
+        "ends; the shared session's process is restarted",
+    )
 
     MAX_BODY_BYTES: int = Field(16 * 1024 * 1024, ge=1, description="request body limit (413 past it)")
     MAX_BODY_BYTES_IN_FLIGHT: int = Field(

@@ -67,10 +67,17 @@ class Overloaded(ServiceError):
 
 
 class ModelUnavailable(ServiceError):
-    """The shared session's process did not answer (it died, or is being restarted)."""
+    """The shared session's process did not answer (it died, or is being restarted), or the model has been on one
+    run past WARN_MODEL_TIMEOUT_S."""
 
     status, code = 503, "model_unavailable"
     headers = {"Retry-After": "1"}
+
+
+class ModelTimeout(ServiceError):
+    """No outputs within WARN_MODEL_TIMEOUT_S of the request's admission."""
+
+    status, code = 504, "model_timeout"
 
 
 class StoreUnavailable(ServiceError):

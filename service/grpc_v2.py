@@ -27,6 +27,7 @@ from service.errors import (
     ImageTooLarge,
     InvalidImage,
     InvalidRequest,
+    ModelTimeout,
     ModelUnavailable,
     NotFound,
     Overloaded,
@@ -50,6 +51,7 @@ STATUS: dict[type[ServiceError], grpc.StatusCode] = {
     NotFound: grpc.StatusCode.NOT_FOUND,
     Overloaded: grpc.StatusCode.UNAVAILABLE,
     ModelUnavailable: grpc.StatusCode.UNAVAILABLE,
+    ModelTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
     BodyTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ImageTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unauthorized: grpc.StatusCode.UNAUTHENTICATED,
@@ -185,12 +187,12 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
         async with self._call("ServerReady", context, guarded=False):
-            return pb.ServerReadyResponse(ready=self.serving and self.rt.model.serving())
+            return pb.ServerReadyResponse(ready=self.serving and self.rt.unready() is None)
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
         async with self._call("ModelReady", context):
             check_model(self.rt, request.name, request.version or None)
-            return pb.ModelReadyResponse(ready=self.serving and self.rt.model.serving())
+            return pb.ModelReadyResponse(ready=self.serving and self.rt.unready() is None)
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
         async with self._call("ServerMetadata", context):
@@ -220,7 +222,7 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             # grpc has read the message by now, and holds it, as HTTP does a body: in the same count, until answered
             self.budget.take(size)
             try:
-                with rt.batcher.admit():
+                async with rt.batcher.admit():
                     if small:
                         tensors = read_inputs(request, *limits)
                     else:

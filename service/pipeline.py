@@ -36,6 +36,7 @@ T = TypeVar("T")
 # skip it until that one has its answer. A store that is down or hung otherwise held every answer waiting
 # for its write (past STORE_PENDING_WRITES): 161 req/s fell to 2.4.
 STORE_RETRY_S = 5.0
+RESTARTING = "the shared session's process is being restarted; retry shortly"
 
 
 @dataclass
@@ -103,7 +104,9 @@ class Runtime:
         self.settings = settings
         self.metrics = metrics
         try:
-            remote = RemoteModel.from_env()  # set by `python -m service` when the workers share a session
+            remote = RemoteModel.from_env(
+                settings.MODEL_TIMEOUT_S
+            )  # set by `python -m service` when the workers share a session
         except ModelUnavailable as e:
             raise ModelLoadError(str(e)) from e
         self.model: OnnxModel | RemoteModel = remote or OnnxModel.from_settings(settings)
@@ -117,6 +120,7 @@ class Runtime:
             settings.QUEUE_SIZE,
             on_batch=metrics.observe_batch,
             on_depth=metrics.observe_depth,
+            timeout_s=settings.MODEL_TIMEOUT_S,
         )
         # Decodes at once per worker: more only thrash its cores, and each holds a decoded image in memory.
         self.decoders = threads.pool(settings.decode_threads(), "decode")
@@ -140,6 +144,14 @@ class Runtime:
             await asyncio.wait(list(self.writes.values()), timeout=self.settings.SHUTDOWN_TIMEOUT_S)
         await self.store.close()
         self.decoders.shutdown(wait=False, cancel_futures=True)
+
+    def unready(self) -> str | None:
+        """Why the model cannot take requests now, or None where it can."""
+        if not self.model.serving():
+            return RESTARTING
+        if self.batcher.stalled():
+            return f"the model has not finished its current run in {self.batcher.running_for():.0f} s"
+        return None
 
     def prepare(self, data: bytes, side: int = 0) -> tuple[Image.Image, np.ndarray, Geometry]:
         return prepare(data, side, self.info.input_size, self.settings)
@@ -169,7 +181,7 @@ class Runtime:
     async def classify(self, data: bytes, overlay_side: int = 0) -> Classified:
         """Decode and run one image; `overlay_side` is the longest side an overlay will be drawn at. A request
         alone in this worker runs in its decoding thread; others are batched."""
-        with self.batcher.admit():  # a full queue refuses here, before any decoding
+        async with self.batcher.admit():  # a full queue refuses here, before any decoding
             started = time.perf_counter()
             img, x, geometry, decoded, outputs = await self.in_decoder(self._prepare_and_run_alone, data, overlay_side)
             if outputs is None:

@@ -173,6 +173,11 @@ ERROR_EXAMPLES: dict[int, dict] = {
     },
     500: {"error": "internal server error (logged); please report it", "code": "internal_error"},
     503: {"error": "the model's queue is full (256 requests in progress); retry shortly", "code": "overloaded"},
+    504: {
+        "error": "no answer from the model within 30 s of this request's admission (the model is hung, or far "
+        "behind); retry later",
+        "code": "model_timeout",
+    },
 }
 
 
@@ -187,6 +192,7 @@ def errors(*statuses: int) -> dict[int | str, dict]:
         422: "invalid image or parameter",
         500: "unexpected error (logged)",
         503: "queue full, or the model session or prediction store unavailable: retry after Retry-After seconds",
+        504: "no answer from the model within WARN_MODEL_TIMEOUT_S",
     }
     return {
         s: {

@@ -16,12 +16,14 @@ key (multiprocessing's HMAC handshake) before anything it sends is unpickled (se
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import socket
 import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Client, Connection, Listener, wait
 from pathlib import Path
@@ -42,8 +44,9 @@ log = logging.getLogger("service.shared_session")
 
 ADDRESS_ENV, KEY_ENV = "WARN_SESSION_ADDRESS", "WARN_SESSION_KEY"
 PROCESS_NAME = b"warn-session"  # what ps, top and /proc/<pid>/comm show for it
-# A run that has not answered in this long is given up on (the process is hung or gone).
-REPLY_TIMEOUT_S = 60.0
+# A worker waits this much longer than MODEL_TIMEOUT_S for an answer, by when the process, finding its run past
+# MODEL_TIMEOUT_S, has exited to be restarted; past it, the process is taken to be hung all the same.
+REPLY_GRACE_S = 10.0
 
 
 @dataclass
@@ -111,10 +114,33 @@ def accept(listener: Listener, info: ModelInfo, arrived: queue.SimpleQueue[Conne
         wake.send(b"\0")
 
 
-def serve_connections(listener: Listener, info: ModelInfo, runner: Runner, runs: int = 2) -> None:
+def watch_runs(started: dict[int, float], limit_s: float, give_up: Callable[[float], None]) -> None:
+    """Calls `give_up(seconds)` once a run in `started` (its time.monotonic() start, by run thread) has gone on
+    for longer than `limit_s`."""
+    while True:
+        time.sleep(min(1.0, max(0.05, limit_s / 4)))
+        oldest = min(started.copy().values(), default=None)  # a copy: run threads add and remove theirs
+        if oldest is not None and (took := time.monotonic() - oldest) > limit_s:
+            give_up(took)
+            return
+
+
+def serve_connections(
+    listener: Listener,
+    info: ModelInfo,
+    runner: Runner,
+    runs: int = 2,
+    stall_s: float | None = None,
+    give_up: Callable[[float], None] | None = None,
+) -> None:
     """One thread reads every worker's connection and hands what arrived to a free one of `runs` run threads,
     so the next run is stacked, and the last one answered, while one is on the GPU (SHARED_SESSION_RUNS).
-    (A reader thread per worker took twice as long a round trip on 2 cores.)"""
+    (A reader thread per worker took twice as long a round trip on 2 cores.) A run past `stall_s` calls
+    `give_up` with its seconds so far."""
+    started: dict[int, float] = {}
+    if stall_s is not None and give_up is not None:
+        watch = threading.Thread(target=watch_runs, args=(started, stall_s, give_up), daemon=True, name="session-watch")
+        watch.start()
     wake, woken = socket.socketpair()
     arrived: queue.SimpleQueue[Connection] = queue.SimpleQueue()
     threading.Thread(target=accept, args=(listener, info, arrived, wake), daemon=True, name="session-accept").start()
@@ -123,9 +149,12 @@ def serve_connections(listener: Listener, info: ModelInfo, runner: Runner, runs:
     answered: queue.SimpleQueue[list[Connection]] = queue.SimpleQueue()
 
     def run(items: list[Pending]) -> None:
+        me = threading.get_ident()
+        started[me] = time.monotonic()
         try:
             runner.run(items)
         finally:
+            del started[me]
             answered.put([conn for conn, _ in items])
             free.release()
             wake.send(b"\0")  # batches may be waiting for this run thread
@@ -176,19 +205,32 @@ def serve(address: str, authkey: bytes) -> None:
         sizes.observe(size)
         seconds.observe(took)
 
+    def give_up(took: float) -> None:
+        """A hung run (a GPU that stopped answering) cannot be interrupted, only its process ended: the launcher
+        starts another, and the workers' batches fail at once rather than at their deadlines."""
+        log.error(
+            "a shared run has gone on for %.0f s, past WARN_MODEL_TIMEOUT_S (%g s): restarting the shared session",
+            took,
+            s.MODEL_TIMEOUT_S,
+        )
+        os._exit(70)  # EX_SOFTWARE; SIGTERM would wait for the run
+
     serve_connections(
         Listener(address, "AF_UNIX", authkey=authkey),
         model.info,
         Runner(model.run, s.MAX_BATCH_SIZE, observe),
         s.SHARED_SESSION_RUNS,
+        s.MODEL_TIMEOUT_S,
+        give_up,
     )
 
 
 class RemoteModel:
     """The shared session as a worker's batcher sees it: `info`, `output_names` and a blocking `run`."""
 
-    def __init__(self, address: str, authkey: bytes) -> None:
+    def __init__(self, address: str, authkey: bytes, reply_timeout_s: float = 60.0) -> None:
         self.address, self._key = address, authkey
+        self.reply_timeout_s = reply_timeout_s
         self._conn: Connection | None = None
         self.info = self._connect()
         self.output_names = [o.name for o in self.info.outputs]
@@ -215,8 +257,8 @@ class RemoteModel:
         conn = self._conn
         try:
             conn.send(batch)
-            if not conn.poll(REPLY_TIMEOUT_S):
-                raise TimeoutError(f"no answer in {REPLY_TIMEOUT_S:.0f} s")
+            if not conn.poll(self.reply_timeout_s):
+                raise TimeoutError(f"no answer in {self.reply_timeout_s:.0f} s")
             reply = conn.recv()
         except (OSError, EOFError, TimeoutError) as e:
             self._conn = None  # a late answer must not be read as the next batch's
@@ -227,13 +269,13 @@ class RemoteModel:
         return reply
 
     @classmethod
-    def from_env(cls) -> RemoteModel | None:
+    def from_env(cls, model_timeout_s: float = 30.0) -> RemoteModel | None:
         if (peer := peer_from_env(ADDRESS_ENV, KEY_ENV)) is None:
             return None
         address, key = peer
         if not key:
             raise ModelUnavailable(f"{ADDRESS_ENV} is set, but {KEY_ENV} is not the session's key in hex")
-        return cls(address, key)
+        return cls(address, key, model_timeout_s + REPLY_GRACE_S)
 
 
 class SharedSession(Child):

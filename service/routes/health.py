@@ -20,12 +20,16 @@ async def live() -> dict[str, bool]:
     summary="Readiness: the model is loaded and serving",
     response_model=Ready,
     responses={
-        503: {"model": Ready, "description": "not ready yet, shutting down, or the shared session is restarting"}
+        503: {
+            "model": Ready,
+            "description": "not ready yet, shutting down, the shared session is restarting, or the model's run has "
+            "gone on past WARN_MODEL_TIMEOUT_S",
+        }
     },
 )
 async def ready(request: Request) -> Response:
     runtime = getattr(request.app.state, "runtime", None)
-    ok = runtime is not None and runtime.model.serving()
+    ok = runtime is not None and runtime.unready() is None
     return Response(
         '{"ready":%s}' % ("true" if ok else "false"), status_code=200 if ok else 503, media_type="application/json"
     )

@@ -78,7 +78,7 @@ def _base(scheme: str, host: str | None, server: tuple[str, int | None] | None, 
     response_model=Prediction,
     responses={
         200: {"content": {"application/json": {"example": PREDICT_EXAMPLE}}},
-        **errors(400, 401, 413, 415, 422, 500, 503),
+        **errors(400, 401, 413, 415, 422, 500, 503, 504),
     },
 )
 async def predict(
@@ -119,7 +119,7 @@ async def predict(
     response_class=Response,
     responses={
         200: {"content": {media: {} for media in FORMATS.values()}, "description": "the overlay"},
-        **errors(400, 401, 413, 415, 422, 500, 503),
+        **errors(400, 401, 413, 415, 422, 500, 503, 504),
     },
 )
 async def attention(

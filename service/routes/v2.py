@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from service.deps import RuntimeDep
 from service.errors import ModelUnavailable
 from service.limits import BodyBudget
-from service.pipeline import Runtime
+from service.pipeline import RESTARTING, Runtime
 from service.protocol import INLINE_BYTES, check_model, input_limits, model_metadata, server_metadata, to_model_input
 from service.schemas import InferResponse, ModelMetadata, ModelReady, ServerMetadata, errors
 from service.tensors import (
@@ -56,9 +56,6 @@ async def get_model_metadata(rt: RuntimeDep, name: str, version: str | None = No
     return model_metadata(rt)
 
 
-RESTARTING = "the shared session's process is being restarted; retry shortly"
-
-
 @router.get(
     "/models/{name}/ready",
     summary="Model readiness",
@@ -67,7 +64,8 @@ RESTARTING = "the shared session's process is being restarted; retry shortly"
         **errors(401, 404, 422, 500),
         503: {
             **errors(503)[503],
-            "description": "the shared session's process is restarting: retry after Retry-After seconds",
+            "description": "the shared session's process is restarting, or the model's run has gone on past "
+            "WARN_MODEL_TIMEOUT_S: retry after Retry-After seconds",
             "content": {"application/json": {"example": {"error": RESTARTING, "code": "model_unavailable"}}},
         },
     },
@@ -75,8 +73,8 @@ RESTARTING = "the shared session's process is being restarted; retry shortly"
 @router.get("/models/{name}/versions/{version}/ready", include_in_schema=False)
 async def model_ready(rt: RuntimeDep, name: str, version: str | None = None) -> dict[str, Any]:
     check_model(rt, name, version)
-    if not rt.model.serving():  # a status, not 200 with ready false: clients (tritonclient) read the status
-        raise ModelUnavailable(RESTARTING)
+    if why := rt.unready():  # a status, not 200 with ready false: clients (tritonclient) read the status
+        raise ModelUnavailable(why)
     return {"name": name, "ready": True}
 
 
@@ -118,7 +116,7 @@ def parse_request(rt: Runtime, body: bytes, encoding: str | None, header_length:
     response_model=InferResponse,
     responses={
         200: {"content": {"application/octet-stream": {}}, "description": "JSON, or JSON then binary outputs"},
-        **errors(400, 401, 404, 413, 422, 500, 503),
+        **errors(400, 401, 404, 413, 422, 500, 503, 504),
     },
 )
 @router.post("/models/{name}/versions/{version}/infer", include_in_schema=False)
@@ -128,7 +126,7 @@ async def infer(request: Request, rt: RuntimeDep, name: str, version: str | None
     # The body first: a place in the queue is for parsing, decoding and inference, and an upload that trickles in
     # must not hold one (the body's own limits bound it: service/limits.py).
     body = await request.body()
-    with rt.batcher.admit():  # a full queue refuses before the body is parsed
+    async with rt.batcher.admit():  # a full queue refuses before the body is parsed
         request_parts = (body, request.headers.get("content-encoding"), request.headers.get(HEADER_LENGTH))
         if parses_inline(*request_parts):
             parsed = parse_request(rt, *request_parts)

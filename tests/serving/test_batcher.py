@@ -6,9 +6,10 @@ import time
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from service.batcher import MicroBatcher
-from service.errors import Overloaded
+from service.errors import ModelTimeout, ModelUnavailable, Overloaded
 from tests.serving.conftest import make_client, png
 
 
@@ -121,7 +122,7 @@ def test_a_batch_waits_for_requests_still_decoding_at_most_max_wait():
         b.start()
 
         async def decode_then_submit(delay: float):
-            with b.admit():
+            async with b.admit():
                 await asyncio.sleep(delay)  # stands for decoding in a thread
                 return await b.submit_admitted(np.zeros((1, 1)))
 
@@ -173,6 +174,72 @@ def test_requests_that_cannot_be_stacked_fail_together_and_the_batcher_goes_on()
     failed, out = asyncio.run(main())
     assert all(isinstance(e, ValueError) for e in failed), failed
     assert out["y"][0, 0] == 1
+
+
+def test_a_hung_run_times_its_requests_out_and_refuses_new_ones_until_it_ends():
+    gate, held = held_until_set()
+    ran: list[float] = []
+
+    def run(x):
+        ran.append(float(x[0, 0]))
+        return held(x)
+
+    async def main():
+        b = MicroBatcher(run, max_batch=1, max_wait_ms=0, queue_size=8, timeout_s=0.3)
+        b.start()
+        hung = asyncio.ensure_future(b.submit(np.zeros((1, 1))))
+        await asyncio.sleep(0.05)
+        behind = asyncio.ensure_future(b.submit(np.ones((1, 1))))  # queued behind the hung run
+        for request in (hung, behind):
+            with pytest.raises(ModelTimeout, match="within 0.3 s"):
+                await request
+        stalled_while_hung, admitted = b.stalled(), b.admitted
+        started = time.perf_counter()
+        with pytest.raises(ModelUnavailable, match="has not finished its current run"):
+            await b.submit(np.full((1, 1), 3.0))
+        refused_in = time.perf_counter() - started
+        gate.set()
+        while b.stalled():
+            await asyncio.sleep(0.01)
+        out = await b.submit(np.full((1, 1), 2.0))
+        await b.stop()
+        return stalled_while_hung, admitted, refused_in, out
+
+    stalled_while_hung, admitted, refused_in, out = asyncio.run(main())
+    assert stalled_while_hung and admitted == 0
+    assert refused_in < 0.1, "a stalled model refuses at once, not at the deadline"
+    assert out["y"][0, 0] == 2
+    assert ran == [0.0, 2.0], "the request that timed out in the queue never ran, nor the refused one"
+
+
+def test_a_hung_model_answers_504_then_503_unready_then_recovers(model_path):
+    """WARN_MODEL_TIMEOUT_S over HTTP: the request whose run hangs gets 504; while the run goes on, readiness
+    is 503 and new requests are refused at once; once it ends, all is as before."""
+    with make_client(model_path, MODEL_TIMEOUT_S=0.5) as c:
+        rt = c.app.state.runtime
+        original, gate = rt.batcher._run, threading.Event()
+        rt.batcher._run = lambda x: (gate.wait(10), original(x))[1]
+        image = {"content": png(Image.new("RGB", (16, 16))), "headers": {"content-type": "image/png"}}
+        try:
+            timed_out = c.post("/v1/predict", **image)
+            unready = c.get("/v2/health/ready")
+            model_unready = c.get(f"/v2/models/{rt.info.name}/ready")
+            started = time.perf_counter()
+            refused = c.post("/v1/predict", **image)
+            refused_in = time.perf_counter() - started
+        finally:
+            gate.set()
+        deadline = time.monotonic() + 10
+        while c.get("/v2/health/ready").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        recovered = c.post("/v1/predict", **image)
+    assert timed_out.status_code == 504, timed_out.text
+    assert timed_out.json()["code"] == "model_timeout" and "0.5 s" in timed_out.json()["error"]
+    assert unready.status_code == 503 and unready.json() == {"ready": False}
+    assert model_unready.status_code == 503 and "current run" in model_unready.json()["error"]
+    assert refused.status_code == 503 and refused.json()["code"] == "model_unavailable"
+    assert refused.headers["retry-after"] == "1" and refused_in < 0.4
+    assert recovered.status_code == 200
 
 
 def test_overloaded_service_answers_503_with_retry_after(model_path):
@@ -261,9 +328,9 @@ def test_a_lone_request_runs_in_the_calling_thread_and_one_among_others_is_batch
     async def main():
         b = MicroBatcher(gated_run(threads, threading.Event()), max_batch=8, max_wait_ms=5000, queue_size=8)
         b.start()
-        with b.admit():
+        async with b.admit():
             out = await asyncio.to_thread(b.run_alone, np.full((1, 1), 3, np.float32))
-        with b.admit(), b.admit():  # another request in progress: they may share a batch
+        async with b.admit(), b.admit():  # another request in progress: they may share a batch
             refused = await asyncio.to_thread(b.run_alone, np.zeros((1, 1), np.float32))
         await b.stop()
         return out, refused
@@ -286,7 +353,7 @@ def test_a_lone_request_does_not_run_beside_a_batch_still_running():
             await asyncio.sleep(0.001)
         gone.cancel()  # its client gave up: it leaves admission while its batch runs on
         await asyncio.gather(gone, return_exceptions=True)
-        with b.admit():
+        async with b.admit():
             refused = await asyncio.to_thread(b.run_alone, np.zeros((1, 1), np.float32))
         gate.set()
         await b.stop()
@@ -304,7 +371,7 @@ def test_a_batch_does_not_wait_for_a_request_running_alone_as_if_it_were_decodin
         b = MicroBatcher(gated_run(threads, gate), max_batch=8, max_wait_ms=5000, queue_size=8)
         b.start()
         started = time.perf_counter()
-        with b.admit():
+        async with b.admit():
             lone = asyncio.ensure_future(asyncio.to_thread(b.run_alone, np.ones((1, 1), np.float32)))
             while not threads:
                 await asyncio.sleep(0.001)

@@ -429,3 +429,36 @@ def test_messages_count_in_the_bodies_a_worker_holds(model_path):
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "holds" in refused.value.details() and f"{mib:,}" in refused.value.details()
     assert app.state.body_budget.held == 0
+
+
+def test_a_hung_model_times_the_call_out_and_the_server_reads_unready_until_it_ends(model_path):
+    from fastapi.testclient import TestClient
+
+    from service.config import Settings
+    from service.main import create_app
+
+    port = free_port()
+    app = create_app(Settings(MODEL_PATH=model_path, STORE="memory", GRPC_PORT=port, MODEL_TIMEOUT_S=0.5))
+    request = pb.ModelInferRequest(model_name=MODEL)
+    request.inputs.add(name="image", datatype="FP32", shape=[1, 3, 48, 48])
+    request.raw_input_contents.append(np.zeros((1, 3, 48, 48), np.float32).tobytes())
+    with TestClient(app), grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        batcher = app.state.runtime.batcher
+        run, gate = batcher._run, threading.Event()
+        batcher._run = lambda x: (gate.wait(10), run(x))[1]
+        try:
+            with pytest.raises(grpc.RpcError) as timed_out:
+                stub.ModelInfer(request)
+            ready_while_hung = stub.ServerReady(pb.ServerReadyRequest()).ready
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.ModelInfer(request)
+        finally:
+            gate.set()
+        while batcher.stalled():
+            time.sleep(0.01)
+        ready_after = stub.ServerReady(pb.ServerReadyRequest()).ready
+        assert stub.ModelInfer(request).outputs
+    assert timed_out.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "0.5 s" in timed_out.value.details()
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert not ready_while_hung and ready_after

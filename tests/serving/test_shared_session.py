@@ -11,6 +11,7 @@ import time
 from multiprocessing import Pipe
 from multiprocessing.connection import Client, Listener
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
@@ -301,9 +302,9 @@ def test_the_shared_session_is_on_by_itself_only_where_the_workers_would_use_a_g
     assert Settings(WORKERS=4).shared_session() is False
 
 
-def gated_session(tmp_path: Path, runs: int = 2):
+def gated_session(tmp_path: Path, runs: int = 2, **watch):
     """serve_connections in a thread, over a run that doubles its rows, and that waits for the returned gate
-    when its first value is 1; and a function that connects a worker to it."""
+    when its first value is 1; and a function that connects a worker to it. `watch`: its stall_s and give_up."""
     gate = threading.Event()
 
     def run(batch):
@@ -313,7 +314,8 @@ def gated_session(tmp_path: Path, runs: int = 2):
 
     address, key = str(tmp_path / "socket"), os.urandom(16)
     listener = Listener(address, "AF_UNIX", authkey=key)
-    threading.Thread(target=serve_connections, args=(listener, "info", Runner(run, 8), runs), daemon=True).start()
+    serving = (listener, "info", Runner(run, 8), runs)
+    threading.Thread(target=serve_connections, args=serving, kwargs=watch, daemon=True).start()
 
     def connect():
         conn = Client(address, "AF_UNIX", authkey=key)
@@ -352,3 +354,30 @@ def test_a_worker_that_hangs_up_mid_run_leaves_the_session_serving_the_others(tm
     late = connect()
     late.send(rows(1, 3))
     assert late.poll(5) and late.recv()["y"][0, 0] == 6
+
+
+def test_a_run_past_the_model_timeout_gives_the_session_up_and_quick_runs_do_not(tmp_path):
+    """A hung run cannot be interrupted; the session's process gives itself up (and is restarted) once one has
+    gone on past WARN_MODEL_TIMEOUT_S."""
+    given_up: list[float] = []
+    gate, connect = gated_session(tmp_path, stall_s=0.4, give_up=given_up.append)
+    worker = connect()
+    for start in (2, 5, 8):  # quick runs, one after another for longer than stall_s in all
+        worker.send(rows(1, start))
+        assert worker.poll(5) and worker.recv()["y"][0, 0] == 2 * start
+        time.sleep(0.2)
+    assert given_up == []
+    worker.send(rows(1, 1))  # hangs until the gate
+    deadline = time.monotonic() + 5
+    while not given_up and time.monotonic() < deadline:
+        time.sleep(0.02)
+    gate.set()
+    assert len(given_up) == 1 and 0.4 < given_up[0] < 2
+
+
+def test_a_worker_waits_for_a_shared_run_as_long_as_the_model_timeout_allows(monkeypatch, tmp_path):
+    monkeypatch.setenv("WARN_SESSION_ADDRESS", str(tmp_path / "socket"))
+    monkeypatch.setenv("WARN_SESSION_KEY", os.urandom(16).hex())
+    monkeypatch.setattr(RemoteModel, "_connect", lambda self: SimpleNamespace(outputs=[]))
+    assert RemoteModel.from_env(90).reply_timeout_s > 90
+    assert RemoteModel.from_env(1).reply_timeout_s < 60
