@@ -22,7 +22,8 @@ def cores() -> int:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="WARN_", env_file=".env", extra="ignore")
+    # inf and nan parse as floats: an infinite TTL failed every signed prediction with a 500
+    model_config = SettingsConfigDict(env_prefix="WARN_", env_file=".env", extra="ignore", allow_inf_nan=False)
 
     MODEL_PATH: Path = Field(DEFAULT_MODEL, description="ONNX file written by warn-export")
     PROVIDERS: str = Field(
@@ -139,7 +140,6 @@ class Settings(BaseSettings):
     BODY_MIN_RATE: float = Field(
         1000,
         ge=0,
-        allow_inf_nan=False,
         description="408 when a request body, past its first BODY_READ_TIMEOUT_S, arrives slower on average than "
         "this many bytes a second (0: no floor)",
     )
@@ -198,7 +198,9 @@ class Settings(BaseSettings):
         description="bytes the disk or memory store may hold; oldest go first. The disk store's file "
         "grows to at most twice this plus 64 MiB (LMDB's map: room for the pages it frees and reuses)",
     )
-    STORE_TTL_S: float = Field(3600, gt=0, description="seconds a stored prediction lives")
+    STORE_TTL_S: float = Field(
+        3600, gt=0, le=10 * 365 * 86400, description="seconds a stored prediction lives (at most ten years)"
+    )
     STORE_WRITER: Literal["auto"] | bool = Field(
         "auto",
         description="the workers of `python -m service` send their disk-store writes to one process of its "

@@ -2,6 +2,7 @@
 
 import pytest
 
+from service.config import Settings
 from tests.serving.conftest import Server, free_port
 
 
@@ -98,6 +99,42 @@ def test_connection_bounds_refuse_values_that_mean_nothing(monkeypatch, name, va
     monkeypatch.setenv(name, value)
     with pytest.raises(ValidationError, match=name.removeprefix("WARN_")):
         Settings()
+
+
+FLOAT_SETTINGS = [n for n, f in Settings.model_fields.items() if f.annotation is float]
+
+
+@pytest.mark.parametrize("name", FLOAT_SETTINGS)
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
+def test_no_float_setting_takes_inf_or_nan(monkeypatch, name, value):
+    """An infinite STORE_TTL_S made every signed prediction a 500 (its URLs' expiry cannot be an integer)."""
+    from pydantic import ValidationError
+
+    from service.config import Settings
+
+    monkeypatch.setenv(f"WARN_{name}", value)
+    with pytest.raises(ValidationError, match=name):
+        Settings()
+
+
+def test_the_longest_store_ttl_still_signs_urls_that_open(model_path, monkeypatch):
+    from pydantic import ValidationError
+
+    from service.config import Settings
+    from tests.serving.conftest import make_client, png
+
+    longest = 10 * 365 * 86400
+    monkeypatch.setenv("WARN_STORE_TTL_S", str(longest + 1))
+    with pytest.raises(ValidationError, match="STORE_TTL_S"):
+        Settings()
+    from PIL import Image
+
+    with make_client(model_path, STORE_TTL_S=longest, API_KEY="k", SIGNED_URLS=True) as c:
+        image = png(Image.new("RGB", (16, 16)))
+        made = c.post("/v1/predict", content=image, headers={"content-type": "image/png", "authorization": "Bearer k"})
+        assert made.status_code == 200, made.text
+        urls = made.json()["attention_urls"]
+        assert c.get(urls["combined"]).status_code == 200
 
 
 def test_a_running_app_leaves_its_start_up_objects_out_of_garbage_collection(model_path):
