@@ -130,8 +130,8 @@ async def infer(request: Request, rt: RuntimeDep, name: str, version: str | None
         request_parts = (body, request.headers.get("content-encoding"), request.headers.get(HEADER_LENGTH))
         if parses_inline(*request_parts):
             parsed = parse_request(rt, *request_parts)
-        else:
-            parsed = await run_in_threadpool(parse_request, rt, *request_parts)
+        else:  # in a decoding thread: as many bodies inflate at once as images decode, not one per anyio thread (40)
+            parsed = await rt.in_decoder(parse_request, rt, *request_parts)
         del body, request_parts
         budget: BodyBudget = request.app.state.body_budget
         budget.take(parsed.inflated)  # a 16 KB gzip body inflates to 16 MiB, which the body's count did not see
