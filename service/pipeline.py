@@ -16,7 +16,6 @@ from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image
-from starlette.concurrency import run_in_threadpool
 
 from service import overlay, threads
 from service.batcher import MicroBatcher, Outputs
@@ -297,6 +296,6 @@ class Runtime:
             if (upload := stored.encoded) is not None and (picture := self.overlays.get(key)) is None:
                 picture = await self.in_decoder(self.picture, upload)
                 self.overlays.put(key, picture, 3 * picture.width * picture.height)
-            cached = await run_in_threadpool(self.render, stored, picture, p)
+            cached = await self.in_decoder(self.render, stored, picture, p)
             self.overlays.put((key, p), cached)
         return cached

@@ -9,7 +9,6 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
-from starlette.concurrency import run_in_threadpool
 
 from service.deps import IMAGE_BODY, ImageBytes, OverlayDep, RuntimeDep
 from service.overlay import FORMATS
@@ -133,4 +132,4 @@ async def attention(
     c = await rt.classify(data, side)
     p = dataclasses.replace(params, layer=layer, format=params.format or "png")
 
-    return Response(await run_in_threadpool(rt.render, rt.snapshot(c, {}), c.image, p), media_type=FORMATS[p.format])
+    return Response(await rt.in_decoder(rt.render, rt.snapshot(c, {}), c.image, p), media_type=FORMATS[p.format])

@@ -241,8 +241,8 @@ def test_documented_error_examples_have_the_real_shape(client):
 
 def test_only_real_work_takes_a_thread_hop(model_path, photo, monkeypatch):
     """FastAPI runs a plain `def` endpoint or dependency in its thread pool, a hop there and back per
-    request; only decoding (the upload, and a stored upload for its overlay) and rendering should go there
-    (the memory store takes none)."""
+    request; only decoding (the upload, and a stored upload for its overlay) and rendering should leave the
+    loop, for the decoding threads (the memory store takes none)."""
     import functools
 
     import anyio.to_thread
@@ -272,8 +272,11 @@ def test_only_real_work_takes_a_thread_hop(model_path, photo, monkeypatch):
         assert r.status_code == 200
         assert client.get(r.json()["attention_urls"]["combined"], headers=auth).status_code == 200
         assert client.get("/v1/model", headers=auth).status_code == 200
-    decoding = {"decoder: Runtime._prepare_and_run_alone", "decoder: Runtime.picture"}
-    assert hops[0] == "decoder: Runtime._prepare_and_run_alone" and set(hops) <= decoding | {"Runtime.render"}, hops
+    # Rendering shares the decoding threads: in anyio's 40, 40 overlays of a 4000x3000 JPEG drawn at once took
+    # a worker from 133 to 428 MB; in WARN_DECODE_THREADS, 333 MB.
+    decoding = {"decoder: Runtime._prepare_and_run_alone", "decoder: Runtime.picture", "decoder: Runtime.render"}
+    assert hops[0] == "decoder: Runtime._prepare_and_run_alone" and "decoder: Runtime.render" in hops, hops
+    assert set(hops) <= decoding, hops
 
 
 def test_decoding_work_of_a_cancelled_request_never_runs(model_path):
