@@ -12,12 +12,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import sys
 from pathlib import Path
 from typing import Any
 
 import httpx
 from tqdm import tqdm
+
+
+def count(text: str) -> int:
+    if not (text.isascii() and text.isdigit()):
+        raise argparse.ArgumentTypeError(f"expected a whole number, 0 or more, got {text!r}")
+    return int(text)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -47,11 +54,41 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-size", type=int, help="longest side of the overlays (default: the image's, up to 1024)")
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight at once (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=60, help="seconds per request (default: %(default)s)")
+    p.add_argument(
+        "--retries",
+        type=count,
+        default=5,
+        help="times a request the service turns away for now (503: a full queue, a session or store restarting) is "
+        "sent again, after the Retry-After it gives (default: %(default)s)",
+    )
     return p
 
 
 class ServiceError(Exception):
     """The service answered with an error; its JSON body says what was wrong."""
+
+
+MAX_RETRY_WAIT_S = 30.0
+
+
+def retry_wait(response: httpx.Response, attempt: int) -> float:
+    """Seconds to wait before sending again: the service's Retry-After (it sends whole seconds), else doubling
+    from half a second; never more than MAX_RETRY_WAIT_S. Up to a quarter more at random, so that clients turned
+    away together do not all come back together."""
+    given = response.headers.get("retry-after", "")
+    wait = float(given) if given.isascii() and given.isdigit() else 0.5 * 2 ** min(attempt, 16)
+    return min(wait, MAX_RETRY_WAIT_S) * (1 + random.random() / 4)
+
+
+async def send(
+    client: httpx.AsyncClient, retries: int, method: str, url: str | httpx.URL, **kwargs: Any
+) -> httpx.Response:
+    """The request, sent again up to `retries` times while the service answers 503 ("retry shortly")."""
+    attempt = 0
+    while (response := await client.request(method, url, **kwargs)).status_code == 503 and attempt < retries:
+        await asyncio.sleep(retry_wait(response, attempt))
+        attempt += 1
+    return check(response)
 
 
 def check(response: httpx.Response) -> httpx.Response:
@@ -105,10 +142,12 @@ def report(path: Path, answer: dict[str, Any], saved: list[Path]) -> str:
 async def predict_one(
     client: httpx.AsyncClient, args: argparse.Namespace, path: Path
 ) -> tuple[dict[str, Any], list[Path]]:
-    with path.open("rb") as f:
-        answer = check(
-            await client.post("/v1/predict", params={"top_k": args.top_k}, files={"file": (path.name, f)})
-        ).json()
+    data = path.read_bytes()  # bytes, not the file: a retry sends them again
+    answer = (
+        await send(
+            client, args.retries, "POST", "/v1/predict", params={"top_k": args.top_k}, files={"file": (path.name, data)}
+        )
+    ).json()
     urls = answer.get("attention_urls") or {}  # none where the service could not keep the prediction
     wanted = {"all": list(urls), "combined": ["combined"], "none": []}[args.overlays] if urls else []
     params = {"format": args.format, **({"max_size": args.max_size} if args.max_size else {})}
@@ -116,7 +155,7 @@ async def predict_one(
     for name in wanted:
         # merged into the URL's own query (a signature, where the service signs them): params= would replace it
         url = httpx.URL(urls[name]).copy_merge_params(params)
-        image = check(await client.get(url)).content
+        image = (await send(client, args.retries, "GET", url)).content
         target = path.with_name(f"{path.stem}.warn-{name}.{args.format}")
         target.write_bytes(image)
         saved.append(target)

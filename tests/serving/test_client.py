@@ -84,7 +84,7 @@ def test_an_answer_without_overlay_urls_is_reported_with_its_warning(tmp_path):
 
     image = tmp_path / "digit.png"
     image.write_bytes(png(Image.new("RGB", (8, 8))))
-    args = argparse.Namespace(top_k=1, overlays="all", format="png", max_size=None)
+    args = argparse.Namespace(top_k=1, overlays="all", format="png", max_size=None, retries=0)
 
     async def predict() -> tuple[dict, list]:
         async with httpx.AsyncClient(transport=httpx.MockTransport(reply), base_url="http://service") as client:
@@ -93,3 +93,71 @@ def test_an_answer_without_overlay_urls_is_reported_with_its_warning(tmp_path):
     got, saved = anyio.run(predict)
     assert saved == [] and seen == ["/v1/predict"]  # no overlay fetched
     assert "warning: no overlay URLs: the prediction store failed" in report(image, got, saved)
+
+
+def test_a_request_turned_away_for_now_is_sent_again_after_retry_after(tmp_path):
+    """503 is the service's "retry shortly" (a full queue, a session or store restarting). Against a worker
+    with WARN_QUEUE_SIZE=2, 16 requests in flight left 42 of 48 images failed; with retries, none."""
+    import argparse
+
+    import anyio
+    import httpx
+
+    from service.client import ServiceError, predict_one
+
+    answer = {"top_k": [{"label": "5", "index": 5, "probability": 0.9}], "layers": [], "attention_urls": None}
+    bodies: list[bytes] = []
+
+    def replies(turned_away: int):
+        def reply(request: httpx.Request) -> httpx.Response:
+            bodies.append(request.read())
+            if len(bodies) <= turned_away:
+                return httpx.Response(
+                    503, json={"error": "queue full", "code": "overloaded"}, headers={"Retry-After": "0"}
+                )
+            return httpx.Response(200, json=answer)
+
+        return reply
+
+    image = tmp_path / "digit.png"
+    image.write_bytes(png(Image.new("RGB", (8, 8))))
+
+    def predict(turned_away: int, retries: int):
+        bodies.clear()
+        args = argparse.Namespace(top_k=1, overlays="all", format="png", max_size=None, retries=retries)
+
+        async def go():
+            transport = httpx.MockTransport(replies(turned_away))
+            async with httpx.AsyncClient(transport=transport, base_url="http://service") as client:
+                return await predict_one(client, args, image)
+
+        return anyio.run(go)
+
+    got, _ = predict(turned_away=2, retries=2)
+    assert got == answer and len(bodies) == 3
+    assert all(image.read_bytes() in body for body in bodies)  # the whole upload each time
+    with pytest.raises(ServiceError, match="queue full"):
+        predict(turned_away=2, retries=1)
+    assert len(bodies) == 2
+
+
+def test_the_wait_before_a_retry_follows_retry_after_within_bounds():
+    import httpx
+
+    from service.client import MAX_RETRY_WAIT_S, retry_wait
+
+    def wait(retry_after: str | None, attempt: int = 0) -> float:
+        headers = {} if retry_after is None else {"Retry-After": retry_after.encode()}  # bytes: any octets
+        return retry_wait(httpx.Response(503, headers=headers), attempt)
+
+    assert 5 <= wait("5") <= 5 * 1.25
+    assert 0.5 <= wait(None) <= 0.625 and 2 <= wait(None, 2) <= 2.5  # no Retry-After: doubling from 0.5 s
+    for hostile in ("Wed, 21 Oct 2026 07:28:00 GMT", "-1", "1e9", "٣", ""):
+        assert 0.5 <= wait(hostile) <= 0.625, hostile
+    assert wait("9" * 500) <= MAX_RETRY_WAIT_S * 1.25 and wait(None, 10_000) <= MAX_RETRY_WAIT_S * 1.25
+
+
+@pytest.mark.parametrize("retries", ["-1", "two", "1.5", "٣"])
+def test_retries_must_be_a_whole_number(retries, capsys):
+    code, _, err = run(["x.png", "--retries", retries], capsys)
+    assert code == 2 and "--retries" in err
