@@ -88,18 +88,19 @@ class MicroBatcher:
         started = self._run_started
         return 0.0 if started is None else time.monotonic() - started
 
-    def stalled(self) -> bool:
-        """Whether the run in progress has gone on past `timeout_s`: everyone it was for has given up."""
-        return self.timeout_s is not None and self.running_for() > self.timeout_s
+    def stalled(self) -> str | None:
+        """Why the batcher admits nothing now, where the run in progress has gone on past `timeout_s` (everyone it
+        was for has given up); else None."""
+        if self.timeout_s is None or (took := self.running_for()) <= self.timeout_s:
+            return None
+        return f"the model has not finished its current run in {took:.0f} s"
 
     @asynccontextmanager
     async def admit(self) -> AsyncIterator[None]:
         """Hold a place for one request (decode + inference) for at most `timeout_s`, or refuse at once: a full
         queue raises Overloaded, a stalled model ModelUnavailable; past the deadline, ModelTimeout."""
-        if self.stalled():
-            raise ModelUnavailable(
-                f"the model has not finished its current run in {self.running_for():.0f} s; retry shortly"
-            )
+        if why := self.stalled():
+            raise ModelUnavailable(f"{why}; retry shortly")
         if self.admitted >= self.queue_size:
             raise Overloaded(f"the model's queue is full ({self.queue_size} requests in progress); retry shortly")
         self.admitted += 1

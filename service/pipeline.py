@@ -103,9 +103,8 @@ class Runtime:
         self.settings = settings
         self.metrics = metrics
         try:
-            remote = RemoteModel.from_env(
-                settings.MODEL_TIMEOUT_S
-            )  # set by `python -m service` when the workers share a session
+            # set by `python -m service` when the workers share a session
+            remote = RemoteModel.from_env(settings.MODEL_TIMEOUT_S)
         except ModelUnavailable as e:
             raise ModelLoadError(str(e)) from e
         self.model: OnnxModel | RemoteModel = remote or OnnxModel.from_settings(settings)
@@ -146,11 +145,7 @@ class Runtime:
 
     def unready(self) -> str | None:
         """Why the model cannot take requests now, or None where it can."""
-        if not self.model.serving():
-            return RESTARTING
-        if self.batcher.stalled():
-            return f"the model has not finished its current run in {self.batcher.running_for():.0f} s"
-        return None
+        return self.batcher.stalled() if self.model.serving() else RESTARTING
 
     def prepare(self, data: bytes, side: int = 0) -> tuple[Image.Image, np.ndarray, Geometry]:
         return prepare(data, side, self.info.input_size, self.settings)
