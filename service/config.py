@@ -126,7 +126,8 @@ class Settings(BaseSettings):
         le=86400,
         description="the most a request waits for the model, from its admission (decoding, queue and run): past "
         "it, 504. A run that goes on longer (a hung GPU) makes the worker unready and refuse with 503 until it "
-        "ends; the shared session's process is restarted",
+        "ends; the shared session's process is restarted, and so is a worker of several on its own session's run "
+        "past twice this",
     )
 
     MAX_BODY_BYTES: int = Field(16 * 1024 * 1024, ge=1, description="request body limit (413 past it)")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -35,6 +37,9 @@ T = TypeVar("T")
 # skip it until that one has its answer. A store that is down or hung otherwise held every answer waiting
 # for its write (past STORE_PENDING_WRITES): 161 req/s fell to 2.4.
 STORE_RETRY_S = 5.0
+# A worker of uvicorn's supervisor whose own session has been on one run this many times MODEL_TIMEOUT_S exits
+# with this code, and the supervisor starts another in its place.
+HUNG_RUN_TIMEOUTS, HUNG_EXIT_CODE = 2, 70
 RESTARTING = "the shared session's process is being restarted; retry shortly"
 
 
@@ -125,6 +130,7 @@ class Runtime:
         self.writes: dict[str, asyncio.Task[bool]] = {}  # stores still under way, by prediction id
         self.store_down_until = 0.0  # time.monotonic(): until then, predictions are not stored (0: store up)
         self.store_trial: asyncio.Task[bool] | None = None  # the write that tries a failed store again
+        self.watchdog: asyncio.Task[None] | None = None  # exit_if_hung, in a worker of uvicorn's supervisor
         self.overlays = OverlayCache(settings.OVERLAY_CACHE_BYTES)
         self.encoding = overlay.Encoding(settings.OVERLAY_PNG_COMPRESSION, settings.OVERLAY_QUALITY)
 
@@ -135,8 +141,28 @@ class Runtime:
             except Exception as e:
                 raise ModelLoadError(f"cannot reach the Redis store at {self.settings.REDIS_URL}: {e}") from e
         self.batcher.start()
+        if isinstance(self.model, OnnxModel) and multiprocessing.parent_process() is not None:
+            self.watchdog = asyncio.create_task(self.exit_if_hung(), name="hung-run-watchdog")
+
+    async def exit_if_hung(self, give_up: Callable[[int], None] = os._exit) -> None:
+        """A run cannot be interrupted, and a worker whose own session is on a hung one (a GPU that stopped
+        answering) refuses every prediction until it ends. Past HUNG_RUN_TIMEOUTS times MODEL_TIMEOUT_S the worker
+        gives up: `give_up(HUNG_EXIT_CODE)`, os._exit by default, since a clean exit would wait for the run too."""
+        limit = HUNG_RUN_TIMEOUTS * self.settings.MODEL_TIMEOUT_S
+        while (took := self.batcher.running_for()) <= limit:
+            await asyncio.sleep(min(1.0, limit / 4))
+        log.error(
+            "this worker's session has been on one run for %.0f s, %d times WARN_MODEL_TIMEOUT_S: the worker exits "
+            "(code %d) for its supervisor to start another",
+            took,
+            HUNG_RUN_TIMEOUTS,
+            HUNG_EXIT_CODE,
+        )
+        give_up(HUNG_EXIT_CODE)
 
     async def stop(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.cancel()
         await self.batcher.stop()
         if self.writes:  # answered ids stay fetchable, unless the store hangs
             await asyncio.wait(list(self.writes.values()), timeout=self.settings.SHUTDOWN_TIMEOUT_S)

@@ -294,3 +294,66 @@ def test_one_worker_per_core_runs_each_on_a_core_of_its_own(model_path):
         assert cpus_of(replacement) == {left}
     finally:
         server.stop()
+
+
+HANGING_RUNS = """
+import os, time
+import service.model as model
+
+run = model.OnnxModel.run
+
+
+def hanging_run(self, batch):
+    if os.path.exists(os.environ["HANG_WHILE"]):
+        time.sleep(3600)  # a GPU that stopped answering
+    return run(self, batch)
+
+
+model.OnnxModel.run = hanging_run
+"""
+
+
+def test_a_worker_whose_own_session_hangs_gives_up_and_is_replaced(model_path, tmp_path):
+    """A run cannot be interrupted; past twice WARN_MODEL_TIMEOUT_S on one, a worker of several exits and
+    uvicorn's supervisor starts another, which serves again."""
+    (tmp_path / "sitecustomize.py").write_text(HANGING_RUNS)  # in every process the launcher spawns
+    flag = tmp_path / "hang"
+    env = {
+        "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "HANG_WHILE": str(flag),
+        "WARN_MODEL_PATH": str(model_path),
+        "WARN_WORKERS": "2",
+        "WARN_SHARED_SESSION": "false",
+        "WARN_MODEL_TIMEOUT_S": "1",
+        "WARN_GRPC_PORT": "0",
+    }
+    server = Server(env, launcher=True)
+    digit = (Path(__file__).parents[2] / "docs/digit.png").read_bytes()
+
+    def predict() -> httpx.Response:
+        headers = {"content-type": "image/png", "connection": "close"}  # a new connection: either worker
+        return httpx.post(f"{server.url}/v1/predict", content=digit, headers=headers, timeout=30)
+
+    try:
+        server.wait_ready(90)
+        flag.touch()
+        timed_out = predict()
+        deadline = time.monotonic() + 30
+        while "the worker exits (code 70)" not in server.output() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        flag.unlink()
+        while "died" not in server.output() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        answers = []
+        while time.monotonic() < deadline and len(answers) < 6:  # both workers, the new one included, serve
+            answers.append(predict().status_code)
+            if answers[-1] != 200:
+                answers.clear()
+                time.sleep(0.2)
+        output = server.stop_and_read()
+    finally:
+        server.stop()
+    assert timed_out.status_code == 504 and timed_out.json()["code"] == "model_timeout"
+    assert re.search(r"on one run for \d+ s, 2 times WARN_MODEL_TIMEOUT_S", output), output[-3000:]
+    assert re.search(r"Child process \[\d+\] died", output), output[-3000:]
+    assert answers == [200] * 6
