@@ -149,13 +149,16 @@ class Runtime:
         answering) refuses every prediction until it ends. Past HUNG_RUN_TIMEOUTS times MODEL_TIMEOUT_S the worker
         gives up: `give_up(HUNG_EXIT_CODE)`, os._exit by default, since a clean exit would wait for the run too."""
         limit = HUNG_RUN_TIMEOUTS * self.settings.MODEL_TIMEOUT_S
-        while (took := self.batcher.running_for()) <= limit:
+        while self.batcher.running_for() <= limit:
             await asyncio.sleep(min(1.0, limit / 4))
+        self.give_up_on_hung_run(f"{HUNG_RUN_TIMEOUTS} times WARN_MODEL_TIMEOUT_S", give_up)
+
+    def give_up_on_hung_run(self, why: str, give_up: Callable[[int], None] = os._exit) -> None:
         log.error(
-            "this worker's session has been on one run for %.0f s, %d times WARN_MODEL_TIMEOUT_S: the worker exits "
-            "(code %d) for its supervisor to start another",
-            took,
-            HUNG_RUN_TIMEOUTS,
+            "this worker's session has been on one run for %.0f s, %s: the worker exits (code %d) without waiting "
+            "for it",
+            self.batcher.running_for(),
+            why,
             HUNG_EXIT_CODE,
         )
         give_up(HUNG_EXIT_CODE)
@@ -163,6 +166,12 @@ class Runtime:
     async def stop(self) -> None:
         if self.watchdog is not None:
             self.watchdog.cancel()
+            # A run still going is waited for until it counts as hung; stopping would then wait for it, and the
+            # supervisor for this worker, for good.
+            while 0 < self.batcher.running_for() and not self.batcher.stalled():
+                await asyncio.sleep(0.05)
+            if self.batcher.stalled():
+                self.give_up_on_hung_run("and the worker is asked to stop")
         await self.batcher.stop()
         if self.writes:  # answered ids stay fetchable, unless the store hangs
             await asyncio.wait(list(self.writes.values()), timeout=self.settings.SHUTDOWN_TIMEOUT_S)

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -357,3 +358,45 @@ def test_a_worker_whose_own_session_hangs_gives_up_and_is_replaced(model_path, t
     assert re.search(r"on one run for \d+ s, 2 times WARN_MODEL_TIMEOUT_S", output), output[-3000:]
     assert re.search(r"Child process \[\d+\] died", output), output[-3000:]
     assert answers == [200] * 6
+
+
+def test_a_worker_stuck_on_a_hung_run_still_stops_when_asked(model_path, tmp_path):
+    """Stopping waits for the inference thread, which a hung run holds for good: the launcher, waiting for
+    that worker, had not exited a minute later. A worker whose run has gone on past WARN_MODEL_TIMEOUT_S exits
+    without it (0.3 s)."""
+    (tmp_path / "sitecustomize.py").write_text(HANGING_RUNS)
+    flag = tmp_path / "hang"
+    env = {
+        "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "HANG_WHILE": str(flag),
+        "WARN_MODEL_PATH": str(model_path),
+        "WARN_WORKERS": "2",
+        "WARN_SHARED_SESSION": "false",
+        "WARN_MODEL_TIMEOUT_S": "5",  # the worker gives up by itself only at 10 s
+        "WARN_GRPC_PORT": "0",
+    }
+    server = Server(env, launcher=True)
+    digit = (Path(__file__).parents[2] / "docs/digit.png").read_bytes()
+    try:
+        server.wait_ready(90)
+        flag.touch()
+
+        def predict(_) -> int:
+            headers = {"content-type": "image/png", "connection": "close"}  # either worker
+            return httpx.post(f"{server.url}/v1/predict", content=digit, headers=headers, timeout=30).status_code
+
+        with ThreadPoolExecutor(6) as clients:  # one runs alone, the next wait for the inference thread
+            codes = list(clients.map(predict, range(6)))
+        asked = time.monotonic()
+        server.proc.terminate()
+        try:
+            server.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            pass
+        took = time.monotonic() - asked
+    finally:
+        server.stop()
+    output = server.output()
+    assert codes == [504] * 6
+    assert "and the worker is asked to stop: the worker exits (code 70)" in output, output[-3000:]
+    assert took < 5, f"the launcher took {took:.1f} s to stop"
