@@ -144,16 +144,17 @@ class Runtime:
         if isinstance(self.model, OnnxModel) and multiprocessing.parent_process() is not None:
             self.watchdog = asyncio.create_task(self.exit_if_hung(), name="hung-run-watchdog")
 
-    async def exit_if_hung(self, give_up: Callable[[int], None] = os._exit) -> None:
+    async def exit_if_hung(self) -> None:
         """A run cannot be interrupted, and a worker whose own session is on a hung one (a GPU that stopped
         answering) refuses every prediction until it ends. Past HUNG_RUN_TIMEOUTS times MODEL_TIMEOUT_S the worker
-        gives up: `give_up(HUNG_EXIT_CODE)`, os._exit by default, since a clean exit would wait for the run too."""
+        gives up."""
         limit = HUNG_RUN_TIMEOUTS * self.settings.MODEL_TIMEOUT_S
         while self.batcher.running_for() <= limit:
             await asyncio.sleep(min(1.0, limit / 4))
-        self.give_up_on_hung_run(f"{HUNG_RUN_TIMEOUTS} times WARN_MODEL_TIMEOUT_S", give_up)
+        self.give_up_on_hung_run(f"{HUNG_RUN_TIMEOUTS} times WARN_MODEL_TIMEOUT_S")
 
-    def give_up_on_hung_run(self, why: str, give_up: Callable[[int], None] = os._exit) -> None:
+    def give_up_on_hung_run(self, why: str) -> None:
+        """os._exit: a clean exit would wait for the hung run's thread."""
         log.error(
             "this worker's session has been on one run for %.0f s, %s: the worker exits (code %d) without waiting "
             "for it",
@@ -161,7 +162,7 @@ class Runtime:
             why,
             HUNG_EXIT_CODE,
         )
-        give_up(HUNG_EXIT_CODE)
+        os._exit(HUNG_EXIT_CODE)
 
     async def stop(self) -> None:
         if self.watchdog is not None:
