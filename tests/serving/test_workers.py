@@ -314,10 +314,13 @@ model.OnnxModel.run = hanging_run
 """
 
 
-def test_a_worker_whose_own_session_hangs_gives_up_and_is_replaced(model_path, tmp_path):
-    """A run cannot be interrupted; past twice WARN_MODEL_TIMEOUT_S on one, a worker of several exits and
-    uvicorn's supervisor starts another, which serves again."""
-    (tmp_path / "sitecustomize.py").write_text(HANGING_RUNS)  # in every process the launcher spawns
+DIGIT = (Path(__file__).parents[2] / "docs/digit.png").read_bytes()
+
+
+def hanging_workers(model_path: Path, tmp_path: Path, timeout_s: int) -> tuple[Server, Path]:
+    """`python -m service` with two workers, each with a session of its own, whose runs hang while the returned
+    file exists (the hook is in every process the launcher spawns)."""
+    (tmp_path / "sitecustomize.py").write_text(HANGING_RUNS)
     flag = tmp_path / "hang"
     env = {
         "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
@@ -325,20 +328,25 @@ def test_a_worker_whose_own_session_hangs_gives_up_and_is_replaced(model_path, t
         "WARN_MODEL_PATH": str(model_path),
         "WARN_WORKERS": "2",
         "WARN_SHARED_SESSION": "false",
-        "WARN_MODEL_TIMEOUT_S": "1",
+        "WARN_MODEL_TIMEOUT_S": str(timeout_s),
         "WARN_GRPC_PORT": "0",
     }
-    server = Server(env, launcher=True)
-    digit = (Path(__file__).parents[2] / "docs/digit.png").read_bytes()
+    return Server(env, launcher=True), flag
 
-    def predict() -> httpx.Response:
-        headers = {"content-type": "image/png", "connection": "close"}  # a new connection: either worker
-        return httpx.post(f"{server.url}/v1/predict", content=digit, headers=headers, timeout=30)
 
+def predict_anywhere(server: Server) -> httpx.Response:
+    headers = {"content-type": "image/png", "connection": "close"}  # a new connection: either worker
+    return httpx.post(f"{server.url}/v1/predict", content=DIGIT, headers=headers, timeout=30)
+
+
+def test_a_worker_whose_own_session_hangs_gives_up_and_is_replaced(model_path, tmp_path):
+    """A run cannot be interrupted; past twice WARN_MODEL_TIMEOUT_S on one, a worker of several exits and
+    uvicorn's supervisor starts another, which serves again."""
+    server, flag = hanging_workers(model_path, tmp_path, timeout_s=1)
     try:
         server.wait_ready(90)
         flag.touch()
-        timed_out = predict()
+        timed_out = predict_anywhere(server)
         deadline = time.monotonic() + 30
         while "the worker exits (code 70)" not in server.output() and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -347,7 +355,7 @@ def test_a_worker_whose_own_session_hangs_gives_up_and_is_replaced(model_path, t
             time.sleep(0.2)
         answers = []
         while time.monotonic() < deadline and len(answers) < 6:  # both workers, the new one included, serve
-            answers.append(predict().status_code)
+            answers.append(predict_anywhere(server).status_code)
             if answers[-1] != 200:
                 answers.clear()
                 time.sleep(0.2)
@@ -364,29 +372,12 @@ def test_a_worker_stuck_on_a_hung_run_still_stops_when_asked(model_path, tmp_pat
     """Stopping waits for the inference thread, which a hung run holds for good: the launcher, waiting for
     that worker, had not exited a minute later. A worker whose run has gone on past WARN_MODEL_TIMEOUT_S exits
     without it (0.3 s)."""
-    (tmp_path / "sitecustomize.py").write_text(HANGING_RUNS)
-    flag = tmp_path / "hang"
-    env = {
-        "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-        "HANG_WHILE": str(flag),
-        "WARN_MODEL_PATH": str(model_path),
-        "WARN_WORKERS": "2",
-        "WARN_SHARED_SESSION": "false",
-        "WARN_MODEL_TIMEOUT_S": "5",  # the worker gives up by itself only at 10 s
-        "WARN_GRPC_PORT": "0",
-    }
-    server = Server(env, launcher=True)
-    digit = (Path(__file__).parents[2] / "docs/digit.png").read_bytes()
+    server, flag = hanging_workers(model_path, tmp_path, timeout_s=5)  # gives up by itself only at 10 s
     try:
         server.wait_ready(90)
         flag.touch()
-
-        def predict(_) -> int:
-            headers = {"content-type": "image/png", "connection": "close"}  # either worker
-            return httpx.post(f"{server.url}/v1/predict", content=digit, headers=headers, timeout=30).status_code
-
         with ThreadPoolExecutor(6) as clients:  # one runs alone, the next wait for the inference thread
-            codes = list(clients.map(predict, range(6)))
+            codes = [r.status_code for r in clients.map(lambda _: predict_anywhere(server), range(6))]
         asked = time.monotonic()
         server.proc.terminate()
         try:
