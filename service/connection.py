@@ -28,8 +28,6 @@ from service.config import Settings
 
 PROTOCOL = "service.connection:HeadDeadline"  # uvicorn's --http, as an import string
 MAX_HEAD_BYTES = 64 * 1024  # request line and headers; h11's own limit is 16 KB, nginx's 32 KB
-DEFAULT_TIMEOUT_S = Settings.model_fields["HEADER_TIMEOUT_S"].default
-DEFAULT_SEND_TIMEOUT_S = Settings.model_fields["SEND_TIMEOUT_S"].default
 
 
 class HeadDeadline(HttpToolsProtocol):
@@ -92,9 +90,7 @@ class HeadDeadline(HttpToolsProtocol):
         within SEND_TIMEOUT_S. A client reading slowly resumes the transport, and the deadline, often."""
         super().pause_writing()
         if self.send_timer is None:
-            settings = self.app_state.get("settings")
-            timeout = DEFAULT_SEND_TIMEOUT_S if settings is None else settings.SEND_TIMEOUT_S
-            self.send_timer = self.loop.call_later(timeout, self._send_expired)
+            self.send_timer = self.loop.call_later(self._setting("SEND_TIMEOUT_S"), self._send_expired)
 
     def resume_writing(self) -> None:
         self._send_progressed()
@@ -110,9 +106,12 @@ class HeadDeadline(HttpToolsProtocol):
             reset(self.transport)
 
     def _arm(self) -> None:
+        self.head_timer = self.loop.call_later(self._setting("HEADER_TIMEOUT_S"), self._expired)
+
+    def _setting(self, name: str) -> float:
+        """The app's setting (uvicorn hands its state to each connection), or its default without one."""
         settings = self.app_state.get("settings")
-        timeout = DEFAULT_TIMEOUT_S if settings is None else settings.HEADER_TIMEOUT_S
-        self.head_timer = self.loop.call_later(timeout, self._expired)
+        return Settings.model_fields[name].default if settings is None else getattr(settings, name)
 
     def _disarm(self) -> None:
         self.head_timer = cancelled(self.head_timer)

@@ -75,11 +75,8 @@ class Metrics:
             ["reason"],
             registry=r,
         )
-        for reason in (
-            "head_timeout",
-            "head_too_large",
-            "send_timeout",
-        ):  # exported at 0 from the start, so rate() has a base
+        # exported at 0 from the start, so rate() has a base
+        for reason in ("head_timeout", "head_too_large", "send_timeout"):
             self.connections_closed.labels(reason)
 
     def observe_depth(self, queued: int, admitted: int) -> None:
